@@ -1,0 +1,351 @@
+//! Command-line interface: the clap definitions and what each subcommand does with the
+//! library. `main` only parses, calls [`run`], and turns errors into one line and an
+//! exit code.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::control::{self, Request, Response};
+use crate::fsck;
+use crate::mount::{self, MountRequest, ServeOptions};
+use crate::size::{format_bytes, ByteSize};
+use crate::store::{self, Store, StoreOptions, VolumeInfo};
+
+/// fusevol: fast, quota-enforced, node-local volumes (FUSE over a RocksDB chunk store).
+#[derive(Debug, Parser)]
+#[command(name = "fusevol", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount a volume of a store (created if missing) and serve it in the foreground.
+    Mount(MountArgs),
+    /// Manage the volumes of a store (works while volumes are mounted).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Check a store offline; exit 0 when clean, 1 when problems were found (and, with
+    /// --repair, fixed).
+    Fsck(FsckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Store directory (created if missing or empty).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Volume to mount (created if missing).
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    pub volume: String,
+    /// Quota for file data, as a Kubernetes quantity (64Mi, 10Gi, 500M). Sets the quota
+    /// of an existing volume too. Default for a new volume: none.
+    #[arg(long, value_name = "SIZE")]
+    pub quota: Option<ByteSize>,
+    /// Maximum number of inodes (files, directories, links...).
+    #[arg(long, value_name = "N")]
+    pub inodes: Option<u64>,
+    /// Let users other than the mounting user access the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+    /// Chunk size of a new store (power of two, 4Ki..4Mi); ignored for an existing store.
+    #[arg(long, value_name = "SIZE", hide = true)]
+    pub chunk_size: Option<ByteSize>,
+    /// Where to mount (an existing directory).
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DataArg {
+    /// Store directory.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+}
+
+/// A limit that can be removed with `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    None,
+    Bytes(u64),
+}
+
+fn parse_size_limit(s: &str) -> Result<Limit, String> {
+    if s == "none" {
+        return Ok(Limit::None);
+    }
+    s.parse::<ByteSize>()
+        .map(|b| Limit::Bytes(b.0))
+        .map_err(|e| e.to_string())
+}
+
+fn parse_count_limit(s: &str) -> Result<Limit, String> {
+    if s == "none" {
+        return Ok(Limit::None);
+    }
+    s.parse::<u64>()
+        .map(Limit::Bytes)
+        .map_err(|_| format!("invalid inode limit {s:?}: use a whole number or none"))
+}
+
+impl Limit {
+    fn option(self) -> Option<u64> {
+        match self {
+            Limit::None => None,
+            Limit::Bytes(b) => Some(b),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        #[command(flatten)]
+        data: DataArg,
+        name: String,
+        #[arg(long, value_name = "SIZE")]
+        quota: Option<ByteSize>,
+        #[arg(long, value_name = "N")]
+        inodes: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List volumes with their quota and usage.
+    List {
+        #[command(flatten)]
+        data: DataArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one volume.
+    Inspect {
+        #[command(flatten)]
+        data: DataArg,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a volume's quota or inode limit (online; `none` removes a limit).
+    Resize {
+        #[command(flatten)]
+        data: DataArg,
+        name: String,
+        #[arg(long, value_name = "SIZE|none", value_parser = parse_size_limit)]
+        quota: Option<Limit>,
+        #[arg(long, value_name = "N|none", value_parser = parse_count_limit)]
+        inodes: Option<Limit>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume and its data (refused while mounted).
+    Delete {
+        #[command(flatten)]
+        data: DataArg,
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct FsckArgs {
+    /// Store directory.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Check only this volume.
+    #[arg(long, value_name = "NAME")]
+    pub volume: Option<String>,
+    /// Fix what is found.
+    #[arg(long)]
+    pub repair: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Mount(a) => {
+            let req = MountRequest {
+                data: a.data,
+                volume: a.volume,
+                quota: a.quota.map(|q| q.0),
+                inodes: a.inodes,
+                mountpoint: a.mountpoint,
+                chunk_size: a.chunk_size.map(|c| c.0),
+                serve: ServeOptions {
+                    allow_other: a.allow_other,
+                    threads: usize::from(a.threads),
+                },
+            };
+            store::validate_volume_name(&req.volume)?;
+            mount::run(&req)?;
+            Ok(0)
+        }
+        Command::Volume(v) => volume(v),
+        Command::Fsck(a) => fsck_cmd(a),
+    }
+}
+
+/// Runs a volume request on the store: directly when this process can open it, through
+/// the owner's control socket when another process serves it.
+fn call(dir: &Path, req: Request) -> anyhow::Result<Response> {
+    if !dir.exists() {
+        bail!("store {} does not exist", dir.display());
+    }
+    let resp = match Store::open_existing(dir, &StoreOptions::default()) {
+        Ok(store) => control::dispatch(&store, None, req),
+        Err(store::Error::Locked(_)) => control::call(dir, &req)?,
+        Err(e) => return Err(e.into()),
+    };
+    if let Response::Error(e) = resp {
+        bail!(e);
+    }
+    Ok(resp)
+}
+
+fn human(v: &VolumeInfo) -> String {
+    let quota = v
+        .quota_bytes
+        .map(format_bytes)
+        .unwrap_or_else(|| "none".into());
+    let inodes = v
+        .inode_limit
+        .map(|l| l.to_string())
+        .unwrap_or_else(|| "none".into());
+    format!(
+        "{:<24} quota={:<8} used={:<12} inodes={}/{} chunks={}{}",
+        v.name,
+        quota,
+        v.used_bytes,
+        v.inodes,
+        inodes,
+        v.chunks,
+        if v.mounted { " (mounted)" } else { "" }
+    )
+}
+
+fn print_volume(v: &VolumeInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(v)?);
+    } else {
+        println!("{}", human(v));
+    }
+    Ok(())
+}
+
+fn volume(cmd: VolumeCommand) -> anyhow::Result<i32> {
+    match cmd {
+        VolumeCommand::Create {
+            data,
+            name,
+            quota,
+            inodes,
+            json,
+        } => {
+            store::validate_volume_name(&name)?;
+            if !data.data.exists() || !Store::exists(&data.data) {
+                // Creating a volume may create the store (as `mount` does).
+                let s = Store::open_or_create(&data.data, &StoreOptions::default())?;
+                drop(s);
+            }
+            let req = Request::Create {
+                name,
+                quota: quota.map(|q| q.0),
+                inodes,
+            };
+            if let Response::Volume(v) = call(&data.data, req)? {
+                print_volume(&v, json)?;
+            }
+        }
+        VolumeCommand::List { data, json } => {
+            if let Response::Volumes(vs) = call(&data.data, Request::List)? {
+                if json {
+                    println!("{}", serde_json::to_string(&vs)?);
+                } else {
+                    for v in &vs {
+                        println!("{}", human(v));
+                    }
+                }
+            }
+        }
+        VolumeCommand::Inspect { data, name, json } => {
+            if let Response::Volume(v) = call(&data.data, Request::Inspect { name })? {
+                print_volume(&v, json)?;
+            }
+        }
+        VolumeCommand::Resize {
+            data,
+            name,
+            quota,
+            inodes,
+            json,
+        } => {
+            if quota.is_none() && inodes.is_none() {
+                bail!("nothing to change: give --quota and/or --inodes");
+            }
+            let req = Request::Resize {
+                name,
+                quota: quota.map(Limit::option),
+                inodes: inodes.map(Limit::option),
+            };
+            if let Response::Volume(v) = call(&data.data, req)? {
+                print_volume(&v, json)?;
+            }
+        }
+        VolumeCommand::Delete { data, name } => {
+            call(&data.data, Request::Delete { name: name.clone() })?;
+            println!("deleted volume {name}");
+        }
+    }
+    Ok(0)
+}
+
+fn fsck_cmd(a: FsckArgs) -> anyhow::Result<i32> {
+    if !a.data.exists() {
+        bail!("store {} does not exist", a.data.display());
+    }
+    let store = Store::open_existing(&a.data, &StoreOptions::default()).map_err(|e| match e {
+        store::Error::Locked(p) => anyhow::anyhow!(
+            "store {} is in use by a running fusevol; stop it first (fsck works offline)",
+            p.display()
+        ),
+        e => e.into(),
+    })?;
+    let names = match &a.volume {
+        Some(n) => vec![n.clone()],
+        None => store.volume_names()?,
+    };
+    let mut reports = Vec::new();
+    for n in &names {
+        let r = fsck::check_volume(&store, n, a.repair)
+            .with_context(|| format!("checking volume {n}"))?;
+        reports.push(r);
+    }
+    let problems: usize = reports.iter().map(|r| r.problems.len()).sum();
+    if a.json {
+        println!("{}", serde_json::to_string(&reports)?);
+    } else {
+        for r in &reports {
+            for p in &r.problems {
+                println!("{}: {p}", r.volume);
+            }
+            for p in &r.pending {
+                println!("{}: note: {p}", r.volume);
+            }
+            println!(
+                "{}: {} inodes, {} problem(s){}",
+                r.volume,
+                r.inodes,
+                r.problems.len(),
+                if r.repaired { ", repaired" } else { "" }
+            );
+        }
+    }
+    Ok(if problems == 0 { 0 } else { 1 })
+}

@@ -1,0 +1,185 @@
+//! The control socket: how `fusevol volume ...` reaches a store that another process
+//! owns (RocksDB allows one process per database). The owning process listens on
+//! `DIR/control.sock` (mode 0600); a request is one JSON line, the answer one JSON line.
+//! The same [`dispatch`] runs the request when the CLI owns the store itself, so both
+//! paths behave identically.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+use crate::store::{self, Store, VolumeInfo, CONTROL_SOCKET};
+
+/// A volume-management request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    List,
+    Inspect {
+        name: String,
+    },
+    Create {
+        name: String,
+        quota: Option<u64>,
+        inodes: Option<u64>,
+    },
+    Resize {
+        name: String,
+        /// `Some(None)` removes the quota.
+        quota: Option<Option<u64>>,
+        inodes: Option<Option<u64>>,
+    },
+    Delete {
+        name: String,
+    },
+    Metrics,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Volumes(Vec<VolumeInfo>),
+    Volume(VolumeInfo),
+    Done,
+    Text(String),
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("store {0} is in use by another process, and its control socket does not answer: {1}")]
+    Unreachable(PathBuf, std::io::Error),
+    #[error("control socket: {0}")]
+    Protocol(String),
+}
+
+/// Runs a request against an open store.
+pub fn dispatch(store: &Store, metrics: Option<&Metrics>, req: Request) -> Response {
+    let r: Result<Response, store::Error> = match req {
+        Request::List => store.list_volumes().map(Response::Volumes),
+        Request::Inspect { name } => store.inspect_volume(&name).map(Response::Volume),
+        Request::Create {
+            name,
+            quota,
+            inodes,
+        } => store
+            .create_volume(&name, quota, inodes)
+            .map(Response::Volume),
+        Request::Resize {
+            name,
+            quota,
+            inodes,
+        } => store
+            .resize_volume(&name, quota, inodes)
+            .map(Response::Volume),
+        Request::Delete { name } => store.delete_volume(&name).map(|_| Response::Done),
+        Request::Metrics => Ok(Response::Text(
+            metrics.map(|m| m.render()).unwrap_or_default(),
+        )),
+    };
+    r.unwrap_or_else(|e| Response::Error(e.to_string()))
+}
+
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(CONTROL_SOCKET)
+}
+
+/// Serves the control socket of `store` on a background thread for the life of the process.
+pub fn serve(store: Store, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let path = socket_path(store.dir());
+    // We hold the store lock, so an existing socket file is left over from a dead owner.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        if let Err(e) = handle(&store, &metrics, c) {
+                            tracing::warn!(error = %e, "control request failed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn handle(store: &Store, metrics: &Metrics, conn: UnixStream) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => dispatch(store, Some(metrics), req),
+        Err(e) => Response::Error(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&resp).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    (&conn).write_all(&out)
+}
+
+/// Sends a request to the process that owns the store in `dir`.
+pub fn call(dir: &Path, req: &Request) -> Result<Response, ControlError> {
+    let path = socket_path(dir);
+    let unreachable = |e| ControlError::Unreachable(dir.to_path_buf(), e);
+    let conn = UnixStream::connect(&path).map_err(unreachable)?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(unreachable)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    (&conn).write_all(&line).map_err(unreachable)?;
+    let mut answer = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut answer)
+        .map_err(unreachable)?;
+    serde_json::from_str(&answer).map_err(|e| ControlError::Protocol(format!("bad answer: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    #[test]
+    fn requests_round_trip_over_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path(), &StoreOptions::default()).unwrap();
+        store.create_volume("v", Some(1 << 20), None).unwrap();
+        serve(store.clone(), Arc::new(Metrics::new())).unwrap();
+        let r = call(
+            dir.path(),
+            &Request::Resize {
+                name: "v".into(),
+                quota: Some(Some(2 << 20)),
+                inodes: None,
+            },
+        )
+        .unwrap();
+        match r {
+            Response::Volume(v) => assert_eq!(v.quota_bytes, Some(2 << 20)),
+            other => panic!("unexpected {other:?}"),
+        }
+        match call(
+            dir.path(),
+            &Request::Inspect {
+                name: "nope".into(),
+            },
+        )
+        .unwrap()
+        {
+            Response::Error(e) => assert!(e.contains("does not exist"), "{e}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! The data path: file bytes in fixed-size chunks.
+//!
+//! Chunk `i` of a file holds bytes `[i*cs, (i+1)*cs)`. Each stored chunk has a length in
+//! the chunk-length index (`L` keys): the bytes of the chunk that count as stored data
+//! (what the quota and `st_blocks` see). The chunk value itself may be shorter than
+//! that length, the rest reads as zeros: this is how `fallocate` reserves space without
+//! writing zeros, and how a write into the middle of an empty chunk avoids storing the
+//! gap twice. A chunk with no length key is a hole.
+//!
+//! A write touches only the chunks it covers: a chunk it covers entirely is replaced
+//! without being read (sequential streaming needs no read-modify-write); a partly
+//! covered chunk is read and rewritten (a 4 KiB overwrite rewrites one chunk at most).
+
+use super::{Change, Fs, FsError, Result, Timestamp, MAX_FILE_SIZE};
+use crate::store::key_codec::{self as keys, Ino};
+use crate::store::records::{InodeRecord, Kind};
+
+/// `fallocate` mode bits (from `linux/falloc.h`).
+pub const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+pub const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+
+/// Which end of a region `lseek` looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seek {
+    Data,
+    Hole,
+}
+
+impl Fs {
+    fn chunk_span(&self, idx: u64) -> (u64, u64) {
+        (idx * self.chunk_size, (idx + 1) * self.chunk_size)
+    }
+
+    /// Stored lengths of chunks `first..=last` that exist, in order.
+    fn chunk_lens(&self, ino: Ino, first: u64, last: u64) -> Result<Vec<(u64, u64)>> {
+        let v = self.vid();
+        let from = keys::chunk_len_key(v, ino, first);
+        let to = match last.checked_add(1) {
+            Some(n) => keys::chunk_len_key(v, ino, n),
+            None => keys::prefix_end(&keys::chunk_len_prefix(v, ino)),
+        };
+        let mut out = Vec::new();
+        self.store.scan(self.store.meta(), &from, &to, |k, val| {
+            let (_, idx) = keys::parse_chunk_len_key(v, k)?;
+            out.push((idx, decode_chunk_len(val)?));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    fn get_chunk(&self, ino: Ino, idx: u64) -> Result<Vec<u8>> {
+        Ok(self
+            .store
+            .db()
+            .get_cf(self.store.chunks(), keys::chunk_key(self.vid(), ino, idx))?
+            .unwrap_or_default())
+    }
+
+    fn stage_chunk(
+        &self,
+        c: &mut Change,
+        ino: Ino,
+        idx: u64,
+        bytes: &[u8],
+        len: u64,
+        old_len: Option<u64>,
+    ) {
+        let v = self.vid();
+        c.batch
+            .put_cf(self.store.chunks(), keys::chunk_key(v, ino, idx), bytes);
+        c.batch.put_cf(
+            self.store.meta(),
+            keys::chunk_len_key(v, ino, idx),
+            (len as u32).to_be_bytes(),
+        );
+        c.usage.bytes += len as i64 - old_len.unwrap_or(0) as i64;
+        if old_len.is_none() {
+            c.usage.chunks += 1;
+        }
+    }
+
+    fn stage_drop_chunk(&self, c: &mut Change, ino: Ino, idx: u64, old_len: u64) {
+        let v = self.vid();
+        c.batch
+            .delete_cf(self.store.chunks(), keys::chunk_key(v, ino, idx));
+        c.batch
+            .delete_cf(self.store.meta(), keys::chunk_len_key(v, ino, idx));
+        c.usage.bytes -= old_len as i64;
+        c.usage.chunks -= 1;
+    }
+
+    fn file_record(&self, ino: Ino) -> Result<InodeRecord> {
+        let r = self.load(ino)?;
+        match r.kind {
+            Kind::File => Ok(r),
+            Kind::Dir => Err(FsError::IsDir),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    /// Writes `data` at `offset`; returns the number of bytes written (all of them, or
+    /// an error that changed nothing). `kill_privs`: the writer is unprivileged, so
+    /// set-id bits and capabilities are dropped (FUSE_HANDLE_KILLPRIV_V2).
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8], kill_privs: bool) -> Result<u32> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(FsError::FileTooBig)?;
+        let _g = self.locks.lock(&[ino]);
+        let mut r = self.file_record(ino)?;
+        let cs = self.chunk_size;
+        let (first, last) = (offset / cs, (end - 1) / cs);
+        let lens = self.chunk_lens(ino, first, last)?;
+        let mut lens = lens.into_iter().peekable();
+        let mut c = Change::new();
+        for idx in first..=last {
+            let old_len = match lens.peek() {
+                Some((i, l)) if *i == idx => {
+                    let l = *l;
+                    lens.next();
+                    Some(l)
+                }
+                _ => None,
+            };
+            let (cstart, cend) = self.chunk_span(idx);
+            let lo = offset.max(cstart) - cstart;
+            let hi = end.min(cend) - cstart;
+            let src = &data[(cstart + lo - offset) as usize..(cstart + hi - offset) as usize];
+            let new_len = old_len.unwrap_or(0).max(hi);
+            if lo == 0 && hi >= old_len.unwrap_or(0) {
+                // Covers everything stored in the chunk: replace without reading.
+                self.stage_chunk(&mut c, ino, idx, src, new_len, old_len);
+            } else {
+                let mut buf = if old_len.is_some() {
+                    self.get_chunk(ino, idx)?
+                } else {
+                    Vec::new()
+                };
+                if (buf.len() as u64) < hi {
+                    buf.resize(hi as usize, 0);
+                }
+                buf[lo as usize..hi as usize].copy_from_slice(src);
+                self.stage_chunk(&mut c, ino, idx, &buf, new_len, old_len);
+            }
+        }
+        if kill_privs
+            && (r.perm & (libc::S_ISUID | libc::S_ISGID) as u16 != 0
+                || r.flags & super::FLAG_HAS_CAPS != 0)
+        {
+            self.stage_kill_privs(&mut c, ino, &mut r);
+        }
+        let now = Timestamp::now();
+        r.size = r.size.max(end);
+        r.mtime = now;
+        r.ctime = now;
+        r.stored_bytes = (r.stored_bytes as i64 + c.usage.bytes) as u64;
+        r.chunk_count = (r.chunk_count as i64 + c.usage.chunks) as u64;
+        self.stage_inode(&mut c, ino, &r);
+        self.commit(c)?;
+        Ok(data.len() as u32)
+    }
+
+    /// Reads up to `size` bytes at `offset` (short at end of file). All chunks are read
+    /// from one snapshot, so a read never sees half of a concurrent write.
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let db = self.store.db();
+        let snap = db.snapshot();
+        let raw = snap
+            .get_cf(self.store.meta(), keys::inode_key(self.vid(), ino))?
+            .ok_or(FsError::NotFound)?;
+        let r = InodeRecord::decode(&raw)?;
+        match r.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid),
+        }
+        if offset >= r.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = r.size.min(offset + u64::from(size));
+        let mut out = vec![0u8; (end - offset) as usize];
+        let cs = self.chunk_size;
+        let (first, last) = (offset / cs, (end - 1) / cs);
+        let mut place = |idx: u64, bytes: &[u8]| {
+            let (cstart, _) = self.chunk_span(idx);
+            let lo = offset.max(cstart);
+            let hi = end.min(cstart + bytes.len() as u64);
+            if hi > lo {
+                out[(lo - offset) as usize..(hi - offset) as usize]
+                    .copy_from_slice(&bytes[(lo - cstart) as usize..(hi - cstart) as usize]);
+            }
+        };
+        if first == last {
+            if let Some(bytes) =
+                snap.get_pinned_cf(self.store.chunks(), keys::chunk_key(self.vid(), ino, first))?
+            {
+                place(first, &bytes);
+            }
+        } else {
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_snapshot(&snap);
+            ro.set_iterate_upper_bound(keys::chunk_key(self.vid(), ino, last + 1));
+            let mut it = db.raw_iterator_cf_opt(self.store.chunks(), ro);
+            it.seek(keys::chunk_key(self.vid(), ino, first));
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                let (_, _, idx) = keys::parse_chunk_key(k)?;
+                place(idx, v);
+                it.next();
+            }
+            it.status()?;
+        }
+        drop(snap);
+        self.touch_atime(ino, &r)?;
+        Ok(out)
+    }
+
+    /// `relatime`: updates atime on read only when it is older than mtime or ctime, or
+    /// more than a day old, so reads rarely cost a write.
+    fn touch_atime(&self, ino: Ino, r: &InodeRecord) -> Result<()> {
+        let now = Timestamp::now();
+        if r.atime > r.mtime && r.atime > r.ctime && now.secs - r.atime.secs < 86_400 {
+            return Ok(());
+        }
+        let _g = self.locks.lock(&[ino]);
+        let Some(mut cur) = self.load_opt(ino)? else {
+            return Ok(());
+        };
+        cur.atime = now;
+        let mut c = Change::new();
+        self.stage_inode(&mut c, ino, &cur);
+        self.commit(c)
+    }
+
+    /// Stages a size change of a locked file record: shrinking drops and trims chunks,
+    /// growing leaves a hole (holes store nothing and count nothing).
+    pub(super) fn stage_truncate(
+        &self,
+        c: &mut Change,
+        ino: Ino,
+        r: &mut InodeRecord,
+        size: u64,
+    ) -> Result<()> {
+        let cs = self.chunk_size;
+        if size < r.size {
+            let keep_partial = !size.is_multiple_of(cs);
+            let first_dropped = size.div_ceil(cs);
+            let start = if keep_partial {
+                size / cs
+            } else {
+                first_dropped
+            };
+            let before = c.usage;
+            for (idx, len) in self.chunk_lens(ino, start, u64::MAX)? {
+                if idx >= first_dropped {
+                    self.stage_drop_chunk(c, ino, idx, len);
+                    continue;
+                }
+                let keep = size % cs;
+                if len > keep {
+                    let mut bytes = self.get_chunk(ino, idx)?;
+                    bytes.truncate(keep as usize);
+                    self.stage_chunk(c, ino, idx, &bytes, keep, Some(len));
+                }
+            }
+            r.stored_bytes = (r.stored_bytes as i64 + (c.usage.bytes - before.bytes)) as u64;
+            r.chunk_count = (r.chunk_count as i64 + (c.usage.chunks - before.chunks)) as u64;
+        }
+        r.size = size;
+        r.ctime = Timestamp::now();
+        Ok(())
+    }
+
+    /// `fallocate`: mode 0 reserves (and counts) the range, growing the file unless
+    /// `KEEP_SIZE`; `PUNCH_HOLE|KEEP_SIZE` frees it. Other modes are not supported.
+    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> Result<()> {
+        if len == 0 {
+            return Err(FsError::Invalid);
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(FsError::FileTooBig)?;
+        let punch = mode & FALLOC_FL_PUNCH_HOLE != 0;
+        let keep_size = mode & FALLOC_FL_KEEP_SIZE != 0;
+        if mode & !(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) != 0 || (punch && !keep_size) {
+            return Err(FsError::NotSupported);
+        }
+        let _g = self.locks.lock(&[ino]);
+        let mut r = self.file_record(ino)?;
+        let cs = self.chunk_size;
+        let (first, last) = (offset / cs, (end - 1) / cs);
+        let lens = self.chunk_lens(ino, first, last)?;
+        let mut c = Change::new();
+        if punch {
+            for (idx, old) in lens {
+                let (cstart, _) = self.chunk_span(idx);
+                let lo = offset.max(cstart) - cstart;
+                let hi = (end - cstart).min(cs);
+                if lo == 0 && hi >= old {
+                    self.stage_drop_chunk(&mut c, ino, idx, old);
+                    continue;
+                }
+                if lo >= old {
+                    continue;
+                }
+                let mut bytes = self.get_chunk(ino, idx)?;
+                if hi >= old {
+                    // The hole reaches the end of what is stored: store less.
+                    bytes.truncate(lo as usize);
+                    self.stage_chunk(&mut c, ino, idx, &bytes, lo, Some(old));
+                } else {
+                    let zero_to = (hi as usize).min(bytes.len());
+                    if (lo as usize) < zero_to {
+                        bytes[lo as usize..zero_to].fill(0);
+                    }
+                    self.stage_chunk(&mut c, ino, idx, &bytes, old, Some(old));
+                }
+            }
+        } else {
+            let mut lens = lens.into_iter().peekable();
+            for idx in first..=last {
+                let old = match lens.peek() {
+                    Some((i, l)) if *i == idx => {
+                        let l = *l;
+                        lens.next();
+                        Some(l)
+                    }
+                    _ => None,
+                };
+                let (cstart, cend) = self.chunk_span(idx);
+                let hi = end.min(cend) - cstart;
+                let old_len = old.unwrap_or(0);
+                if hi <= old_len {
+                    continue;
+                }
+                // Allocated space reads as zeros: only the length grows, bytes stay as stored.
+                let v = self.vid();
+                c.batch.put_cf(
+                    self.store.meta(),
+                    keys::chunk_len_key(v, ino, idx),
+                    (hi as u32).to_be_bytes(),
+                );
+                c.usage.bytes += (hi - old_len) as i64;
+                if old.is_none() {
+                    c.usage.chunks += 1;
+                }
+            }
+            if !keep_size && end > r.size {
+                r.size = end;
+                r.mtime = Timestamp::now();
+            }
+        }
+        r.stored_bytes = (r.stored_bytes as i64 + c.usage.bytes) as u64;
+        r.chunk_count = (r.chunk_count as i64 + c.usage.chunks) as u64;
+        r.ctime = Timestamp::now();
+        self.stage_inode(&mut c, ino, &r);
+        self.commit(c)
+    }
+
+    /// `lseek` with `SEEK_DATA` / `SEEK_HOLE`, at chunk-length granularity.
+    pub fn seek(&self, ino: Ino, offset: u64, what: Seek) -> Result<u64> {
+        let r = self.file_record(ino)?;
+        if offset >= r.size {
+            return Err(FsError::NoDataPastOffset);
+        }
+        let cs = self.chunk_size;
+        let mut pos = offset;
+        for (idx, len) in self.chunk_lens(ino, offset / cs, u64::MAX)? {
+            let (cstart, _) = self.chunk_span(idx);
+            let data_end = cstart + len;
+            if data_end <= pos {
+                continue;
+            }
+            match what {
+                Seek::Data => return Ok(pos.max(cstart).min(r.size)),
+                Seek::Hole => {
+                    if cstart > pos {
+                        return Ok(pos);
+                    }
+                    pos = data_end;
+                    if len < cs {
+                        return Ok(pos.min(r.size));
+                    }
+                }
+            }
+        }
+        match what {
+            Seek::Data => Err(FsError::NoDataPastOffset),
+            Seek::Hole => Ok(pos.min(r.size)),
+        }
+    }
+}
+
+/// Decodes a chunk-length value (u32 big-endian).
+pub fn decode_chunk_len(v: &[u8]) -> Result<u64, crate::store::Error> {
+    match <[u8; 4]>::try_from(v) {
+        Ok(b) => Ok(u64::from(u32::from_be_bytes(b))),
+        Err(_) => Err(crate::store::Error::Corrupt(format!(
+            "chunk length of {} bytes",
+            v.len()
+        ))),
+    }
+}

@@ -1,0 +1,542 @@
+//! Offline consistency check and repair of a store's volumes.
+//!
+//! Checks, per volume: every directory entry names an existing inode of the right kind
+//! in an existing directory, and has exactly one matching readdir (cookie) entry;
+//! directories have one name; link counts equal the entries that name each inode;
+//! inodes no entry names (orphans of files unlinked while open, then crashed) are found;
+//! chunk lengths and chunk bytes agree, no chunk lies past end of file; each inode's
+//! stored bytes and chunk count, and the volume's usage counters, equal what is stored.
+//! With `repair`, all fixes go into one `WriteBatch`: orphans with no links are deleted,
+//! unreachable inodes that still have links are re-attached under `/lost+found`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rocksdb::WriteBatch;
+use serde::Serialize;
+
+use crate::fs::data::decode_chunk_len;
+use crate::store::key_codec::{self as keys, Ino, VolumeId};
+use crate::store::records::{CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage};
+use crate::store::{self, Store, ROOT_INO};
+
+/// What fsck found in one volume.
+#[derive(Debug, Default, Serialize)]
+pub struct VolumeReport {
+    pub volume: String,
+    pub inodes: u64,
+    pub problems: Vec<String>,
+    /// Not problems: orphans of files unlinked while open, which the next mount reclaims.
+    pub pending: Vec<String>,
+    pub repaired: bool,
+}
+
+/// Checks (and with `repair`, fixes) volume `name`.
+pub fn check_volume(store: &Store, name: &str, repair: bool) -> Result<VolumeReport, store::Error> {
+    let info = store.inspect_volume(name)?;
+    let vol = store.open_volume(name)?;
+    let result = Checker::new(store, vol.id, name).run(repair);
+    store.close_volume(name);
+    let mut report = result?;
+    report.volume = info.name;
+    Ok(report)
+}
+
+struct Checker<'a> {
+    store: &'a Store,
+    vid: VolumeId,
+    problems: Vec<String>,
+    pending: Vec<String>,
+    batch: WriteBatch,
+    name: &'a str,
+}
+
+impl<'a> Checker<'a> {
+    fn new(store: &'a Store, vid: VolumeId, name: &'a str) -> Self {
+        Checker {
+            store,
+            vid,
+            problems: Vec::new(),
+            pending: Vec::new(),
+            batch: WriteBatch::default(),
+            name,
+        }
+    }
+
+    fn problem(&mut self, msg: String) {
+        self.problems.push(msg);
+    }
+
+    fn run(mut self, repair: bool) -> Result<VolumeReport, store::Error> {
+        let (store, v) = (self.store, self.vid);
+        let meta = store.meta();
+        let cs = u64::from(store.chunk_size());
+
+        // Inodes.
+        let mut inodes: BTreeMap<Ino, InodeRecord> = BTreeMap::new();
+        let mut bad_inodes = Vec::new();
+        store.scan_meta(&keys::tag_prefix(v, keys::TAG_INODE), |k, val| {
+            let ino = keys::parse_inode_key(v, k)?;
+            match InodeRecord::decode(val) {
+                Ok(r) => {
+                    inodes.insert(ino, r);
+                }
+                Err(e) => bad_inodes.push((ino, e.to_string())),
+            }
+            Ok(true)
+        })?;
+        for (ino, e) in bad_inodes {
+            self.problem(format!("inode {ino}: unreadable record ({e}); removed"));
+            self.batch.delete_cf(meta, keys::inode_key(v, ino));
+        }
+        if !inodes.get(&ROOT_INO).is_some_and(|r| r.kind == Kind::Dir) {
+            self.problem("root directory is missing or not a directory; recreated".into());
+            let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, Timestamp::now());
+            root.parent = ROOT_INO;
+            root.next_cookie = u64::MAX / 2;
+            inodes.insert(ROOT_INO, root);
+        }
+        let mut dirty: HashSet<Ino> = HashSet::new();
+
+        // Directory entries by name.
+        let mut entries: Vec<(Ino, Vec<u8>, DirentValue)> = Vec::new();
+        let mut bad_entries = Vec::new();
+        store.scan_meta(&keys::tag_prefix(v, keys::TAG_DIRENT), |k, val| {
+            let (parent, name) = keys::parse_dirent_key(v, k)?;
+            match DirentValue::decode(val) {
+                Ok(d) => entries.push((parent, name, d)),
+                Err(_) => bad_entries.push(k.to_vec()),
+            }
+            Ok(true)
+        })?;
+        for k in bad_entries {
+            self.problem(format!("unreadable directory entry {k:02x?}; removed"));
+            self.batch.delete_cf(meta, k);
+        }
+        let mut cookies: HashMap<(Ino, u64), CookieValue> = HashMap::new();
+        let mut bad_cookies = Vec::new();
+        store.scan_meta(&keys::tag_prefix(v, keys::TAG_DIRENT_COOKIE), |k, val| {
+            let (parent, cookie) = keys::parse_cookie_key(v, k)?;
+            match CookieValue::decode(val) {
+                Ok(c) => {
+                    cookies.insert((parent, cookie), c);
+                }
+                Err(_) => bad_cookies.push(k.to_vec()),
+            }
+            Ok(true)
+        })?;
+        for k in bad_cookies {
+            self.problem(format!("unreadable readdir entry {k:02x?}; removed"));
+            self.batch.delete_cf(meta, k);
+        }
+
+        let mut links: HashMap<Ino, u32> = HashMap::new();
+        let mut subdirs: HashMap<Ino, u32> = HashMap::new();
+        let mut dir_named: HashSet<Ino> = HashSet::new();
+        let mut used_cookies: HashSet<(Ino, u64)> = HashSet::new();
+        for (parent, name, d) in entries {
+            let shown = String::from_utf8_lossy(&name).into_owned();
+            let parent_ok = inodes.get(&parent).is_some_and(|p| p.kind == Kind::Dir);
+            let target = inodes.get(&d.ino).map(|r| r.kind);
+            let duplicate_dir = target == Some(Kind::Dir) && dir_named.contains(&d.ino);
+            if !parent_ok || target.is_none() || duplicate_dir {
+                let why = if !parent_ok {
+                    "its directory does not exist"
+                } else if target.is_none() {
+                    "it names a missing inode"
+                } else {
+                    "it is a second name of a directory"
+                };
+                self.problem(format!(
+                    "entry {shown:?} in directory {parent}: {why}; removed"
+                ));
+                self.batch
+                    .delete_cf(meta, keys::dirent_key(v, parent, &name));
+                if cookies
+                    .get(&(parent, d.cookie))
+                    .is_some_and(|c| c.name == name)
+                {
+                    self.batch
+                        .delete_cf(meta, keys::cookie_key(v, parent, d.cookie));
+                    used_cookies.insert((parent, d.cookie));
+                }
+                continue;
+            }
+            let kind = target.unwrap_or(d.kind);
+            if kind != d.kind {
+                self.problem(format!(
+                    "entry {shown:?} in directory {parent}: kind differs from its inode; fixed"
+                ));
+            }
+            let expected = CookieValue {
+                ino: d.ino,
+                kind,
+                name: name.clone(),
+            };
+            let mut cookie = d.cookie;
+            match cookies.get(&(parent, cookie)) {
+                Some(c) if *c == expected => {}
+                Some(c) if c.name != name => {
+                    // The cookie is taken by another name: give this entry a fresh cookie.
+                    self.problem(format!(
+                        "entry {shown:?} in directory {parent}: readdir position shared; fixed"
+                    ));
+                    if let Some(p) = inodes.get_mut(&parent) {
+                        cookie = p.next_cookie;
+                        p.next_cookie += 1;
+                        dirty.insert(parent);
+                    }
+                }
+                _ => {
+                    if kind == d.kind {
+                        self.problem(format!("entry {shown:?} in directory {parent}: readdir entry missing or wrong; fixed"));
+                    }
+                }
+            }
+            if cookie != d.cookie
+                || kind != d.kind
+                || cookies.get(&(parent, cookie)) != Some(&expected)
+            {
+                self.batch.put_cf(
+                    meta,
+                    keys::dirent_key(v, parent, &name),
+                    DirentValue {
+                        ino: d.ino,
+                        kind,
+                        cookie,
+                    }
+                    .encode(),
+                );
+                self.batch
+                    .put_cf(meta, keys::cookie_key(v, parent, cookie), expected.encode());
+            }
+            used_cookies.insert((parent, cookie));
+            if let Some(p) = inodes.get_mut(&parent) {
+                if cookie >= p.next_cookie {
+                    p.next_cookie = cookie + 1;
+                    dirty.insert(parent);
+                }
+            }
+            *links.entry(d.ino).or_default() += 1;
+            if kind == Kind::Dir {
+                dir_named.insert(d.ino);
+                *subdirs.entry(parent).or_default() += 1;
+                if let Some(r) = inodes.get_mut(&d.ino) {
+                    if r.parent != parent {
+                        r.parent = parent;
+                        dirty.insert(d.ino);
+                    }
+                }
+            }
+        }
+        let mut stale_cookies: Vec<(Ino, u64)> = cookies
+            .keys()
+            .filter(|k| !used_cookies.contains(k))
+            .copied()
+            .collect();
+        stale_cookies.sort_unstable();
+        for (parent, cookie) in stale_cookies {
+            self.problem(format!("readdir entry {cookie} in directory {parent} has no name entry (duplicate); removed"));
+            self.batch
+                .delete_cf(meta, keys::cookie_key(v, parent, cookie));
+        }
+
+        // Orphan markers.
+        let mut orphan_marks = HashSet::new();
+        store.scan_meta(&keys::tag_prefix(v, keys::TAG_ORPHAN), |k, _| {
+            orphan_marks.insert(keys::parse_orphan_key(v, k)?);
+            Ok(true)
+        })?;
+
+        // Chunks: lengths index, then chunk values.
+        let mut lens: BTreeMap<(Ino, u64), u64> = BTreeMap::new();
+        let mut bad_lens = Vec::new();
+        store.scan_meta(&keys::tag_prefix(v, keys::TAG_CHUNK_LEN), |k, val| {
+            let (ino, idx) = keys::parse_chunk_len_key(v, k)?;
+            match decode_chunk_len(val) {
+                Ok(l) => {
+                    lens.insert((ino, idx), l);
+                }
+                Err(_) => bad_lens.push((ino, idx)),
+            }
+            Ok(true)
+        })?;
+        for (ino, idx) in bad_lens {
+            self.problem(format!(
+                "inode {ino} chunk {idx}: unreadable length; chunk removed"
+            ));
+            self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
+            self.batch
+                .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+        }
+        let mut chunk_vals: HashMap<(Ino, u64), u64> = HashMap::new();
+        store.scan(
+            store.chunks(),
+            &keys::volume_start(v),
+            &keys::volume_end(v),
+            |k, val| {
+                let (_, ino, idx) = keys::parse_chunk_key(k)?;
+                chunk_vals.insert((ino, idx), val.len() as u64);
+                Ok(true)
+            },
+        )?;
+
+        // Reachability: which inodes no entry names.
+        let unreachable: Vec<Ino> = inodes
+            .keys()
+            .filter(|i| **i != ROOT_INO && !links.contains_key(i))
+            .copied()
+            .collect();
+        let mut lost_found: Option<Ino> = None;
+        for ino in unreachable {
+            let Some(r) = inodes.get(&ino).cloned() else {
+                continue;
+            };
+            if r.nlink == 0 && orphan_marks.contains(&ino) {
+                // Expected after a crash: the next mount reclaims it (so does --repair).
+                self.pending.push(format!(
+                    "inode {ino}: unlinked while open; reclaimed at next mount"
+                ));
+                if repair {
+                    self.delete_inode(ino);
+                    inodes.remove(&ino);
+                    lens.retain(|(i, _), _| *i != ino);
+                    chunk_vals.retain(|(i, _), _| *i != ino);
+                }
+                continue;
+            }
+            if r.nlink == 0 || orphan_marks.contains(&ino) || r.kind == Kind::Dir && r.nlink <= 1 {
+                self.problem(format!(
+                    "inode {ino}: orphan (unlinked, no longer open); reclaimed"
+                ));
+                self.delete_inode(ino);
+                inodes.remove(&ino);
+                lens.retain(|(i, _), _| *i != ino);
+                chunk_vals.retain(|(i, _), _| *i != ino);
+                continue;
+            }
+            let lf = match lost_found {
+                Some(lf) => lf,
+                None => {
+                    let lf = self.lost_and_found(&mut inodes, &mut links, &mut subdirs)?;
+                    dirty.insert(ROOT_INO);
+                    lost_found = Some(lf);
+                    lf
+                }
+            };
+            let name = format!("#{ino}").into_bytes();
+            self.problem(format!(
+                "inode {ino}: linked but unreachable; moved to /lost+found/#{ino}"
+            ));
+            let kind = r.kind;
+            self.attach(&mut inodes, lf, &name, ino, kind);
+            *links.entry(ino).or_default() += 1;
+            if kind == Kind::Dir {
+                *subdirs.entry(lf).or_default() += 1;
+                if let Some(rec) = inodes.get_mut(&ino) {
+                    rec.parent = lf;
+                }
+            }
+            dirty.insert(ino);
+            dirty.insert(lf);
+        }
+        for ino in &orphan_marks {
+            // Markers of inodes that are gone or linked again are stale.
+            if !inodes.contains_key(ino) || links.contains_key(ino) {
+                self.batch.delete_cf(meta, keys::orphan_key(v, *ino));
+            }
+        }
+
+        // Link counts.
+        let inos: Vec<Ino> = inodes.keys().copied().collect();
+        for ino in &inos {
+            let Some(r) = inodes.get_mut(ino) else {
+                continue;
+            };
+            let expected = if r.kind == Kind::Dir {
+                2 + subdirs.get(ino).copied().unwrap_or(0)
+            } else {
+                links.get(ino).copied().unwrap_or(0)
+            };
+            if r.nlink != expected {
+                let msg = format!(
+                    "inode {ino}: link count {} but {expected} entries; fixed",
+                    r.nlink
+                );
+                r.nlink = expected;
+                dirty.insert(*ino);
+                self.problems.push(msg);
+            }
+        }
+
+        // Chunk accounting per inode.
+        let mut per_inode: HashMap<Ino, (u64, u64)> = HashMap::new();
+        for (&(ino, idx), &len) in &lens {
+            let Some(r) = inodes.get(&ino) else {
+                self.problem(format!("chunk {idx} of missing inode {ino}; removed"));
+                self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
+                self.batch
+                    .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+                continue;
+            };
+            if r.kind != Kind::File || idx.saturating_mul(cs) >= r.size || len == 0 || len > cs {
+                self.problem(format!(
+                    "inode {ino} chunk {idx}: past end of file or invalid length {len}; removed"
+                ));
+                self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
+                self.batch
+                    .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+                continue;
+            }
+            if let Some(&stored) = chunk_vals.get(&(ino, idx)) {
+                if stored > len {
+                    self.problem(format!("inode {ino} chunk {idx}: {stored} bytes stored beyond its length {len}; trimmed"));
+                    let bytes = store
+                        .db()
+                        .get_cf(store.chunks(), keys::chunk_key(v, ino, idx))?
+                        .unwrap_or_default();
+                    self.batch.put_cf(
+                        store.chunks(),
+                        keys::chunk_key(v, ino, idx),
+                        &bytes[..len as usize],
+                    );
+                }
+            }
+            let e = per_inode.entry(ino).or_default();
+            e.0 += len;
+            e.1 += 1;
+        }
+        let mut orphan_chunks: Vec<&(Ino, u64)> = chunk_vals
+            .keys()
+            .filter(|k| !lens.contains_key(k))
+            .collect();
+        orphan_chunks.sort_unstable();
+        for (ino, idx) in orphan_chunks {
+            self.problems.push(format!(
+                "inode {ino} chunk {idx}: data without a length entry; removed"
+            ));
+            self.batch
+                .delete_cf(store.chunks(), keys::chunk_key(v, *ino, *idx));
+        }
+        let mut total = Usage::default();
+        for ino in &inos {
+            let Some(r) = inodes.get_mut(ino) else {
+                continue;
+            };
+            let (bytes, count) = per_inode.get(ino).copied().unwrap_or((0, 0));
+            if r.stored_bytes != bytes || r.chunk_count != count {
+                let msg = format!(
+                    "inode {ino}: records {} bytes in {} chunks, stores {bytes} in {count}; fixed",
+                    r.stored_bytes, r.chunk_count
+                );
+                r.stored_bytes = bytes;
+                r.chunk_count = count;
+                dirty.insert(*ino);
+                self.problems.push(msg);
+            }
+            total.bytes += bytes as i64;
+            total.chunks += count as i64;
+            total.inodes += 1;
+        }
+        let recorded = match store.get_meta(&keys::usage_key(v))? {
+            Some(raw) => Usage::decode(&raw).unwrap_or(Usage {
+                bytes: -1,
+                inodes: -1,
+                chunks: -1,
+            }),
+            None => Usage::default(),
+        };
+        if recorded != total {
+            self.problem(format!(
+                "usage counters say {} bytes, {} inodes, {} chunks; stored: {} bytes, {} inodes, {} chunks; fixed",
+                recorded.bytes, recorded.inodes, recorded.chunks, total.bytes, total.inodes, total.chunks
+            ));
+            self.batch.put_cf(meta, keys::usage_key(v), total.encode());
+        }
+        for ino in dirty {
+            if let Some(r) = inodes.get(&ino) {
+                self.batch.put_cf(meta, keys::inode_key(v, ino), r.encode());
+            }
+        }
+        let repaired = repair && !(self.problems.is_empty() && self.pending.is_empty());
+        if repaired {
+            store.write(std::mem::take(&mut self.batch))?;
+            store.sync()?;
+        }
+        Ok(VolumeReport {
+            volume: self.name.to_string(),
+            inodes: total.inodes as u64,
+            problems: self.problems,
+            pending: self.pending,
+            repaired,
+        })
+    }
+
+    fn delete_inode(&mut self, ino: Ino) {
+        let (meta, v) = (self.store.meta(), self.vid);
+        self.batch.delete_cf(meta, keys::inode_key(v, ino));
+        self.batch.delete_cf(meta, keys::orphan_key(v, ino));
+        for p in [keys::xattr_prefix(v, ino), keys::chunk_len_prefix(v, ino)] {
+            self.batch.delete_range_cf(meta, &p, &keys::prefix_end(&p));
+        }
+        let cp = keys::chunk_prefix(v, ino);
+        self.batch
+            .delete_range_cf(self.store.chunks(), &cp, &keys::prefix_end(&cp));
+    }
+
+    fn attach(
+        &mut self,
+        inodes: &mut BTreeMap<Ino, InodeRecord>,
+        dir: Ino,
+        name: &[u8],
+        ino: Ino,
+        kind: Kind,
+    ) {
+        let meta = self.store.meta();
+        let Some(d) = inodes.get_mut(&dir) else {
+            return;
+        };
+        let cookie = d.next_cookie;
+        d.next_cookie += 1;
+        self.batch.put_cf(
+            meta,
+            keys::dirent_key(self.vid, dir, name),
+            DirentValue { ino, kind, cookie }.encode(),
+        );
+        self.batch.put_cf(
+            meta,
+            keys::cookie_key(self.vid, dir, cookie),
+            CookieValue {
+                ino,
+                kind,
+                name: name.to_vec(),
+            }
+            .encode(),
+        );
+    }
+
+    /// Finds or creates `/lost+found`.
+    fn lost_and_found(
+        &mut self,
+        inodes: &mut BTreeMap<Ino, InodeRecord>,
+        links: &mut HashMap<Ino, u32>,
+        subdirs: &mut HashMap<Ino, u32>,
+    ) -> Result<Ino, store::Error> {
+        if let Some(raw) =
+            self.store
+                .get_meta(&keys::dirent_key(self.vid, ROOT_INO, b"lost+found"))?
+        {
+            let d = DirentValue::decode(&raw)?;
+            if d.kind == Kind::Dir && inodes.contains_key(&d.ino) {
+                return Ok(d.ino);
+            }
+        }
+        let ino = inodes.keys().next_back().copied().unwrap_or(ROOT_INO) + 1;
+        let mut r = InodeRecord::new(Kind::Dir, 0o700, 0, 0, Timestamp::now());
+        r.parent = ROOT_INO;
+        inodes.insert(ino, r);
+        self.attach(inodes, ROOT_INO, b"lost+found", ino, Kind::Dir);
+        links.insert(ino, 1);
+        *subdirs.entry(ROOT_INO).or_default() += 1;
+        Ok(ino)
+    }
+}

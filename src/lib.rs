@@ -1,0 +1,21 @@
+//! fusevol: fast, quota-enforced, node-local persistent volumes.
+//!
+//! Layers, top to bottom (each module's doc says what it owns):
+//! - [`cli`]: the `fusevol` command line.
+//! - [`mount`]: serving a volume at a mount point (signals, stale mounts).
+//! - [`control`]: the control socket through which `fusevol volume` reaches a running server.
+//! - [`fuse`]: the thin FUSE adapter (fuser types in, errno out).
+//! - [`fs`]: POSIX semantics, quota admission and the chunked data path of one volume.
+//! - [`store`]: the RocksDB chunk store holding many volumes; [`store::key_codec`] is the key layout.
+//! - [`fsck`]: offline check and repair.
+//! - [`metrics`], [`size`]: Prometheus metrics and Kubernetes quantities.
+
+pub mod cli;
+pub mod control;
+pub mod fs;
+pub mod fsck;
+pub mod fuse;
+pub mod metrics;
+pub mod mount;
+pub mod size;
+pub mod store;

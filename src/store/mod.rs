@@ -1,0 +1,989 @@
+//! The chunk store: one RocksDB database in a data directory, holding many volumes.
+//!
+//! Owns: the on-disk directory (marker file, lock file, RocksDB), the RocksDB options
+//! (memory budget, BlobDB for chunks), the volume registry (create, list, resize, delete)
+//! and each open volume's in-memory counters used for quota admission. It knows nothing
+//! of POSIX semantics; the filesystem core in [`crate::fs`] stages its writes through
+//! [`Store::write`] as one `WriteBatch` per operation.
+//!
+//! Layout of a data directory:
+//! ```text
+//! DIR/FUSEVOL        marker: format version and chunk size (text)
+//! DIR/fusevol.lock   flock held by the process that owns the store
+//! DIR/control.sock   control socket of the owning process (see crate::control)
+//! DIR/db/            the RocksDB database (column families "meta" and "chunks")
+//! ```
+
+pub mod key_codec;
+pub mod records;
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nix::fcntl::{Flock, FlockArg};
+use parking_lot::Mutex;
+use rocksdb::{
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    CompactOptions, DBCompressionType, Options, WriteBatch, WriteOptions, DB,
+};
+use serde::Serialize;
+
+use key_codec::{Ino, VolumeId};
+use records::{InodeRecord, Kind, Timestamp, Usage, VolumeConfig};
+
+pub const CF_META: &str = "meta";
+pub const CF_CHUNKS: &str = "chunks";
+pub const MARKER_FILE: &str = "FUSEVOL";
+pub const LOCK_FILE: &str = "fusevol.lock";
+pub const CONTROL_SOCKET: &str = "control.sock";
+pub const DB_DIR: &str = "db";
+pub const FORMAT_VERSION: u32 = 1;
+/// Default chunk size: see the README's "Chunk size" section for the measurements.
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+/// Root directory inode of every volume.
+pub const ROOT_INO: Ino = 1;
+/// Quota value meaning "no quota".
+pub const UNLIMITED: u64 = u64::MAX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} is not a fusevol store (it holds other files and no {MARKER_FILE} marker)")]
+    NotAStore(PathBuf),
+    #[error("{0} is not a fusevol store: {1}")]
+    BadMarker(PathBuf, String),
+    #[error("store {0} is already opened by another process")]
+    Locked(PathBuf),
+    #[error("store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store is corrupted: {0}")]
+    Corrupt(String),
+    #[error("RocksDB: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("volume {0:?} does not exist")]
+    VolumeNotFound(String),
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    #[error("invalid volume name {0:?}: use 1-63 characters a-z, 0-9, '.', '_' or '-'")]
+    InvalidVolumeName(String),
+    #[error("volume {name:?} uses {used} bytes; a quota of {quota} bytes is below that")]
+    QuotaBelowUsage { name: String, used: u64, quota: u64 },
+    #[error("volume {name:?} uses {used} inodes; an inode limit of {limit} is below that")]
+    InodeLimitBelowUsage { name: String, used: u64, limit: u64 },
+    #[error("invalid chunk size {0}: use a power of two from 4Ki to 4Mi")]
+    InvalidChunkSize(u64),
+    #[error("volume {0:?} is mounted; unmount it first")]
+    VolumeBusy(String),
+}
+
+impl From<key_codec::KeyError> for Error {
+    fn from(e: key_codec::KeyError) -> Self {
+        Error::Corrupt(e.to_string())
+    }
+}
+
+impl From<records::RecordError> for Error {
+    fn from(e: records::RecordError) -> Self {
+        Error::Corrupt(e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What `volume list/inspect` report about a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub quota_bytes: Option<u64>,
+    pub inode_limit: Option<u64>,
+    pub used_bytes: u64,
+    pub inodes: u64,
+    pub chunks: u64,
+    pub mounted: bool,
+}
+
+/// An open volume: its id and the live counters that quota admission works on.
+///
+/// The counters are the authoritative in-memory copy of the volume's `Usage` key; every
+/// change is reserved here first (so concurrent writers can never pass the quota) and
+/// persisted as a merge in the same `WriteBatch` as the data it accounts for.
+#[derive(Debug)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    quota: AtomicU64,
+    inode_limit: AtomicU64,
+    used_bytes: AtomicU64,
+    inodes: AtomicU64,
+    chunks: AtomicU64,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    Bytes,
+    Inodes,
+}
+
+impl Volume {
+    pub fn quota(&self) -> u64 {
+        self.quota.load(Ordering::Acquire)
+    }
+    pub fn inode_limit(&self) -> u64 {
+        self.inode_limit.load(Ordering::Acquire)
+    }
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(Ordering::Acquire)
+    }
+    pub fn inodes(&self) -> u64 {
+        self.inodes.load(Ordering::Acquire)
+    }
+    pub fn chunks(&self) -> u64 {
+        self.chunks.load(Ordering::Acquire)
+    }
+
+    fn reserve_one(counter: &AtomicU64, limit: u64, delta: u64) -> bool {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                cur.checked_add(delta).filter(|n| *n <= limit)
+            })
+            .is_ok()
+    }
+
+    /// Admits a usage change before it is written. Growth is checked against the quota
+    /// and inode limit atomically; shrinkage is applied by [`Volume::settle`] after the
+    /// write succeeds. Returns the reservation to settle or release.
+    pub fn reserve(&self, delta: Usage) -> Result<Reservation, Exhausted> {
+        let grow_bytes = delta.bytes.max(0) as u64;
+        let grow_inodes = delta.inodes.max(0) as u64;
+        if grow_bytes > 0 && !Self::reserve_one(&self.used_bytes, self.quota(), grow_bytes) {
+            return Err(Exhausted::Bytes);
+        }
+        if grow_inodes > 0 && !Self::reserve_one(&self.inodes, self.inode_limit(), grow_inodes) {
+            self.used_bytes.fetch_sub(grow_bytes, Ordering::AcqRel);
+            return Err(Exhausted::Inodes);
+        }
+        Ok(Reservation { delta })
+    }
+
+    /// Applies the rest of a reservation after its batch was written.
+    pub fn settle(&self, r: Reservation) {
+        let d = r.delta;
+        if d.bytes < 0 {
+            self.used_bytes
+                .fetch_sub(d.bytes.unsigned_abs(), Ordering::AcqRel);
+        }
+        if d.inodes < 0 {
+            self.inodes
+                .fetch_sub(d.inodes.unsigned_abs(), Ordering::AcqRel);
+        }
+        if d.chunks >= 0 {
+            self.chunks.fetch_add(d.chunks as u64, Ordering::AcqRel);
+        } else {
+            self.chunks
+                .fetch_sub(d.chunks.unsigned_abs(), Ordering::AcqRel);
+        }
+    }
+
+    /// Gives back a reservation whose batch was not written.
+    pub fn release(&self, r: Reservation) {
+        let d = r.delta;
+        if d.bytes > 0 {
+            self.used_bytes.fetch_sub(d.bytes as u64, Ordering::AcqRel);
+        }
+        if d.inodes > 0 {
+            self.inodes.fetch_sub(d.inodes as u64, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A usage change admitted by [`Volume::reserve`].
+#[derive(Debug)]
+#[must_use]
+pub struct Reservation {
+    delta: Usage,
+}
+
+/// Format parameters read from the marker file.
+#[derive(Debug, Clone, Copy)]
+pub struct Format {
+    pub version: u32,
+    pub chunk_size: u32,
+}
+
+impl Format {
+    fn render(&self) -> String {
+        format!(
+            "fusevol store\nformat={}\nchunk_size={}\n",
+            self.version, self.chunk_size
+        )
+    }
+
+    fn parse(text: &str) -> Result<Format, String> {
+        let mut lines = text.lines();
+        if lines.next() != Some("fusevol store") {
+            return Err("marker file has no fusevol header".into());
+        }
+        let (mut version, mut chunk_size) = (None, None);
+        for line in lines {
+            match line.split_once('=') {
+                Some(("format", v)) => version = v.trim().parse::<u32>().ok(),
+                Some(("chunk_size", v)) => chunk_size = v.trim().parse::<u32>().ok(),
+                _ => return Err(format!("unexpected marker line {line:?}")),
+            }
+        }
+        let version = version.ok_or("marker file lacks a valid format=")?;
+        if version != FORMAT_VERSION {
+            return Err(format!(
+                "store format {version} is not supported (this fusevol reads format {FORMAT_VERSION})"
+            ));
+        }
+        let chunk_size = chunk_size
+            .filter(|c| c.is_power_of_two() && (4096..=(4 << 20)).contains(c))
+            .ok_or("marker file lacks a valid chunk_size=")?;
+        Ok(Format {
+            version,
+            chunk_size,
+        })
+    }
+}
+
+/// Options for creating a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Chunk size for a new store (ignored when opening an existing one).
+    pub chunk_size: u32,
+    /// Shared block cache for all volumes of the store.
+    pub block_cache_bytes: usize,
+    /// Memtable budget for the whole store.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            block_cache_bytes: 8 << 20,
+            write_buffer_bytes: 32 << 20,
+        }
+    }
+}
+
+/// An open store. Cheap to clone; all clones share the database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    dir: PathBuf,
+    format: Format,
+    db: DB,
+    open_volumes: Mutex<HashMap<String, Arc<Volume>>>,
+    /// Serializes registry changes (create/delete/resize) within this process.
+    registry: Mutex<()>,
+    _lock: Flock<File>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Volume names: what a Kubernetes PV name can hold, and safe as a path component.
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidVolumeName(name.to_string()))
+    }
+}
+
+fn db_options(opts: &StoreOptions, cache: &Cache) -> (Options, Vec<ColumnFamilyDescriptor>) {
+    let mut db = Options::default();
+    db.create_if_missing(true);
+    db.create_missing_column_families(true);
+    db.set_max_background_jobs(2);
+    db.set_db_write_buffer_size(opts.write_buffer_bytes);
+    db.set_max_total_wal_size(64 << 20);
+    db.set_keep_log_file_num(2);
+    db.set_max_log_file_size(8 << 20);
+    db.set_avoid_unnecessary_blocking_io(true);
+    db.set_paranoid_checks(true);
+
+    let mut meta_table = BlockBasedOptions::default();
+    meta_table.set_block_cache(cache);
+    meta_table.set_bloom_filter(10.0, false);
+    meta_table.set_cache_index_and_filter_blocks(true);
+    let mut meta = Options::default();
+    meta.set_block_based_table_factory(&meta_table);
+    meta.set_write_buffer_size(4 << 20);
+    meta.set_max_write_buffer_number(2);
+    meta.set_compression_type(DBCompressionType::Lz4);
+    meta.set_level_compaction_dynamic_level_bytes(true);
+    meta.set_merge_operator_associative("fusevol-usage", records::merge_usage);
+
+    let mut chunk_table = BlockBasedOptions::default();
+    chunk_table.set_block_cache(cache);
+    chunk_table.set_bloom_filter(10.0, false);
+    chunk_table.set_cache_index_and_filter_blocks(true);
+    let mut chunks = Options::default();
+    chunks.set_block_based_table_factory(&chunk_table);
+    chunks.set_write_buffer_size(16 << 20);
+    chunks.set_max_write_buffer_number(2);
+    chunks.set_compression_type(DBCompressionType::None);
+    chunks.set_level_compaction_dynamic_level_bytes(true);
+    // Key-value separation: chunk bytes go to blob files, so compaction moves only keys.
+    chunks.set_enable_blob_files(true);
+    chunks.set_min_blob_size(1024);
+    chunks.set_blob_file_size(64 << 20);
+    chunks.set_blob_compression_type(DBCompressionType::None);
+    chunks.set_enable_blob_gc(true);
+    chunks.set_blob_gc_age_cutoff(0.5);
+
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(CF_META, meta),
+        ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
+    ];
+    (db, cfs)
+}
+
+impl Store {
+    /// Opens the store in `dir`, creating it (and the directory) when the directory is
+    /// missing or empty. A non-empty directory without a marker is refused untouched.
+    pub fn open_or_create(dir: &Path, opts: &StoreOptions) -> Result<Store> {
+        Self::open_inner(dir, opts, true)
+    }
+
+    /// Opens an existing store; never creates anything.
+    pub fn open_existing(dir: &Path, opts: &StoreOptions) -> Result<Store> {
+        Self::open_inner(dir, opts, false)
+    }
+
+    fn open_inner(dir: &Path, opts: &StoreOptions, create: bool) -> Result<Store> {
+        let marker = dir.join(MARKER_FILE);
+        let format = match std::fs::read(&marker) {
+            Ok(bytes) => {
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| Error::BadMarker(dir.into(), "marker file is not text".into()))?;
+                Format::parse(&text).map_err(|m| Error::BadMarker(dir.into(), m))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let empty = match std::fs::read_dir(dir) {
+                    Ok(mut it) => it.next().is_none(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                    Err(e) => return Err(io_err(dir)(e)),
+                };
+                if !create {
+                    return Err(if empty {
+                        Error::Io {
+                            path: dir.into(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                "no fusevol store here",
+                            ),
+                        }
+                    } else {
+                        Error::NotAStore(dir.into())
+                    });
+                }
+                if !empty {
+                    return Err(Error::NotAStore(dir.into()));
+                }
+                std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+                let format = Format {
+                    version: FORMAT_VERSION,
+                    chunk_size: opts.chunk_size,
+                };
+                // Written last-to-first so a crash leaves either nothing or a store: the
+                // marker goes in via rename once the lock is held and the db exists.
+                let lock = Self::lock(dir)?;
+                let db = Self::open_db(dir, opts)?;
+                let tmp = dir.join(".FUSEVOL.tmp");
+                let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+                f.write_all(format.render().as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(io_err(&tmp))?;
+                std::fs::rename(&tmp, &marker).map_err(io_err(&marker))?;
+                return Ok(Self::finish(dir, format, db, lock));
+            }
+            Err(e) => return Err(io_err(&marker)(e)),
+        };
+        let lock = Self::lock(dir)?;
+        if !dir.join(DB_DIR).join("CURRENT").exists() {
+            return Err(Error::Corrupt(format!(
+                "{} has a marker but no database (missing {}/CURRENT)",
+                dir.display(),
+                DB_DIR
+            )));
+        }
+        let db = Self::open_db(dir, opts)?;
+        Ok(Self::finish(dir, format, db, lock))
+    }
+
+    fn finish(dir: &Path, format: Format, db: DB, lock: Flock<File>) -> Store {
+        Store {
+            inner: Arc::new(StoreInner {
+                dir: dir.to_path_buf(),
+                format,
+                db,
+                open_volumes: Mutex::new(HashMap::new()),
+                registry: Mutex::new(()),
+                _lock: lock,
+            }),
+        }
+    }
+
+    fn lock(dir: &Path) -> Result<Flock<File>> {
+        let path = dir.join(LOCK_FILE);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => Error::Locked(dir.to_path_buf()),
+            e => io_err(&path)(std::io::Error::from(e)),
+        })
+    }
+
+    fn open_db(dir: &Path, opts: &StoreOptions) -> Result<DB> {
+        let cache = Cache::new_lru_cache(opts.block_cache_bytes);
+        let (o, cfs) = db_options(opts, &cache);
+        let path = dir.join(DB_DIR);
+        DB::open_cf_descriptors(&o, &path, cfs).map_err(|e| match e.kind() {
+            rocksdb::ErrorKind::Corruption => Error::Corrupt(e.to_string()),
+            _ => Error::Db(e),
+        })
+    }
+
+    /// Is there a store (marker file) in `dir`?
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(MARKER_FILE).exists()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.format.chunk_size
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    pub fn meta(&self) -> &ColumnFamily {
+        // Both column families are opened in `open_db`; their absence is impossible.
+        self.cf(CF_META)
+    }
+
+    pub fn chunks(&self) -> &ColumnFamily {
+        self.cf(CF_CHUNKS)
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        match self.inner.db.cf_handle(name) {
+            Some(cf) => cf,
+            None => unreachable!("column family {name} is created at open"),
+        }
+    }
+
+    /// Commits one operation's batch (WAL on, not synced: see [`Store::sync`]).
+    pub fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.inner.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Makes every committed batch durable (fsync of the WAL).
+    pub fn sync(&self) -> Result<()> {
+        self.inner.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.inner.db.get_cf(self.meta(), key)?)
+    }
+
+    fn volume_id(&self, name: &str) -> Result<Option<VolumeId>> {
+        match self.get_meta(&key_codec::volume_name_key(name))? {
+            None => Ok(None),
+            Some(v) if v.len() == 4 => Ok(Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]))),
+            Some(v) => Err(Error::Corrupt(format!(
+                "volume id of {name:?} has {} bytes",
+                v.len()
+            ))),
+        }
+    }
+
+    fn config(&self, id: VolumeId) -> Result<VolumeConfig> {
+        let raw = self
+            .get_meta(&key_codec::config_key(id))?
+            .ok_or_else(|| Error::Corrupt(format!("volume {id} has no config")))?;
+        serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("volume {id} config: {e}")))
+    }
+
+    fn usage(&self, id: VolumeId) -> Result<Usage> {
+        match self.get_meta(&key_codec::usage_key(id))? {
+            None => Ok(Usage::default()),
+            Some(raw) => Ok(Usage::decode(&raw)?),
+        }
+    }
+
+    /// Names of all volumes, sorted.
+    pub fn volume_names(&self) -> Result<Vec<String>> {
+        let prefix = key_codec::tag_prefix(key_codec::STORE_VOLUME, key_codec::TAG_VOLUME_NAME);
+        let mut names = Vec::new();
+        self.scan_meta(&prefix, |k, _| {
+            names.push(key_codec::parse_volume_name_key(k)?);
+            Ok(true)
+        })?;
+        Ok(names)
+    }
+
+    /// Calls `f(key, value)` for every meta key with `prefix`, in order, until it returns false.
+    pub fn scan_meta(
+        &self,
+        prefix: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        self.scan(self.meta(), prefix, &key_codec::prefix_end(prefix), f)
+    }
+
+    /// Calls `f(key, value)` for keys in `[from, to)` of `cf`, until it returns false.
+    pub fn scan(
+        &self,
+        cf: &ColumnFamily,
+        from: &[u8],
+        to: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(to.to_vec());
+        let mut it = self.inner.db.raw_iterator_cf_opt(cf, ro);
+        it.seek(from);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !f(k, v)? {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(())
+    }
+
+    /// Creates a volume with an empty root directory. Fails if it exists.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        quota: Option<u64>,
+        inode_limit: Option<u64>,
+    ) -> Result<VolumeInfo> {
+        validate_volume_name(name)?;
+        let _g = self.inner.registry.lock();
+        if self.volume_id(name)?.is_some() {
+            return Err(Error::VolumeExists(name.to_string()));
+        }
+        if inode_limit == Some(0) {
+            return Err(Error::InodeLimitBelowUsage {
+                name: name.into(),
+                used: 1,
+                limit: 0,
+            });
+        }
+        // Next id: one past the highest volume id in use (the config keys' ids).
+        let mut max_id = 0u32;
+        let names = self.volume_names()?;
+        for n in &names {
+            if let Some(id) = self.volume_id(n)? {
+                max_id = max_id.max(id);
+            }
+        }
+        let id = max_id
+            .checked_add(1)
+            .ok_or_else(|| Error::Corrupt("volume ids exhausted".into()))?;
+        let cfg = VolumeConfig {
+            name: name.to_string(),
+            quota_bytes: quota,
+            inode_limit,
+            created: Timestamp::now().secs,
+        };
+        let now = Timestamp::now();
+        let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, now);
+        root.parent = ROOT_INO;
+        let usage = Usage {
+            bytes: 0,
+            inodes: 1,
+            chunks: 0,
+        };
+        let meta = self.meta();
+        let mut b = WriteBatch::default();
+        // Clear any leftovers of an earlier volume with this id (a crash mid-delete).
+        b.delete_range_cf(meta, key_codec::volume_start(id), key_codec::volume_end(id));
+        b.delete_range_cf(
+            self.chunks(),
+            key_codec::volume_start(id),
+            key_codec::volume_end(id),
+        );
+        b.put_cf(meta, key_codec::volume_name_key(name), id.to_be_bytes());
+        b.put_cf(
+            meta,
+            key_codec::config_key(id),
+            serde_json::to_vec(&cfg).map_err(|e| Error::Corrupt(e.to_string()))?,
+        );
+        b.put_cf(meta, key_codec::usage_key(id), usage.encode());
+        b.put_cf(meta, key_codec::inode_key(id, ROOT_INO), root.encode());
+        self.write(b)?;
+        self.sync()?;
+        self.inspect_volume(name)
+    }
+
+    /// Opens a volume for serving (at most once per process).
+    pub fn open_volume(&self, name: &str) -> Result<Arc<Volume>> {
+        let _g = self.inner.registry.lock();
+        let mut open = self.inner.open_volumes.lock();
+        if open.contains_key(name) {
+            return Err(Error::VolumeBusy(name.to_string()));
+        }
+        let id = self
+            .volume_id(name)?
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let cfg = self.config(id)?;
+        let usage = self.usage(id)?;
+        if usage.bytes < 0 || usage.inodes < 0 || usage.chunks < 0 {
+            return Err(Error::Corrupt(format!(
+                "volume {name:?} has negative usage counters {usage:?}; run fsck --repair"
+            )));
+        }
+        let v = Arc::new(Volume {
+            id,
+            name: name.to_string(),
+            quota: AtomicU64::new(cfg.quota_bytes.unwrap_or(UNLIMITED)),
+            inode_limit: AtomicU64::new(cfg.inode_limit.unwrap_or(UNLIMITED)),
+            used_bytes: AtomicU64::new(usage.bytes as u64),
+            inodes: AtomicU64::new(usage.inodes as u64),
+            chunks: AtomicU64::new(usage.chunks as u64),
+        });
+        open.insert(name.to_string(), v.clone());
+        Ok(v)
+    }
+
+    /// Forgets an open volume (after its mount ended).
+    pub fn close_volume(&self, name: &str) {
+        self.inner.open_volumes.lock().remove(name);
+    }
+
+    pub fn is_open(&self, name: &str) -> bool {
+        self.inner.open_volumes.lock().contains_key(name)
+    }
+
+    pub fn inspect_volume(&self, name: &str) -> Result<VolumeInfo> {
+        let id = self
+            .volume_id(name)?
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let cfg = self.config(id)?;
+        let open = self.inner.open_volumes.lock().get(name).cloned();
+        let (used, inodes, chunks) = match &open {
+            Some(v) => (v.used_bytes(), v.inodes(), v.chunks()),
+            None => {
+                let u = self.usage(id)?;
+                (
+                    u.bytes.max(0) as u64,
+                    u.inodes.max(0) as u64,
+                    u.chunks.max(0) as u64,
+                )
+            }
+        };
+        Ok(VolumeInfo {
+            name: name.to_string(),
+            quota_bytes: cfg.quota_bytes,
+            inode_limit: cfg.inode_limit,
+            used_bytes: used,
+            inodes,
+            chunks,
+            mounted: open.is_some(),
+        })
+    }
+
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        self.volume_names()?
+            .iter()
+            .map(|n| self.inspect_volume(n))
+            .collect()
+    }
+
+    /// Changes a volume's quota and/or inode limit, also while it is being served.
+    /// `Some(None)` removes a limit. Lowering below current usage is refused.
+    pub fn resize_volume(
+        &self,
+        name: &str,
+        quota: Option<Option<u64>>,
+        inode_limit: Option<Option<u64>>,
+    ) -> Result<VolumeInfo> {
+        let _g = self.inner.registry.lock();
+        let id = self
+            .volume_id(name)?
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let mut cfg = self.config(id)?;
+        let open = self.inner.open_volumes.lock().get(name).cloned();
+        let current = self.inspect_volume(name)?;
+        if let Some(q) = quota {
+            if let Some(q) = q {
+                if q < current.used_bytes {
+                    return Err(Error::QuotaBelowUsage {
+                        name: name.into(),
+                        used: current.used_bytes,
+                        quota: q,
+                    });
+                }
+            }
+            cfg.quota_bytes = q;
+        }
+        if let Some(l) = inode_limit {
+            if let Some(l) = l {
+                if l < current.inodes {
+                    return Err(Error::InodeLimitBelowUsage {
+                        name: name.into(),
+                        used: current.inodes,
+                        limit: l,
+                    });
+                }
+            }
+            cfg.inode_limit = l;
+        }
+        if let Some(v) = &open {
+            let new_quota = cfg.quota_bytes.unwrap_or(UNLIMITED);
+            let old_quota = v.quota.swap(new_quota, Ordering::AcqRel);
+            // A writer may have grown usage between the check and the swap: re-check.
+            if v.used_bytes() > new_quota {
+                v.quota.store(old_quota, Ordering::Release);
+                return Err(Error::QuotaBelowUsage {
+                    name: name.into(),
+                    used: v.used_bytes(),
+                    quota: new_quota,
+                });
+            }
+            v.inode_limit
+                .store(cfg.inode_limit.unwrap_or(UNLIMITED), Ordering::Release);
+        }
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            self.meta(),
+            key_codec::config_key(id),
+            serde_json::to_vec(&cfg).map_err(|e| Error::Corrupt(e.to_string()))?,
+        );
+        self.write(b)?;
+        self.sync()?;
+        drop(_g);
+        self.inspect_volume(name)
+    }
+
+    /// Deletes a volume and all its data, and compacts its key ranges so the space goes
+    /// back to the disk. Refused while the volume is being served.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let _g = self.inner.registry.lock();
+        if self.is_open(name) {
+            return Err(Error::VolumeBusy(name.to_string()));
+        }
+        let id = self
+            .volume_id(name)?
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let (lo, hi) = (key_codec::volume_start(id), key_codec::volume_end(id));
+        let mut b = WriteBatch::default();
+        b.delete_cf(self.meta(), key_codec::volume_name_key(name));
+        b.delete_range_cf(self.meta(), &lo, &hi);
+        b.delete_range_cf(self.chunks(), &lo, &hi);
+        self.write(b)?;
+        self.sync()?;
+        self.reclaim_range(&lo, &hi)
+    }
+
+    /// Compacts `[lo, hi)` in both column families so deleted data leaves the disk
+    /// (including blob files whose chunks are all garbage).
+    pub fn reclaim_range(&self, lo: &[u8], hi: &[u8]) -> Result<()> {
+        let db = &self.inner.db;
+        db.flush_cf(self.meta())?;
+        db.flush_cf(self.chunks())?;
+        let mut co = CompactOptions::default();
+        co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+        co.set_exclusive_manual_compaction(false);
+        db.compact_range_cf_opt(self.meta(), Some(lo), Some(hi), &co);
+        db.compact_range_cf_opt(self.chunks(), Some(lo), Some(hi), &co);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_or_create(&dir.path().join("s"), &StoreOptions::default()).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn volumes_are_created_listed_resized_and_deleted() {
+        let (_d, s) = store();
+        s.create_volume("a", Some(1000), None).unwrap();
+        s.create_volume("b", None, Some(10)).unwrap();
+        assert!(matches!(
+            s.create_volume("a", None, None),
+            Err(Error::VolumeExists(_))
+        ));
+        let names: Vec<_> = s
+            .list_volumes()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, vec!["a", "b"]);
+        let info = s.resize_volume("a", Some(Some(5000)), None).unwrap();
+        assert_eq!(info.quota_bytes, Some(5000));
+        assert_eq!(info.inodes, 1, "the root directory counts as an inode");
+        s.delete_volume("a").unwrap();
+        assert!(matches!(
+            s.inspect_volume("a"),
+            Err(Error::VolumeNotFound(_))
+        ));
+        assert_eq!(s.volume_names().unwrap(), vec!["b"]);
+    }
+
+    #[test]
+    fn reservations_never_pass_the_quota() {
+        let (_d, s) = store();
+        s.create_volume("v", Some(100), Some(3)).unwrap();
+        let v = s.open_volume("v").unwrap();
+        let r = v
+            .reserve(Usage {
+                bytes: 60,
+                inodes: 1,
+                chunks: 1,
+            })
+            .unwrap();
+        v.settle(r);
+        assert_eq!(
+            v.reserve(Usage {
+                bytes: 41,
+                inodes: 0,
+                chunks: 0
+            })
+            .err(),
+            Some(Exhausted::Bytes)
+        );
+        assert_eq!(v.used_bytes(), 60, "a refused reservation changes nothing");
+        assert_eq!(
+            v.reserve(Usage {
+                bytes: 1,
+                inodes: 2,
+                chunks: 0
+            })
+            .err(),
+            Some(Exhausted::Inodes)
+        );
+        assert_eq!((v.used_bytes(), v.inodes()), (60, 2));
+        let r = v
+            .reserve(Usage {
+                bytes: 40,
+                inodes: 0,
+                chunks: 0,
+            })
+            .unwrap();
+        v.release(r);
+        assert_eq!(v.used_bytes(), 60);
+    }
+
+    #[test]
+    fn lowering_quota_below_usage_is_refused() {
+        let (_d, s) = store();
+        s.create_volume("v", Some(100), None).unwrap();
+        let v = s.open_volume("v").unwrap();
+        v.settle(
+            v.reserve(Usage {
+                bytes: 80,
+                inodes: 0,
+                chunks: 0,
+            })
+            .unwrap(),
+        );
+        assert!(matches!(
+            s.resize_volume("v", Some(Some(50)), None),
+            Err(Error::QuotaBelowUsage {
+                used: 80,
+                quota: 50,
+                ..
+            })
+        ));
+        assert_eq!(v.quota(), 100);
+        s.resize_volume("v", Some(Some(200)), None).unwrap();
+        assert_eq!(v.quota(), 200);
+        assert!(matches!(s.delete_volume("v"), Err(Error::VolumeBusy(_))));
+    }
+
+    #[test]
+    fn a_directory_with_other_files_is_not_a_store_and_stays_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"hello").unwrap();
+        let err = Store::open_or_create(dir.path(), &StoreOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::NotAStore(_)), "{err}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("notes.txt")]);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_store_is_refused() {
+        let (d, _s) = store();
+        let err = Store::open_existing(&d.path().join("s"), &StoreOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::Locked(_)), "{err}");
+    }
+
+    #[test]
+    fn a_junk_marker_is_an_error() {
+        let (d, s) = store();
+        drop(s);
+        std::fs::write(d.path().join("s").join(MARKER_FILE), b"\x00\x01junk").unwrap();
+        let err = Store::open_existing(&d.path().join("s"), &StoreOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::BadMarker(..)), "{err}");
+    }
+
+    #[test]
+    fn volume_names_are_validated() {
+        for bad in ["", "A", "a/b", "..", ".x", &"x".repeat(64)] {
+            assert!(validate_volume_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["default", "pvc-1234-abcd", "a.b_c"] {
+            validate_volume_name(good).unwrap();
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! Value encodings of the store: inode records, directory entries, usage counters and the
+//! volume configuration. Binary layouts are fixed-width big-endian with a version byte so a
+//! later format can be told apart; every decoder checks lengths and returns
+//! [`RecordError`] on malformed input instead of panicking.
+
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::key_codec::Ino;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {what} record ({len} bytes)")]
+pub struct RecordError {
+    pub what: &'static str,
+    pub len: usize,
+}
+
+/// The kind of an inode, as stored (one byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl Kind {
+    fn to_byte(self) -> u8 {
+        match self {
+            Kind::File => 1,
+            Kind::Dir => 2,
+            Kind::Symlink => 3,
+            Kind::Fifo => 4,
+            Kind::Socket => 5,
+            Kind::CharDev => 6,
+            Kind::BlockDev => 7,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::File,
+            2 => Kind::Dir,
+            3 => Kind::Symlink,
+            4 => Kind::Fifo,
+            5 => Kind::Socket,
+            6 => Kind::CharDev,
+            7 => Kind::BlockDev,
+            _ => return None,
+        })
+    }
+
+    /// The `S_IFMT` bits of this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDev => libc::S_IFCHR,
+            Kind::BlockDev => libc::S_IFBLK,
+        }
+    }
+
+    /// The kind named by the `S_IFMT` bits of `mode`, if any.
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return None,
+        })
+    }
+}
+
+/// A timestamp as seconds and nanoseconds since the epoch (may be negative).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp::from_system(SystemTime::now())
+    }
+
+    pub fn from_system(t: SystemTime) -> Timestamp {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timestamp {
+                secs: d.as_secs() as i64,
+                nanos: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (mut secs, mut nanos) = (-(d.as_secs() as i64), d.subsec_nanos());
+                if nanos > 0 {
+                    secs -= 1;
+                    nanos = 1_000_000_000 - nanos;
+                }
+                Timestamp { secs, nanos }
+            }
+        }
+    }
+
+    pub fn to_system(self) -> SystemTime {
+        if self.secs >= 0 {
+            UNIX_EPOCH + Duration::new(self.secs as u64, self.nanos)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs())
+                + Duration::from_nanos(self.nanos as u64)
+        }
+    }
+}
+
+/// One inode's attributes. For symlinks `target` holds the link target; for directories
+/// `parent` is the containing directory and `next_cookie` the next readdir cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InodeRecord {
+    pub kind: Kind,
+    /// Permission bits (`mode & 0o7777`).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub crtime: Timestamp,
+    pub rdev: u32,
+    pub flags: u32,
+    /// Bytes of file data stored in chunks (what the quota counts).
+    pub stored_bytes: u64,
+    /// Number of stored chunks.
+    pub chunk_count: u64,
+    /// Directories: next readdir cookie to hand out.
+    pub next_cookie: u64,
+    /// Directories: the parent directory (the root is its own parent).
+    pub parent: Ino,
+    pub target: Vec<u8>,
+}
+
+const INODE_VERSION: u8 = 1;
+const INODE_FIXED_LEN: usize = 1 + 1 + 2 + 4 + 4 + 4 + 8 + 4 * 12 + 4 + 4 + 8 + 8 + 8 + 8;
+
+/// First cookie handed out for real entries; 1 and 2 are `.` and `..`.
+pub const FIRST_COOKIE: u64 = 3;
+
+impl InodeRecord {
+    pub fn new(kind: Kind, perm: u16, uid: u32, gid: u32, now: Timestamp) -> InodeRecord {
+        InodeRecord {
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            flags: 0,
+            stored_bytes: 0,
+            chunk_count: 0,
+            next_cookie: FIRST_COOKIE,
+            parent: 0,
+            target: Vec::new(),
+        }
+    }
+
+    pub fn mode(&self) -> u32 {
+        self.kind.mode_bits() | u32::from(self.perm)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(INODE_FIXED_LEN + self.target.len());
+        v.push(INODE_VERSION);
+        v.push(self.kind.to_byte());
+        v.extend_from_slice(&self.perm.to_be_bytes());
+        v.extend_from_slice(&self.uid.to_be_bytes());
+        v.extend_from_slice(&self.gid.to_be_bytes());
+        v.extend_from_slice(&self.nlink.to_be_bytes());
+        v.extend_from_slice(&self.size.to_be_bytes());
+        for t in [self.atime, self.mtime, self.ctime, self.crtime] {
+            v.extend_from_slice(&t.secs.to_be_bytes());
+            v.extend_from_slice(&t.nanos.to_be_bytes());
+        }
+        v.extend_from_slice(&self.rdev.to_be_bytes());
+        v.extend_from_slice(&self.flags.to_be_bytes());
+        v.extend_from_slice(&self.stored_bytes.to_be_bytes());
+        v.extend_from_slice(&self.chunk_count.to_be_bytes());
+        v.extend_from_slice(&self.next_cookie.to_be_bytes());
+        v.extend_from_slice(&self.parent.to_be_bytes());
+        v.extend_from_slice(&self.target);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<InodeRecord, RecordError> {
+        let bad = RecordError {
+            what: "inode",
+            len: b.len(),
+        };
+        if b.len() < INODE_FIXED_LEN || b[0] != INODE_VERSION {
+            return Err(bad);
+        }
+        let mut r = Reader { b, pos: 2 };
+        let kind = Kind::from_byte(b[1]).ok_or(bad)?;
+        let perm = r.u16();
+        let uid = r.u32();
+        let gid = r.u32();
+        let nlink = r.u32();
+        let size = r.u64();
+        let mut ts = [Timestamp::default(); 4];
+        for t in ts.iter_mut() {
+            *t = Timestamp {
+                secs: r.u64() as i64,
+                nanos: r.u32(),
+            };
+        }
+        Ok(InodeRecord {
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink,
+            size,
+            atime: ts[0],
+            mtime: ts[1],
+            ctime: ts[2],
+            crtime: ts[3],
+            rdev: r.u32(),
+            flags: r.u32(),
+            stored_bytes: r.u64(),
+            chunk_count: r.u64(),
+            next_cookie: r.u64(),
+            parent: r.u64(),
+            target: b[INODE_FIXED_LEN..].to_vec(),
+        })
+    }
+}
+
+/// Reads fixed-width big-endian fields; callers check the total length first.
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut a = [0u8; N];
+        a.copy_from_slice(&self.b[self.pos..self.pos + N]);
+        self.pos += N;
+        a
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes(self.take())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_be_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_be_bytes(self.take())
+    }
+}
+
+/// Value of a by-name directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirentValue {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub cookie: u64,
+}
+
+impl DirentValue {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(17);
+        v.extend_from_slice(&self.ino.to_be_bytes());
+        v.push(self.kind.to_byte());
+        v.extend_from_slice(&self.cookie.to_be_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<DirentValue, RecordError> {
+        let bad = RecordError {
+            what: "dirent",
+            len: b.len(),
+        };
+        if b.len() != 17 {
+            return Err(bad);
+        }
+        let mut r = Reader { b, pos: 0 };
+        let ino = r.u64();
+        let kind = Kind::from_byte(b[8]).ok_or(bad)?;
+        r.pos = 9;
+        Ok(DirentValue {
+            ino,
+            kind,
+            cookie: r.u64(),
+        })
+    }
+}
+
+/// Value of a by-cookie directory entry: the inode, its kind and the entry's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieValue {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+impl CookieValue {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + self.name.len());
+        v.extend_from_slice(&self.ino.to_be_bytes());
+        v.push(self.kind.to_byte());
+        v.extend_from_slice(&self.name);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<CookieValue, RecordError> {
+        let bad = RecordError {
+            what: "dirent cookie",
+            len: b.len(),
+        };
+        if b.len() < 10 {
+            return Err(bad);
+        }
+        let mut r = Reader { b, pos: 0 };
+        let ino = r.u64();
+        let kind = Kind::from_byte(b[8]).ok_or(bad)?;
+        Ok(CookieValue {
+            ino,
+            kind,
+            name: b[9..].to_vec(),
+        })
+    }
+}
+
+/// Per-volume usage counters. Stored as a merge value: each operation merges its
+/// deltas, so concurrent operations never overwrite each other's accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    pub bytes: i64,
+    pub inodes: i64,
+    pub chunks: i64,
+}
+
+impl Usage {
+    pub fn encode(&self) -> [u8; 24] {
+        let mut v = [0u8; 24];
+        v[0..8].copy_from_slice(&self.bytes.to_be_bytes());
+        v[8..16].copy_from_slice(&self.inodes.to_be_bytes());
+        v[16..24].copy_from_slice(&self.chunks.to_be_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Usage, RecordError> {
+        if b.len() != 24 {
+            return Err(RecordError {
+                what: "usage",
+                len: b.len(),
+            });
+        }
+        let mut r = Reader { b, pos: 0 };
+        Ok(Usage {
+            bytes: r.u64() as i64,
+            inodes: r.u64() as i64,
+            chunks: r.u64() as i64,
+        })
+    }
+
+    pub fn add(&mut self, o: &Usage) {
+        self.bytes = self.bytes.wrapping_add(o.bytes);
+        self.inodes = self.inodes.wrapping_add(o.inodes);
+        self.chunks = self.chunks.wrapping_add(o.chunks);
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Usage::default()
+    }
+}
+
+/// RocksDB associative merge for [`Usage`]: sums the operands. A malformed operand is
+/// kept out of the sum (it can only come from corruption, which `fsck` reports).
+pub fn merge_usage(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut total = existing
+        .and_then(|b| Usage::decode(b).ok())
+        .unwrap_or_default();
+    for op in operands {
+        if let Ok(u) = Usage::decode(op) {
+            total.add(&u);
+        }
+    }
+    Some(total.encode().to_vec())
+}
+
+/// A volume's configuration (JSON, so fields can be added compatibly).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    pub name: String,
+    /// Quota in bytes of file data; `None` means unlimited.
+    pub quota_bytes: Option<u64>,
+    /// Maximum number of inodes; `None` means unlimited.
+    pub inode_limit: Option<u64>,
+    /// Seconds since the epoch at creation.
+    pub created: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![
+            Just(Kind::File),
+            Just(Kind::Dir),
+            Just(Kind::Symlink),
+            Just(Kind::Fifo),
+            Just(Kind::Socket),
+            Just(Kind::CharDev),
+            Just(Kind::BlockDev)
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn inode_record_round_trips(kind in kind(), perm in 0u16..0o7777, uid in any::<u32>(), size in any::<u64>(),
+                                    secs in any::<i64>(), nanos in 0u32..1_000_000_000, target in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut r = InodeRecord::new(kind, perm, uid, uid ^ 5, Timestamp { secs, nanos });
+            r.size = size;
+            r.stored_bytes = size / 3;
+            r.target = target;
+            prop_assert_eq!(InodeRecord::decode(&r.encode()), Ok(r));
+        }
+
+        #[test]
+        fn truncated_inode_record_is_an_error(cut in 0usize..INODE_FIXED_LEN) {
+            let r = InodeRecord::new(Kind::File, 0o644, 0, 0, Timestamp::now());
+            prop_assert!(InodeRecord::decode(&r.encode()[..cut]).is_err());
+        }
+
+        #[test]
+        fn dirent_values_round_trip(ino in any::<u64>(), kind in kind(), cookie in any::<u64>(), name in proptest::collection::vec(any::<u8>(), 1..255)) {
+            let d = DirentValue { ino, kind, cookie };
+            prop_assert_eq!(DirentValue::decode(&d.encode()), Ok(d));
+            let c = CookieValue { ino, kind, name };
+            prop_assert_eq!(CookieValue::decode(&c.encode()), Ok(c));
+        }
+
+        #[test]
+        fn timestamps_round_trip_through_system_time(secs in -4_000_000_000i64..4_000_000_000, nanos in 0u32..1_000_000_000) {
+            let t = Timestamp { secs, nanos };
+            prop_assert_eq!(Timestamp::from_system(t.to_system()), t);
+        }
+    }
+
+    #[test]
+    fn usage_decode_rejects_bad_length() {
+        assert!(Usage::decode(&[0; 23]).is_err());
+        let u = Usage {
+            bytes: -5,
+            inodes: 3,
+            chunks: 9,
+        };
+        assert_eq!(Usage::decode(&u.encode()), Ok(u));
+    }
+}
