@@ -287,6 +287,8 @@ impl<'a> Checker<'a> {
             .copied()
             .collect();
         let mut lost_found: Option<Ino> = None;
+        // Usage of orphans that --repair reclaims (still counted until then).
+        let mut pending_usage = Usage::default();
         for ino in unreachable {
             let Some(r) = inodes.get(&ino).cloned() else {
                 continue;
@@ -296,6 +298,9 @@ impl<'a> Checker<'a> {
                 self.pending.push(format!(
                     "inode {ino}: unlinked while open; reclaimed at next mount"
                 ));
+                pending_usage.bytes += r.stored_bytes as i64;
+                pending_usage.chunks += r.chunk_count as i64;
+                pending_usage.inodes += 1;
                 if repair {
                     self.delete_inode(ino);
                     inodes.remove(&ino);
@@ -445,7 +450,14 @@ impl<'a> Checker<'a> {
             }),
             None => Usage::default(),
         };
-        if recorded != total {
+        let mut expected = total;
+        if repair {
+            expected.add(&pending_usage);
+        }
+        if repair && !pending_usage.is_zero() {
+            self.batch.put_cf(meta, keys::usage_key(v), total.encode());
+        }
+        if recorded != expected {
             self.problem(format!(
                 "usage counters say {} bytes, {} inodes, {} chunks; stored: {} bytes, {} inodes, {} chunks; fixed",
                 recorded.bytes, recorded.inodes, recorded.chunks, total.bytes, total.inodes, total.chunks

@@ -107,7 +107,19 @@ fn errno(op: &'static str, e: &FsError) -> Errno {
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(t) => SetTime::At(Timestamp::from_system(t)),
+        TimeOrNow::SpecificTime(t) => SetTime::At(from_request_time(t)),
+    }
+}
+
+/// A time from a request. fuser 0.18 turns a pre-1970 `(sec, nsec)` into
+/// `EPOCH - (|sec| s + nsec ns)` instead of `EPOCH - |sec| s + nsec ns`; undo that.
+fn from_request_time(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => Timestamp::from_system(t),
+        Err(e) => Timestamp {
+            secs: -(e.duration().as_secs() as i64),
+            nanos: e.duration().subsec_nanos(),
+        },
     }
 }
 
@@ -204,7 +216,7 @@ impl Filesystem for FuseFs {
             size,
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
-            ctime: ctime.map(Timestamp::from_system),
+            ctime: ctime.map(from_request_time),
             // fuser does not pass FATTR_KILL_SUIDGID; an unprivileged truncate is what sets it.
             kill_privs: size.is_some() && req.uid() != 0,
         };

@@ -19,7 +19,7 @@ fn main() {
         }
     };
     let default_level = match cli.command {
-        cli::Command::Mount(_) => "info,fuser=error",
+        cli::Command::Mount(_) => "info,fuser=off",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

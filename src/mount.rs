@@ -42,8 +42,16 @@ pub enum MountError {
 }
 
 /// Is `path` a mount point whose FUSE server is gone ("Transport endpoint is not connected")?
+/// statfs, not stat: the kernel answers stat from its attribute cache (long TTLs) even
+/// after the server died, while statfs always reaches the server.
 pub fn is_stale(path: &Path) -> bool {
-    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    let by_stat =
+        matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    by_stat
+        || matches!(
+            nix::sys::statfs::statfs(path),
+            Err(nix::errno::Errno::ENOTCONN)
+        )
 }
 
 /// Mount points listed in /proc/self/mountinfo (unescaped).
@@ -170,7 +178,8 @@ pub fn serve(
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("fusevol:{name}")),
-        MountOption::Subtype("fusevol".into()),
+        // A kernel option (fuser's Subtype only reaches fusermount): /proc/mounts shows fuse.fusevol.
+        MountOption::CUSTOM("subtype=fusevol".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
         MountOption::NoSuid,
@@ -255,6 +264,9 @@ impl Drop for Served {
     }
 }
 
+/// How often an idle store is checked for memtables to give back.
+pub const IDLE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+
 /// What `fusevol mount` was asked to do.
 #[derive(Debug, Clone)]
 pub struct MountRequest {
@@ -312,8 +324,15 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         req.data.display(),
         req.mountpoint.display()
     );
+    let mut last_idle_check = Instant::now();
     while !term.load(Ordering::Acquire) && !served.finished() {
         std::thread::sleep(Duration::from_millis(50));
+        if last_idle_check.elapsed() >= IDLE_FLUSH_INTERVAL {
+            last_idle_check = Instant::now();
+            if let Err(e) = store.flush_if_idle(1 << 20) {
+                tracing::warn!(error = %e, "idle flush failed");
+            }
+        }
     }
     let external = served.finished() && !term.load(Ordering::Acquire);
     served.stop(Duration::from_secs(10))?;

@@ -1005,8 +1005,9 @@ impl Fs {
                     source: e.into(),
                 })
             })?;
-            let avail = disk.blocks_available() as u64 * disk.fragment_size() as u64;
-            (used + avail, avail)
+            let frsize = disk.fragment_size() as u64;
+            let avail = disk.blocks_available() as u64 * frsize;
+            (disk.blocks() as u64 * frsize, avail)
         } else {
             (quota, quota.saturating_sub(used))
         };

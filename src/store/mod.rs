@@ -271,7 +271,7 @@ impl Default for StoreOptions {
         StoreOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             block_cache_bytes: 8 << 20,
-            write_buffer_bytes: 32 << 20,
+            write_buffer_bytes: 256 << 20,
         }
     }
 }
@@ -287,6 +287,8 @@ struct StoreInner {
     format: Format,
     db: DB,
     open_volumes: Mutex<HashMap<String, Arc<Volume>>>,
+    /// Batches written since the last idle check (see [`Store::flush_if_idle`]).
+    writes: AtomicU64,
     /// Serializes registry changes (create/delete/resize) within this process.
     registry: Mutex<()>,
     _lock: Flock<File>,
@@ -326,7 +328,8 @@ fn db_options(opts: &StoreOptions, cache: &Cache) -> (Options, Vec<ColumnFamilyD
     let mut db = Options::default();
     db.create_if_missing(true);
     db.create_missing_column_families(true);
-    db.set_max_background_jobs(2);
+    db.set_max_background_jobs(4);
+    db.set_bytes_per_sync(1 << 20);
     db.set_db_write_buffer_size(opts.write_buffer_bytes);
     db.set_max_total_wal_size(64 << 20);
     db.set_keep_log_file_num(2);
@@ -352,14 +355,14 @@ fn db_options(opts: &StoreOptions, cache: &Cache) -> (Options, Vec<ColumnFamilyD
     chunk_table.set_cache_index_and_filter_blocks(true);
     let mut chunks = Options::default();
     chunks.set_block_based_table_factory(&chunk_table);
-    chunks.set_write_buffer_size(16 << 20);
-    chunks.set_max_write_buffer_number(2);
+    chunks.set_write_buffer_size(64 << 20);
+    chunks.set_max_write_buffer_number(4);
     chunks.set_compression_type(DBCompressionType::None);
     chunks.set_level_compaction_dynamic_level_bytes(true);
     // Key-value separation: chunk bytes go to blob files, so compaction moves only keys.
     chunks.set_enable_blob_files(true);
     chunks.set_min_blob_size(1024);
-    chunks.set_blob_file_size(64 << 20);
+    chunks.set_blob_file_size(256 << 20);
     chunks.set_blob_compression_type(DBCompressionType::None);
     chunks.set_enable_blob_gc(true);
     chunks.set_blob_gc_age_cutoff(0.5);
@@ -451,6 +454,7 @@ impl Store {
                 format,
                 db,
                 open_volumes: Mutex::new(HashMap::new()),
+                writes: AtomicU64::new(0),
                 registry: Mutex::new(()),
                 _lock: lock,
             }),
@@ -519,7 +523,30 @@ impl Store {
         let mut wo = WriteOptions::default();
         wo.set_sync(false);
         self.inner.db.write_opt(batch, &wo)?;
+        self.inner.writes.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Flushes the memtables when nothing was written since the previous call and they
+    /// hold more than `min_bytes`: an idle store gives its write buffers back instead of
+    /// keeping the last burst in memory. Call it periodically.
+    pub fn flush_if_idle(&self, min_bytes: u64) -> Result<bool> {
+        if self.inner.writes.swap(0, Ordering::Relaxed) > 0 {
+            return Ok(false);
+        }
+        let db = &self.inner.db;
+        let mut held = 0;
+        for cf in [self.meta(), self.chunks()] {
+            held += db
+                .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")?
+                .unwrap_or(0);
+        }
+        if held < min_bytes {
+            return Ok(false);
+        }
+        db.flush_cf(self.meta())?;
+        db.flush_cf(self.chunks())?;
+        Ok(true)
     }
 
     /// Makes every committed batch durable (fsync of the WAL).
