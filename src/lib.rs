@@ -9,12 +9,15 @@
 //! - [`store`]: the RocksDB chunk store holding many volumes; [`store::key_codec`] is the key layout.
 //! - [`fsck`]: offline check and repair.
 //! - [`metrics`], [`size`]: Prometheus metrics and Kubernetes quantities.
+//! - [`k8s`]: the Kubernetes side's pure logic (StorageClass parameters, the per-node
+//!   capacity resource, the provisioning decision, the host path layout of PVs).
 
 pub mod cli;
 pub mod control;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
+pub mod k8s;
 pub mod metrics;
 pub mod mount;
 pub mod size;
