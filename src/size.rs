@@ -87,16 +87,19 @@ pub fn parse_quantity(input: &str) -> Result<u64, SizeError> {
     u64::try_from(total).map_err(|_| fail("too large"))
 }
 
+/// Binary suffixes and their power of two, largest first.
+pub const BINARY_UNITS: [(&str, u32); 6] = [
+    ("Ei", 60),
+    ("Pi", 50),
+    ("Ti", 40),
+    ("Gi", 30),
+    ("Mi", 20),
+    ("Ki", 10),
+];
+
 /// Formats bytes with the largest binary suffix that divides them exactly.
 pub fn format_bytes(b: u64) -> String {
-    for (suffix, shift) in [
-        ("Ei", 60),
-        ("Pi", 50),
-        ("Ti", 40),
-        ("Gi", 30),
-        ("Mi", 20),
-        ("Ki", 10),
-    ] {
+    for (suffix, shift) in BINARY_UNITS {
         if b != 0 && b.is_multiple_of(1u64 << shift) {
             return format!("{}{}", b >> shift, suffix);
         }

@@ -54,15 +54,7 @@ pub const LABEL_HOSTNAME: &str = "kubernetes.io/hostname";
 /// at most one decimal (`10Gi`, `2.5Ti`, `17.3Gi`, `512`). Rounded, so for display only: the
 /// result is still a valid Kubernetes quantity, but not an exact one.
 pub fn display_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 6] = [
-        ("Ei", 60),
-        ("Pi", 50),
-        ("Ti", 40),
-        ("Gi", 30),
-        ("Mi", 20),
-        ("Ki", 10),
-    ];
-    for (suffix, shift) in UNITS {
+    for (suffix, shift) in crate::size::BINARY_UNITS {
         let unit = 1u64 << shift;
         if bytes >= unit {
             // Tenths of the unit, rounded to nearest; u128 so that nothing overflows.
