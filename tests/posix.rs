@@ -1734,38 +1734,27 @@ fn data_and_metadata_persist_across_unmount_and_remount() {
     lchown(&m.path("ln"), 5, 6).unwrap();
     chown(&m.path("sparse"), 1234, 5678).unwrap();
     utimensat(&m.path("sparse"), ts(111, 222), ts(333, 444), 0).unwrap();
-    let before: Vec<_> = ["a", "a/b", "a/b/big", "sparse", "ln", "hard", "fifo"]
-        .iter()
-        .map(|p| {
-            let md = lstat(&m.path(p));
-            (
-                p.to_string(),
-                md.mode(),
-                md.uid(),
-                md.gid(),
-                md.nlink(),
-                if md.is_dir() { 0 } else { md.len() },
-                md.ino(),
-            )
-        })
-        .collect();
+    let attrs = |m: &Mount| -> Vec<_> {
+        ["a", "a/b", "a/b/big", "sparse", "ln", "hard", "fifo"]
+            .iter()
+            .map(|p| {
+                let md = lstat(&m.path(p));
+                (
+                    p.to_string(),
+                    md.mode(),
+                    md.uid(),
+                    md.gid(),
+                    md.nlink(),
+                    if md.is_dir() { 0 } else { md.len() },
+                    md.ino(),
+                )
+            })
+            .collect()
+    };
+    let before = attrs(&m);
     let dirs = m.stop();
     let m = Mount::start_in(dirs, Opts::new());
-    let after: Vec<_> = ["a", "a/b", "a/b/big", "sparse", "ln", "hard", "fifo"]
-        .iter()
-        .map(|p| {
-            let md = lstat(&m.path(p));
-            (
-                p.to_string(),
-                md.mode(),
-                md.uid(),
-                md.gid(),
-                md.nlink(),
-                if md.is_dir() { 0 } else { md.len() },
-                md.ino(),
-            )
-        })
-        .collect();
+    let after = attrs(&m);
     assert_eq!(before, after);
     assert!(read_all(&m.path("a/b/big")) == big);
     // Check the times before reading updates the access time.
