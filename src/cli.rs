@@ -31,6 +31,39 @@ pub enum Command {
     /// Check a store offline; exit 0 when clean, 1 when problems were found (and, with
     /// --repair, fixed).
     Fsck(FsckArgs),
+    /// Run the node agent (Kubernetes DaemonSet): serve the node's PersistentVolumes and
+    /// publish its capacity. Talks to the API server of KUBECONFIG or the in-cluster config.
+    Agent(AgentArgs),
+    /// Run the provisioning controller (Kubernetes Deployment, leader-elected).
+    Controller(ControllerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The agent's TOML configuration (see deploy/agent-config.yaml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Namespace of the leader-election Lease and the CSIStorageCapacity objects (default:
+    /// the POD_NAMESPACE environment variable, else fusevol-system).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "fusevol-controller", value_name = "NAME")]
+    pub leader_election_lease: String,
+    /// This replica's identity in the Lease (default: the POD_NAME environment variable, else
+    /// the host name and process id).
+    #[arg(long, value_name = "ID")]
+    pub identity: Option<String>,
+    /// Lease duration in seconds: how long a dead leader blocks a new one.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+    pub lease_duration: u64,
+    /// Address of /healthz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9809", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -189,7 +222,42 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Volume(v) => volume(v),
         Command::Fsck(a) => fsck_cmd(a),
+        Command::Agent(a) => {
+            let config = crate::agent::config::AgentConfig::load(
+                &a.config,
+                std::env::var("NODE_NAME").ok(),
+            )?;
+            runtime()?.block_on(crate::agent::run(config))?;
+            Ok(0)
+        }
+        Command::Controller(a) => {
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let settings = crate::controller::Settings {
+                namespace: a
+                    .namespace
+                    .or_else(|| env("POD_NAMESPACE"))
+                    .unwrap_or_else(|| "fusevol-system".into()),
+                lease: a.leader_election_lease,
+                identity: a.identity.or_else(|| env("POD_NAME")).unwrap_or_else(|| {
+                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map(|h| h.trim().to_string())
+                        .unwrap_or_else(|_| "fusevol".into());
+                    format!("{host}-{}", std::process::id())
+                }),
+                listen: a.listen,
+                lease_duration: std::time::Duration::from_secs(a.lease_duration),
+            };
+            runtime()?.block_on(crate::controller::run(settings))?;
+            Ok(0)
+        }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// Runs a volume request on the store: directly when this process can open it, through

@@ -11,14 +11,22 @@
 //! - [`metrics`], [`size`]: Prometheus metrics and Kubernetes quantities.
 //! - [`k8s`]: the Kubernetes side's pure logic (StorageClass parameters, the per-node
 //!   capacity resource, the provisioning decision, the host path layout of PVs).
+//! - [`agent`], [`controller`]: `fusevol agent` and `fusevol controller`, the API side;
+//!   [`http`]: their /healthz and /metrics endpoint.
 
+pub mod agent;
 pub mod cli;
 pub mod control;
+pub mod controller;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
+pub mod http;
 pub mod k8s;
 pub mod metrics;
 pub mod mount;
 pub mod size;
 pub mod store;
+
+/// The version of this build (shown in FusevolNode status and events).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -20,6 +20,7 @@ fn main() {
     };
     let default_level = match cli.command {
         cli::Command::Mount(_) => "info,fuser=off",
+        cli::Command::Agent(_) | cli::Command::Controller(_) => "info,fuser=off,kube=warn",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -228,7 +228,7 @@ fn every_document_parses_into_a_known_kind_without_unknown_fields() {
 #[test]
 fn crd_file_equals_what_the_rust_type_generates() {
     let path = deploy_dir().join(CRD_FILE);
-    let crd = FusevolNode::crd();
+    let crd = fusevol::k8s::crd::crd();
     if std::env::var_os("FUSEVOL_BLESS").is_some_and(|v| v == "1") {
         let yaml = serde_yaml::to_string(&crd).unwrap();
         let header =

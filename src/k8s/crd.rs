@@ -193,6 +193,42 @@ impl FusevolNodeStatus {
     }
 }
 
+/// The CustomResourceDefinition shipped in `deploy/`: [`FusevolNode::crd`] without the
+/// empty-string `default`s that schemars derives from `#[serde(default)]` on `String` fields.
+/// Kubernetes up to 1.20 refuses them (its schema validator takes a zero value for null:
+/// "default: Invalid value: \"null\": in body must be of type string"), and they add
+/// nothing: the agent always writes the whole status.
+pub fn crd(
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    use kube::CustomResourceExt;
+    let mut crd = FusevolNode::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            strip_empty_string_defaults(schema);
+        }
+    }
+    crd
+}
+
+fn strip_empty_string_defaults(
+    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+) {
+    if matches!(&schema.default, Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON(serde_json::Value::String(s))) if s.is_empty())
+    {
+        schema.default = None;
+    }
+    for p in schema.properties.iter_mut().flat_map(|m| m.values_mut()) {
+        strip_empty_string_defaults(p);
+    }
+    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        strip_empty_string_defaults(items);
+    }
+}
+
 impl FusevolNode {
     /// The node's `kubernetes.io/hostname` label value (its name unless published otherwise).
     pub fn hostname(&self) -> &str {
@@ -215,7 +251,12 @@ mod tests {
 
     #[test]
     fn the_crd_is_cluster_scoped_with_a_status_subresource() {
-        let crd = FusevolNode::crd();
+        let crd = super::crd();
+        let yaml = serde_yaml::to_string(&crd).unwrap();
+        assert!(
+            !yaml.contains("default: ''"),
+            "Kubernetes 1.20 refuses empty-string defaults"
+        );
         assert_eq!(
             crd.metadata.name.as_deref(),
             Some("fusevolnodes.local.fusevol.io")

@@ -1,0 +1,334 @@
+//! The agent's configuration file (TOML, unknown keys rejected) and its validation.
+//!
+//! ```toml
+//! node_name = "worker-1"          # default: the NODE_NAME environment variable
+//! root = "/var/lib/fusevol"       # default; PV paths are <root>/volumes/<pv>/mnt/data
+//! listen = "0.0.0.0:9808"         # /healthz and /metrics; default 0.0.0.0:9808
+//!
+//! [[tiers]]
+//! name = "fast"                   # a DNS label; StorageClass parameter `tier` names it
+//! disks = ["/var/lib/fusevol/disks/nvme0"]
+//! capacity = "20Gi"               # optional cap on what the tier offers
+//! reserved = "1Gi"                # optional: kept free of volumes
+//!
+//! [static]                        # optional: static-provisioner mode
+//! storage_class = "fusevol-static"
+//! [[static.pools]]
+//! tier = "standard"
+//! count = 3
+//! size = "10Gi"
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::k8s::is_dns_label;
+use crate::size::parse_quantity;
+
+/// Errors in the agent's configuration: each names the key and what is allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node_name: Option<String>,
+    root: Option<PathBuf>,
+    listen: Option<String>,
+    #[serde(default)]
+    tiers: Vec<RawTier>,
+    #[serde(rename = "static")]
+    static_: Option<RawStatic>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    name: String,
+    disks: Vec<PathBuf>,
+    capacity: Option<String>,
+    reserved: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatic {
+    storage_class: Option<String>,
+    #[serde(default)]
+    pools: Vec<RawPool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    tier: String,
+    count: u32,
+    size: String,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub root: PathBuf,
+    pub listen: SocketAddr,
+    pub tiers: Vec<TierConfig>,
+    pub static_mode: Option<StaticConfig>,
+}
+
+/// One disk pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierConfig {
+    pub name: String,
+    /// One chunk store per disk directory.
+    pub disks: Vec<PathBuf>,
+    /// Cap on what the tier offers (bytes); `None`: the size of the disks' filesystems.
+    pub capacity: Option<u64>,
+    /// Bytes kept free of volumes.
+    pub reserved: u64,
+}
+
+/// Static-provisioner mode: PVs the agent keeps published for a no-provisioner class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticConfig {
+    pub storage_class: String,
+    pub pools: Vec<StaticPool>,
+}
+
+/// `count` PVs of `size_bytes` each in `tier`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticPool {
+    pub tier: String,
+    pub count: u32,
+    pub size_bytes: u64,
+}
+
+/// The default root directory on the host.
+pub const DEFAULT_ROOT: &str = "/var/lib/fusevol";
+/// The default address of /healthz and /metrics.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9808";
+/// The default static-mode StorageClass (as in `deploy/storageclasses.yaml`).
+pub const DEFAULT_STATIC_CLASS: &str = "fusevol-static";
+
+impl AgentConfig {
+    /// Reads and validates `path`; `node_env` is the value of `NODE_NAME`, if set.
+    pub fn load(path: &Path, node_env: Option<String>) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, node_env).map_err(|e| match e {
+            ConfigError::Invalid(message) => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates a configuration text.
+    pub fn parse(text: &str, node_env: Option<String>) -> Result<AgentConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid(e.message().replace('\n', " ")))?;
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let node_name = raw
+            .node_name
+            .or(node_env)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                invalid("no node name: set node_name in the config or the NODE_NAME environment variable".into())
+            })?;
+        let root = raw.root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+        if !root.is_absolute() {
+            return Err(invalid(format!(
+                "root {:?} must be an absolute path",
+                root.display()
+            )));
+        }
+        let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            invalid(format!(
+                "listen {listen_text:?} is not an address:port (e.g. 0.0.0.0:9808)"
+            ))
+        })?;
+        if raw.tiers.is_empty() {
+            return Err(invalid(
+                "no tiers: add at least one [[tiers]] table with a name and disks".into(),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut all_disks = BTreeSet::new();
+        let mut tiers = Vec::new();
+        for t in raw.tiers {
+            if !is_dns_label(&t.name) {
+                return Err(invalid(format!(
+                    "tier name {:?} must be a DNS label (lowercase letters, digits and '-', at most 63)",
+                    t.name
+                )));
+            }
+            if !names.insert(t.name.clone()) {
+                return Err(invalid(format!("tier {:?} is defined twice", t.name)));
+            }
+            if t.disks.is_empty() {
+                return Err(invalid(format!("tier {:?} has no disks", t.name)));
+            }
+            for d in &t.disks {
+                if !d.is_absolute() {
+                    return Err(invalid(format!(
+                        "tier {:?}: disk {:?} must be an absolute path",
+                        t.name,
+                        d.display()
+                    )));
+                }
+                if !all_disks.insert(d.clone()) {
+                    return Err(invalid(format!(
+                        "disk {:?} is listed twice (each disk directory belongs to one tier)",
+                        d.display()
+                    )));
+                }
+            }
+            let quantity = |key: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+                v.as_deref()
+                    .map(|q| {
+                        parse_quantity(q)
+                            .map_err(|e| invalid(format!("tier {:?}: {key} {q:?}: {e}", t.name)))
+                    })
+                    .transpose()
+            };
+            tiers.push(TierConfig {
+                capacity: quantity("capacity", &t.capacity)?,
+                reserved: quantity("reserved", &t.reserved)?.unwrap_or(0),
+                name: t.name,
+                disks: t.disks,
+            });
+        }
+        let static_mode = match raw.static_ {
+            None => None,
+            Some(s) => {
+                let mut pools = Vec::new();
+                for p in s.pools {
+                    if !names.contains(&p.tier) {
+                        return Err(invalid(format!(
+                            "static pool: unknown tier {:?} (tiers: {})",
+                            p.tier,
+                            names.iter().cloned().collect::<Vec<_>>().join(", ")
+                        )));
+                    }
+                    let size_bytes = parse_quantity(&p.size).map_err(|e| {
+                        invalid(format!("static pool {:?}: size {:?}: {e}", p.tier, p.size))
+                    })?;
+                    if size_bytes == 0 {
+                        return Err(invalid(format!(
+                            "static pool {:?}: size must be more than 0",
+                            p.tier
+                        )));
+                    }
+                    pools.push(StaticPool {
+                        tier: p.tier,
+                        count: p.count,
+                        size_bytes,
+                    });
+                }
+                Some(StaticConfig {
+                    storage_class: s
+                        .storage_class
+                        .unwrap_or_else(|| DEFAULT_STATIC_CLASS.to_string()),
+                    pools,
+                })
+            }
+        };
+        Ok(AgentConfig {
+            node_name,
+            root,
+            listen,
+            tiers,
+            static_mode,
+        })
+    }
+
+    /// The tier named `name`.
+    pub fn tier(&self, name: &str) -> Option<&TierConfig> {
+        self.tiers.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+        root = "/var/lib/fusevol"
+        listen = "127.0.0.1:9808"
+        [[tiers]]
+        name = "fast"
+        disks = ["/d/fast-0"]
+        capacity = "20Gi"
+        reserved = "1Gi"
+        [[tiers]]
+        name = "standard"
+        disks = ["/d/std-0", "/d/std-1"]
+        [static]
+        [[static.pools]]
+        tier = "standard"
+        count = 3
+        size = "1Gi"
+    "#;
+
+    #[test]
+    fn a_full_config_parses_with_defaults_filled_in() {
+        let c = AgentConfig::parse(EXAMPLE, Some("n1".into())).unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.listen.port(), 9808);
+        assert_eq!(c.tiers[0].capacity, Some(20 << 30));
+        assert_eq!(c.tiers[0].reserved, 1 << 30);
+        assert_eq!(c.tiers[1].capacity, None);
+        assert_eq!(c.tiers[1].disks.len(), 2);
+        let s = c.static_mode.unwrap();
+        assert_eq!(s.storage_class, DEFAULT_STATIC_CLASS);
+        assert_eq!(s.pools[0].size_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn the_config_names_the_node_over_the_environment() {
+        let text = format!("node_name = \"cfg\"\n{EXAMPLE}");
+        let c = AgentConfig::parse(&text, Some("env".into())).unwrap();
+        assert_eq!(c.node_name, "cfg");
+    }
+
+    #[test]
+    fn bad_configs_get_an_error_naming_the_key() {
+        let cases: &[(&str, Option<&str>, &str)] = &[
+            ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n", None, "no node name"),
+            ("colour = 1\n", Some("n"), "unknown field `colour`"),
+            ("", Some("n"), "no tiers"),
+            ("[[tiers]]\nname=\"Fast\"\ndisks=[\"/d\"]\n", Some("n"), "DNS label"),
+            ("[[tiers]]\nname=\"a\"\ndisks=[]\n", Some("n"), "has no disks"),
+            ("[[tiers]]\nname=\"a\"\ndisks=[\"d\"]\n", Some("n"), "absolute"),
+            ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\ncapacity=\"lots\"\n", Some("n"), "capacity \"lots\""),
+            ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n[[tiers]]\nname=\"b\"\ndisks=[\"/d\"]\n", Some("n"), "listed twice"),
+            ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n[[tiers]]\nname=\"a\"\ndisks=[\"/e\"]\n", Some("n"), "defined twice"),
+            ("listen=\"nowhere\"\n[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n", Some("n"), "listen \"nowhere\""),
+            ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n[static]\n[[static.pools]]\ntier=\"b\"\ncount=1\nsize=\"1Gi\"\n", Some("n"), "unknown tier \"b\" (tiers: a)"),
+        ];
+        for (text, env, want) in cases {
+            let err = AgentConfig::parse(text, env.map(String::from)).unwrap_err();
+            assert!(
+                err.to_string().contains(want),
+                "{text:?}: {err} lacks {want:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Static-provisioner mode (like sig-storage-local-static-provisioner): the agent keeps
+//! `count` PVs of `size` per configured pool published for a `kubernetes.io/no-provisioner`
+//! StorageClass. Each is an ordinary fusevol PV of this node (same annotations, layout and
+//! finalizer), named `fusevol-<node>-<tier>-<index>`, with reclaim policy Delete: when its
+//! claim goes, the agent wipes the volume, removes the PV and publishes a fresh one under the
+//! same name on the next round.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    LocalVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolume,
+    PersistentVolumeSpec, VolumeNodeAffinity,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+
+use super::config::{StaticConfig, StaticPool};
+use crate::k8s::crd::FusevolNodeSpec;
+use crate::k8s::layout::volume_paths;
+use crate::k8s::params::{Compression, VolumeSpec};
+use crate::k8s::{
+    is_label_value, ANNOTATION_NODE, ANNOTATION_PROVISIONED_BY, ANNOTATION_TIER,
+    ANNOTATION_VOLUME_SPEC, FINALIZER_DATA_CLEANUP, LABEL_HOSTNAME, PROVISIONER,
+};
+use crate::size::format_bytes;
+
+/// Label on static PVs: the tier of the pool they belong to.
+pub const LABEL_STATIC_POOL: &str = "local.fusevol.io/static-pool";
+
+/// Is `pv` one the agent published in static mode?
+pub fn is_static(pv: &PersistentVolume) -> bool {
+    pv.labels().contains_key(LABEL_STATIC_POOL)
+}
+
+/// The name of static PV `index` of `tier` on `node`: readable when it fits in a volume name
+/// (63 characters), else with the node name replaced by a hash of it.
+pub fn static_pv_name(node: &str, tier: &str, index: u32) -> String {
+    let name = format!("fusevol-{node}-{tier}-{index}");
+    if name.len() <= 63 && crate::store::validate_volume_name(&name).is_ok() {
+        return name;
+    }
+    // FNV-1a: stable across builds and platforms.
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("fusevol-{hash:016x}-{tier}-{index}")
+}
+
+/// The PV for static slot `index` of `pool`.
+pub fn build(
+    node: &FusevolNodeSpec,
+    class: &str,
+    pool: &StaticPool,
+    index: u32,
+) -> PersistentVolume {
+    let name = static_pv_name(&node.node_name, &pool.tier, index);
+    let spec = VolumeSpec {
+        quota_bytes: pool.size_bytes,
+        tier: pool.tier.clone(),
+        replicas: 1,
+        compression: Compression::None,
+        inode_limit: None,
+    };
+    let hostname = node
+        .hostname
+        .clone()
+        .unwrap_or_else(|| node.node_name.clone());
+    let mut labels = BTreeMap::from([
+        (LABEL_STATIC_POOL.to_string(), pool.tier.clone()),
+        (ANNOTATION_TIER.to_string(), pool.tier.clone()),
+    ]);
+    if is_label_value(&node.node_name) {
+        labels.insert(ANNOTATION_NODE.to_string(), node.node_name.clone());
+    }
+    PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([
+                (
+                    ANNOTATION_PROVISIONED_BY.to_string(),
+                    PROVISIONER.to_string(),
+                ),
+                (ANNOTATION_VOLUME_SPEC.to_string(), spec.to_annotation()),
+                (ANNOTATION_TIER.to_string(), pool.tier.clone()),
+                (ANNOTATION_NODE.to_string(), node.node_name.clone()),
+            ])),
+            finalizers: Some(vec![FINALIZER_DATA_CLEANUP.to_string()]),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            capacity: Some(BTreeMap::from([(
+                "storage".to_string(),
+                Quantity(format_bytes(pool.size_bytes)),
+            )])),
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            local: Some(LocalVolumeSource {
+                path: volume_paths(&node.root, &name).local_path,
+                fs_type: None,
+            }),
+            node_affinity: Some(VolumeNodeAffinity {
+                required: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: LABEL_HOSTNAME.to_string(),
+                            operator: "In".to_string(),
+                            values: Some(vec![hostname]),
+                        }]),
+                        match_fields: None,
+                    }],
+                }),
+            }),
+            persistent_volume_reclaim_policy: Some("Delete".to_string()),
+            storage_class_name: Some(class.to_string()),
+            volume_mode: Some("Filesystem".to_string()),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The static PVs that should exist and do not (by name) among `all`.
+pub fn missing(
+    node: &FusevolNodeSpec,
+    config: &StaticConfig,
+    all: &[PersistentVolume],
+) -> Vec<PersistentVolume> {
+    let mut out = Vec::new();
+    for pool in &config.pools {
+        for i in 0..pool.count {
+            let name = static_pv_name(&node.node_name, &pool.tier, i);
+            if !all.iter().any(|pv| pv.name_any() == name) {
+                out.push(build(node, &config.storage_class, pool, i));
+            }
+        }
+    }
+    out
+}
+
+/// Publishes the missing static PVs.
+pub async fn reconcile(
+    client: &Client,
+    node: &FusevolNodeSpec,
+    config: &StaticConfig,
+    all: &[PersistentVolume],
+) {
+    let api: Api<PersistentVolume> = Api::all(client.clone());
+    for pv in missing(node, config, all) {
+        match api.create(&PostParams::default(), &pv).await {
+            Ok(_) => tracing::info!(pv = %pv.name_any(), "published static PV"),
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => tracing::warn!(pv = %pv.name_any(), error = %e, "cannot publish static PV"),
+        }
+    }
+}
+
+/// Deletes a released static PV whose data is gone (a fresh one replaces it).
+pub async fn delete(client: &Client, name: &str) {
+    let api: Api<PersistentVolume> = Api::all(client.clone());
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => tracing::info!(pv = name, "deleted released static PV"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => tracing::warn!(pv = name, error = %e, "cannot delete released static PV"),
+    }
+}

@@ -1,0 +1,615 @@
+//! `fusevol controller`: provisions PersistentVolumes for claims of fusevol StorageClasses, in
+//! the kube-rs controller shape (a [`Context`], [`reconcile`] returning an [`Action`],
+//! [`error_policy`]).
+//!
+//! - Claims: [`reconcile`] takes a snapshot (reflector caches of PVs, `FusevolNode`s and
+//!   StorageClasses, plus the in-flight [`Reservation`]s), asks the pure
+//!   [`decide`](crate::k8s::provision::decide) what to do, and does it: create the PV, or
+//!   remove the scheduler's `selected-node` annotation (reschedule), posting events
+//!   `Provisioning`, `ProvisioningSucceeded` and `ProvisioningFailed` on the claim.
+//! - Released PVs with reclaim policy Delete: [`reconcile_pv`] deletes the object; the node's
+//!   agent then deletes the data and removes the finalizer, and only then is the PV gone.
+//! - [`capacity`]: the CSIDriver and CSIStorageCapacity objects the scheduler reads.
+//! - [`leader`]: Lease-based leader election; only the leader runs the above.
+//!
+//! Restart safety: a PV's name is a function of its claim's uid, so re-running a reconcile
+//! (after a restart, a missed event or a stale cache) finds the PV or gets `AlreadyExists`,
+//! never a second PV. Reservations live only in the leader's memory: they cover the window
+//! between a decision and the PV showing in the cache, and a new leader's cache has every PV.
+
+pub mod capacity;
+pub mod leader;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use crate::k8s::crd::FusevolNode;
+use crate::k8s::provision::{decide, is_fusevol_pv, ClusterState, Decision, Reservation};
+use crate::k8s::{ANNOTATION_SELECTED_NODE, PROVISIONER};
+
+/// Errors of one reconcile (retried by [`error_policy`]) or of the controller as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot connect to the Kubernetes API: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("leadership ended: {0}")]
+    LostLeadership(String),
+}
+
+/// How the controller was started.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Namespace of the Lease and the CSIStorageCapacity objects.
+    pub namespace: String,
+    /// Name of the leader-election Lease.
+    pub lease: String,
+    /// This replica's identity in the Lease (the pod name).
+    pub identity: String,
+    pub listen: std::net::SocketAddr,
+    /// Lease duration.
+    pub lease_duration: Duration,
+}
+
+/// Provisioning outcome label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+/// The controller's metrics.
+pub struct ControllerMetrics {
+    registry: Mutex<Registry>,
+    pub outcomes: Family<OutcomeLabels, Counter>,
+    pub latency: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fusevol_controller");
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
+        let latency =
+            Family::<OutcomeLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            });
+        registry.register(
+            "provisioning",
+            "Provisioning decisions acted on, by outcome (created, rescheduled, failed)",
+            outcomes.clone(),
+        );
+        registry.register(
+            "provisioning_seconds",
+            "Time from a claim's creation to the controller's action, by outcome",
+            latency.clone(),
+        );
+        ControllerMetrics {
+            registry: Mutex::new(registry),
+            outcomes,
+            latency,
+        }
+    }
+}
+
+impl ControllerMetrics {
+    fn record(&self, outcome: &str, claim: &PersistentVolumeClaim) {
+        let l = OutcomeLabels {
+            outcome: outcome.to_string(),
+        };
+        self.outcomes.get_or_create(&l).inc();
+        if let Some(created) = claim.metadata.creation_timestamp.as_ref() {
+            let age = k8s_openapi::jiff::Timestamp::now().duration_since(created.0);
+            self.latency
+                .get_or_create(&l)
+                .observe(age.as_secs_f64().max(0.0));
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry.lock()).is_err() {
+            out.push_str("# error encoding metrics\n");
+        }
+        out
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub pvs: Store<PersistentVolume>,
+    pub nodes: Store<FusevolNode>,
+    pub classes: Store<StorageClass>,
+    /// In-flight reservations; decisions are taken under this lock (see module doc).
+    pub reservations: Mutex<Vec<Reservation>>,
+    pub metrics: ControllerMetrics,
+}
+
+impl Context {
+    fn snapshot_pvs(&self) -> Vec<PersistentVolume> {
+        self.pvs.state().iter().map(|p| (**p).clone()).collect()
+    }
+
+    fn snapshot_nodes(&self) -> Vec<FusevolNode> {
+        self.nodes.state().iter().map(|n| (**n).clone()).collect()
+    }
+
+    fn class(&self, name: &str) -> Option<Arc<StorageClass>> {
+        self.classes.get(&ObjectRef::new(name))
+    }
+
+    async fn event(
+        &self,
+        claim: &PersistentVolumeClaim,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Provision".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &claim.object_ref(&())).await {
+            tracing::warn!(error = %e, "cannot post an event");
+        }
+    }
+}
+
+/// Creates `pv`; a PV of that name existing already counts as success (a repeated reconcile).
+pub async fn create_pv(client: &Client, pv: &PersistentVolume) -> Result<(), kube::Error> {
+    let api: Api<PersistentVolume> = Api::all(client.clone());
+    match api.create(&PostParams::default(), pv).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Asks the scheduler to pick another node: removes the claim's selected-node annotation.
+pub async fn reschedule(client: &Client, claim: &PersistentVolumeClaim) -> Result<(), kube::Error> {
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), &claim.namespace().unwrap_or_default());
+    let patch = json!({ "metadata": { "annotations": { ANNOTATION_SELECTED_NODE: null } } });
+    api.patch(
+        &claim.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Acts on one claim. See the module doc.
+pub async fn reconcile(
+    claim: Arc<PersistentVolumeClaim>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let class_name = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
+    let Some(class) = ctx.class(&class_name) else {
+        // Not ours, or the class does not exist (yet): a class event triggers us again.
+        return Ok(Action::await_change());
+    };
+    if class.provisioner != PROVISIONER {
+        return Ok(Action::await_change());
+    }
+    let pvs = ctx.snapshot_pvs();
+    let nodes = ctx.snapshot_nodes();
+    let decision = {
+        let mut reservations = ctx.reservations.lock();
+        // Reservations whose PV is cached are counted as PVs now.
+        reservations.retain(|r| {
+            let name = crate::k8s::provision::pv_name_for_claim(&r.claim_uid);
+            !pvs.iter()
+                .any(|pv| pv.metadata.name.as_deref() == Some(name.as_str()))
+        });
+        let decision = decide(
+            &claim,
+            &class,
+            &ClusterState {
+                nodes: &nodes,
+                pvs: &pvs,
+                reservations: &reservations,
+            },
+        );
+        if let Decision::Create { reservation, .. } = &decision {
+            reservations.retain(|r| r.claim_uid != reservation.claim_uid);
+            reservations.push(reservation.clone());
+        }
+        decision
+    };
+    let who = format!(
+        "{}/{}",
+        claim.namespace().unwrap_or_default(),
+        claim.name_any()
+    );
+    match decision {
+        Decision::Create { pv, reservation } => {
+            let name = pv.name_any();
+            ctx.event(
+                &claim,
+                EventType::Normal,
+                "Provisioning",
+                format!(
+                    "creating PersistentVolume {name} on node {} (tier {})",
+                    reservation.node, reservation.tier
+                ),
+            )
+            .await;
+            match create_pv(&ctx.client, &pv).await {
+                Ok(()) => {
+                    tracing::info!(claim = %who, pv = %name, node = %reservation.node, "provisioned");
+                    ctx.metrics.record("created", &claim);
+                    ctx.event(
+                        &claim,
+                        EventType::Normal,
+                        "ProvisioningSucceeded",
+                        format!(
+                            "created PersistentVolume {name} on node {}",
+                            reservation.node
+                        ),
+                    )
+                    .await;
+                    Ok(Action::await_change())
+                }
+                Err(e) => {
+                    ctx.reservations
+                        .lock()
+                        .retain(|r| r.claim_uid != reservation.claim_uid);
+                    ctx.metrics.record("failed", &claim);
+                    ctx.event(
+                        &claim,
+                        EventType::Warning,
+                        "ProvisioningFailed",
+                        format!("cannot create PersistentVolume {name}: {e}"),
+                    )
+                    .await;
+                    Err(e.into())
+                }
+            }
+        }
+        Decision::Reschedule { message } => {
+            tracing::info!(claim = %who, %message, "rescheduling");
+            ctx.metrics.record("rescheduled", &claim);
+            ctx.event(
+                &claim,
+                EventType::Warning,
+                "ProvisioningFailed",
+                format!("{message}; asking the scheduler to pick another node"),
+            )
+            .await;
+            reschedule(&ctx.client, &claim).await?;
+            Ok(Action::await_change())
+        }
+        Decision::Fail { message } => {
+            tracing::info!(claim = %who, %message, "cannot provision");
+            ctx.metrics.record("failed", &claim);
+            ctx.event(&claim, EventType::Warning, "ProvisioningFailed", message)
+                .await;
+            Ok(Action::requeue(Duration::from_secs(60)))
+        }
+        Decision::AlreadyProvisioned { .. } | Decision::Wait | Decision::Skip { .. } => {
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Retries a failed reconcile after a pause.
+pub fn error_policy(
+    claim: Arc<PersistentVolumeClaim>,
+    error: &Error,
+    _ctx: Arc<Context>,
+) -> Action {
+    tracing::warn!(claim = %claim.name_any(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Deletes a Released fusevol PV whose reclaim policy is Delete (the agent's finalizer keeps
+/// the object until the node has deleted the data).
+pub async fn reconcile_pv(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let released = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released");
+    let delete = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+        == Some("Delete");
+    if is_fusevol_pv(&pv) && released && delete && pv.metadata.deletion_timestamp.is_none() {
+        let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+        match api.delete(&pv.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {
+                tracing::info!(pv = %pv.name_any(), "released with reclaim policy Delete: deleting")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Action::await_change())
+}
+
+fn error_policy_pv(pv: Arc<PersistentVolume>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(pv = %pv.name_any(), %error, "PV reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+struct Endpoints {
+    ctx: Mutex<Option<Arc<Context>>>,
+    leading: Mutex<bool>,
+    started: Instant,
+}
+
+impl crate::http::Endpoints for Endpoints {
+    fn health(&self) -> Result<(), String> {
+        // A follower is healthy: it waits for the lease.
+        let _ = self.started;
+        Ok(())
+    }
+    fn metrics(&self) -> String {
+        let mut out = match self.ctx.lock().as_ref() {
+            Some(ctx) => ctx.metrics.render(),
+            None => String::new(),
+        };
+        let leading = u8::from(*self.leading.lock());
+        out = out.replace(
+            "# EOF\n",
+            &format!("# HELP fusevol_controller_leader Whether this replica leads.\n# TYPE fusevol_controller_leader gauge\nfusevol_controller_leader {leading}\n# EOF\n"),
+        );
+        if !out.contains("fusevol_controller_leader") {
+            out.push_str(&format!("fusevol_controller_leader {leading}\n"));
+        }
+        out
+    }
+}
+
+/// Runs the controller: waits for leadership, then provisions until SIGTERM/SIGINT or until
+/// leadership is lost (an error: the process exits and restarts as a candidate).
+pub async fn run(settings: Settings) -> Result<(), Error> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let endpoints = Arc::new(Endpoints {
+        ctx: Mutex::new(None),
+        leading: Mutex::new(false),
+        started: Instant::now(),
+    });
+    crate::http::serve(settings.listen, endpoints.clone())
+        .await
+        .map_err(|source| Error::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+    let election = leader::LeaderElection::new(
+        client.clone(),
+        &settings.namespace,
+        &settings.lease,
+        &settings.identity,
+        settings.lease_duration,
+    );
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
+    tokio::select! {
+        _ = election.acquire() => {}
+        _ = sigterm.recv() => return Ok(()),
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    }
+    tracing::info!(identity = %settings.identity, "leading");
+    *endpoints.leading.lock() = true;
+
+    if let Err(e) = capacity::ensure_csi_driver(&client).await {
+        tracing::warn!(error = %e, "cannot apply the CSIDriver object; the scheduler will not see fusevol's capacity");
+    }
+
+    let (pvs, pv_writer) = reflector::store::<PersistentVolume>();
+    let (nodes, node_writer) = reflector::store::<FusevolNode>();
+    let (classes, class_writer) = reflector::store::<StorageClass>();
+    let pv_stream = reflector::reflector(
+        pv_writer,
+        watcher(
+            Api::<PersistentVolume>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let node_stream = reflector::reflector(
+        node_writer,
+        watcher(
+            Api::<FusevolNode>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let class_stream = reflector::reflector(
+        class_writer,
+        watcher(
+            Api::<StorageClass>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: capacity::FIELD_MANAGER.into(),
+                instance: Some(settings.identity.clone()),
+            },
+        ),
+        pvs: pvs.clone(),
+        nodes: nodes.clone(),
+        classes: classes.clone(),
+        reservations: Mutex::new(Vec::new()),
+        metrics: ControllerMetrics::default(),
+    });
+    *endpoints.ctx.lock() = Some(ctx.clone());
+
+    // A claim is reconciled when it changes, when a PV naming it changes, when its class
+    // changes, and when any node's capacity changes (a waiting claim may fit now).
+    let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
+    let controller = Controller::new(claims, watcher::Config::default());
+    let claim_store = controller.store();
+    let (node_tx, node_rx) = futures::channel::mpsc::unbounded::<()>();
+    let class_claims = claim_store.clone();
+    for stream in [
+        pv_stream.map(|r| r.map(|_| ())).boxed(),
+        class_stream.map(|r| r.map(|_| ())).boxed(),
+    ] {
+        tokio::spawn(async move {
+            let mut s = stream;
+            while let Some(item) = s.next().await {
+                if let Err(e) = item {
+                    tracing::warn!(error = %e, "watch failed; retrying");
+                }
+            }
+        });
+    }
+    let pv_claims = controller
+        .watches(
+            Api::<StorageClass>::all(client.clone()),
+            watcher::Config::default(),
+            move |class: StorageClass| {
+                let name = class.name_any();
+                class_claims
+                    .state()
+                    .iter()
+                    .filter(|c| {
+                        c.spec
+                            .as_ref()
+                            .and_then(|s| s.storage_class_name.as_deref())
+                            == Some(name.as_str())
+                    })
+                    .map(|c| ObjectRef::from_obj(&**c))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<PersistentVolume>::all(client.clone()),
+            watcher::Config::default(),
+            |pv: PersistentVolume| {
+                pv.spec
+                    .and_then(|s| s.claim_ref)
+                    .and_then(|r| Some(ObjectRef::new(&r.name?).within(&r.namespace?)))
+            },
+        )
+        .reconcile_all_on(node_rx)
+        .graceful_shutdown_on(shutdown_signal())
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "claim reconcile");
+            }
+        });
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(node_stream);
+        while let Some(item) = s.next().await {
+            if item.is_ok() {
+                let _ = node_tx.unbounded_send(());
+            }
+        }
+    });
+
+    let released = Controller::new(
+        Api::<PersistentVolume>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .graceful_shutdown_on(shutdown_signal())
+    .run(reconcile_pv, error_policy_pv, ctx.clone())
+    .for_each(|_| async {});
+
+    let publisher = publish_capacity(ctx.clone(), settings.namespace.clone());
+
+    tokio::select! {
+        _ = pv_claims => Ok(()),
+        _ = released => Ok(()),
+        _ = publisher => Ok(()),
+        why = election.keep() => Err(Error::LostLeadership(why)),
+        _ = sigterm.recv() => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Keeps the CSIStorageCapacity objects in line with the caches, every few seconds.
+async fn publish_capacity(ctx: Arc<Context>, namespace: String) {
+    let resource = capacity::discover(&ctx.client).await;
+    if resource.is_none() {
+        tracing::warn!("the API server serves no CSIStorageCapacity version (Kubernetes 1.20 needs --feature-gates=CSIStorageCapacity=true --runtime-config=storage.k8s.io/v1alpha1=true): the scheduler will not see fusevol's capacity; full nodes are still refused by rescheduling");
+        return std::future::pending().await;
+    }
+    let Some(resource) = resource else { return };
+    tracing::info!(version = %resource.version, "publishing CSIStorageCapacity");
+    let mut last = BTreeMap::new();
+    loop {
+        let _ = ctx.pvs.wait_until_ready().await;
+        let _ = ctx.nodes.wait_until_ready().await;
+        let _ = ctx.classes.wait_until_ready().await;
+        let pvs = ctx.snapshot_pvs();
+        let nodes = ctx.snapshot_nodes();
+        let classes: Vec<StorageClass> =
+            ctx.classes.state().iter().map(|c| (**c).clone()).collect();
+        let want = {
+            let reservations = ctx.reservations.lock();
+            capacity::desired(
+                &classes,
+                &ClusterState {
+                    nodes: &nodes,
+                    pvs: &pvs,
+                    reservations: &reservations,
+                },
+            )
+        };
+        match capacity::publish(&ctx.client, &resource, &namespace, &want, &last).await {
+            Ok(now) => last = now,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot publish CSIStorageCapacity");
+                last.clear();
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;
