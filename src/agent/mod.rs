@@ -299,7 +299,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                         action: "Serve".into(),
                         secondary: None,
                     };
-                    if let Err(e) = recorder.publish(&event, &obj.object_ref(&())).await {
+                    // PVs are cluster-scoped: their events live in `default` (the API
+                    // server refuses an event whose namespace and object's differ otherwise).
+                    let mut reference = obj.object_ref(&());
+                    reference.namespace = Some("default".into());
+                    if let Err(e) = recorder.publish(&event, &reference).await {
                         tracing::warn!(error = %e, "cannot post an event");
                     }
                 }

@@ -259,6 +259,11 @@ impl VolumeManager {
         self.ensure_quota(pv, spec)?;
         let paths = volume_paths(&self.root.to_string_lossy(), pv);
         let mount_point = PathBuf::from(&paths.mount_point);
+        // A mount left by a killed agent: stat fails with ENOTCONN, so detach it first.
+        if mount::is_stale(&mount_point) {
+            tracing::warn!(pv, "detaching the stale mount of a previous agent");
+            let _ = mount::detach(&mount_point);
+        }
         std::fs::create_dir_all(&mount_point).map_err(|source| VolumeError::Io {
             pv: pv.into(),
             path: mount_point.clone(),

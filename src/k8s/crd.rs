@@ -247,7 +247,7 @@ impl FusevolNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube::{CustomResourceExt, Resource};
+    use kube::Resource;
 
     #[test]
     fn the_crd_is_cluster_scoped_with_a_status_subresource() {

@@ -19,6 +19,8 @@
 
 pub mod crd;
 pub mod layout;
+#[cfg(test)]
+pub mod mock;
 pub mod params;
 pub mod provision;
 
