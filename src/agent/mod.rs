@@ -280,10 +280,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 tracing::warn!(pv = %name, error = %e, "cannot remove the finalizer");
                 continue;
             }
+            // The controller deletes released PVs (static ones too); once a static PV is
+            // gone, the next round publishes a fresh one under its name.
             tracing::info!(pv = %name, "data cleaned up; finalizer removed");
-            if static_pvs::is_static(pv) && pv.metadata.deletion_timestamp.is_none() {
-                static_pvs::delete(&client, name).await;
-            }
         }
         let mut failing = BTreeMap::new();
         for e in &outcome.errors {

@@ -2,8 +2,9 @@
 //! `count` PVs of `size` per configured pool published for a `kubernetes.io/no-provisioner`
 //! StorageClass. Each is an ordinary fusevol PV of this node (same annotations, layout and
 //! finalizer), named `fusevol-<node>-<tier>-<index>`, with reclaim policy Delete: when its
-//! claim goes, the agent wipes the volume, removes the PV and publishes a fresh one under the
-//! same name on the next round.
+//! claim goes, the agent wipes the volume, the PV goes, and the agent publishes a fresh one under the
+//! same name on the next round. (The controller deletes the released PV object, as it does
+//! for every released fusevol PV with policy Delete; the agent has no delete permission.)
 
 use std::collections::BTreeMap;
 
@@ -13,7 +14,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 
 use super::config::{StaticConfig, StaticPool};
@@ -156,12 +157,41 @@ pub async fn reconcile(
     }
 }
 
-/// Deletes a released static PV whose data is gone (a fresh one replaces it).
-pub async fn delete(client: &Client, name: &str) {
-    let api: Api<PersistentVolume> = Api::all(client.clone());
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => tracing::info!(pv = name, "deleted released static PV"),
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => tracing::warn!(pv = name, error = %e, "cannot delete released static PV"),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_mode_publishes_the_missing_slots_of_each_pool() {
+        let node = FusevolNodeSpec {
+            node_name: "n1".into(),
+            hostname: None,
+            root: "/var/lib/fusevol".into(),
+        };
+        let config = StaticConfig {
+            storage_class: "fusevol-static".into(),
+            pools: vec![StaticPool {
+                tier: "standard".into(),
+                count: 3,
+                size_bytes: 1 << 30,
+            }],
+        };
+        let existing = build(&node, "fusevol-static", &config.pools[0], 1);
+        let missing = missing(&node, &config, &[existing]);
+        let names: Vec<String> = missing.iter().map(|p| p.name_any()).collect();
+        assert_eq!(names, ["fusevol-n1-standard-0", "fusevol-n1-standard-2"]);
+        let pv = &missing[0];
+        let spec = pv.spec.as_ref().unwrap();
+        assert_eq!(spec.storage_class_name.as_deref(), Some("fusevol-static"));
+        assert_eq!(
+            spec.local.as_ref().unwrap().path,
+            "/var/lib/fusevol/volumes/fusevol-n1-standard-0/mnt/data"
+        );
+        assert!(is_static(pv));
+        assert!(crate::k8s::provision::is_fusevol_pv(pv));
+        assert_eq!(crate::k8s::provision::pv_capacity_bytes(pv), Some(1 << 30));
+        let long = "n".repeat(80);
+        let name = static_pv_name(&long, "standard", 7);
+        assert!(name.len() <= 63 && name.ends_with("-standard-7"), "{name}");
     }
 }
