@@ -8,10 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{
-    LocalVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolume,
-    PersistentVolumeSpec, VolumeNodeAffinity,
-};
+use k8s_openapi::api::core::v1::{LocalVolumeSource, PersistentVolume, PersistentVolumeSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
@@ -21,9 +18,10 @@ use super::config::{StaticConfig, StaticPool};
 use crate::k8s::crd::FusevolNodeSpec;
 use crate::k8s::layout::volume_paths;
 use crate::k8s::params::{Compression, VolumeSpec};
+use crate::k8s::provision::hostname_affinity;
 use crate::k8s::{
     is_label_value, ANNOTATION_NODE, ANNOTATION_PROVISIONED_BY, ANNOTATION_TIER,
-    ANNOTATION_VOLUME_SPEC, FINALIZER_DATA_CLEANUP, LABEL_HOSTNAME, PROVISIONER,
+    ANNOTATION_VOLUME_SPEC, FINALIZER_DATA_CLEANUP, PROVISIONER,
 };
 use crate::size::format_bytes;
 
@@ -101,18 +99,7 @@ pub fn build(
                 path: volume_paths(&node.root, &name).local_path,
                 fs_type: None,
             }),
-            node_affinity: Some(VolumeNodeAffinity {
-                required: Some(NodeSelector {
-                    node_selector_terms: vec![NodeSelectorTerm {
-                        match_expressions: Some(vec![NodeSelectorRequirement {
-                            key: LABEL_HOSTNAME.to_string(),
-                            operator: "In".to_string(),
-                            values: Some(vec![hostname]),
-                        }]),
-                        match_fields: None,
-                    }],
-                }),
-            }),
+            node_affinity: Some(hostname_affinity(&hostname)),
             persistent_volume_reclaim_policy: Some("Delete".to_string()),
             storage_class_name: Some(class.to_string()),
             volume_mode: Some("Filesystem".to_string()),

@@ -495,18 +495,7 @@ fn build_pv(
                 path: volume_paths(&node.spec.root, pv_name).local_path,
                 fs_type: None,
             }),
-            node_affinity: Some(VolumeNodeAffinity {
-                required: Some(NodeSelector {
-                    node_selector_terms: vec![NodeSelectorTerm {
-                        match_expressions: Some(vec![NodeSelectorRequirement {
-                            key: LABEL_HOSTNAME.to_string(),
-                            operator: "In".to_string(),
-                            values: Some(vec![node.hostname().to_string()]),
-                        }]),
-                        match_fields: None,
-                    }],
-                }),
-            }),
+            node_affinity: Some(hostname_affinity(node.hostname())),
             persistent_volume_reclaim_policy: Some(request.reclaim_policy.as_str().to_string()),
             mount_options: (!request.mount_options.is_empty())
                 .then(|| request.mount_options.clone()),
@@ -523,6 +512,22 @@ fn build_pv(
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// Required node affinity on `kubernetes.io/hostname In [hostname]`: what pins a PV to its node.
+pub fn hostname_affinity(hostname: &str) -> VolumeNodeAffinity {
+    VolumeNodeAffinity {
+        required: Some(NodeSelector {
+            node_selector_terms: vec![NodeSelectorTerm {
+                match_expressions: Some(vec![NodeSelectorRequirement {
+                    key: LABEL_HOSTNAME.to_string(),
+                    operator: "In".to_string(),
+                    values: Some(vec![hostname.to_string()]),
+                }]),
+                match_fields: None,
+            }],
+        }),
     }
 }
 
