@@ -22,7 +22,7 @@ pub mod leader;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
@@ -364,13 +364,11 @@ fn error_policy_pv(pv: Arc<PersistentVolume>, error: &Error, _ctx: Arc<Context>)
 struct Endpoints {
     ctx: Mutex<Option<Arc<Context>>>,
     leading: Mutex<bool>,
-    started: Instant,
 }
 
 impl crate::http::Endpoints for Endpoints {
     fn health(&self) -> Result<(), String> {
         // A follower is healthy: it waits for the lease.
-        let _ = self.started;
         Ok(())
     }
     fn metrics(&self) -> String {
@@ -399,7 +397,6 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let endpoints = Arc::new(Endpoints {
         ctx: Mutex::new(None),
         leading: Mutex::new(false),
-        started: Instant::now(),
     });
     crate::http::serve(settings.listen, endpoints.clone())
         .await
