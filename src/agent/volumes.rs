@@ -142,7 +142,9 @@ pub struct VolumeManager {
     root: PathBuf,
     tiers: Vec<TierConfig>,
     disks: Vec<Disk>,
-    served: BTreeMap<String, Served>,
+    /// The mounts being served, with the spec last applied to each (so the store is asked
+    /// about limits only when the PV's spec changes, not on every round).
+    served: BTreeMap<String, (Served, VolumeSpec)>,
     metrics: Arc<Metrics>,
     serve_options: ServeOptions,
 }
@@ -232,14 +234,19 @@ impl VolumeManager {
     /// Serves `pv`, creating its volume first if no store holds it. Returns whether it was
     /// (re)started in this call.
     fn ensure_served(&mut self, pv: &str, spec: &VolumeSpec) -> Result<bool, VolumeError> {
-        if let Some(s) = self.served.get(pv) {
+        if let Some((s, applied)) = self.served.get(pv) {
             if !s.finished() {
-                self.ensure_quota(pv, spec)?;
+                if applied != spec {
+                    self.ensure_quota(pv, spec)?;
+                    if let Some((_, applied)) = self.served.get_mut(pv) {
+                        *applied = spec.clone();
+                    }
+                }
                 return Ok(false);
             }
             // Someone unmounted it (or the session died): serve it again.
             tracing::warn!(pv, "mount ended unexpectedly; serving it again");
-            if let Some(s) = self.served.remove(pv) {
+            if let Some((s, _)) = self.served.remove(pv) {
                 let _ = s.stop(Duration::from_secs(1));
             }
         }
@@ -290,7 +297,7 @@ impl VolumeManager {
                 source: e,
             });
         }
-        self.served.insert(pv.to_string(), served);
+        self.served.insert(pv.to_string(), (served, spec.clone()));
         tracing::info!(pv, disk = %self.disks[disk].path.display(), "serving volume");
         Ok(true)
     }
@@ -376,7 +383,7 @@ impl VolumeManager {
     }
 
     fn unserve(&mut self, pv: &str) -> Result<(), VolumeError> {
-        if let Some(s) = self.served.remove(pv) {
+        if let Some((s, _)) = self.served.remove(pv) {
             tracing::info!(pv, "unmounting");
             s.stop(Duration::from_secs(10))
                 .map_err(|source| VolumeError::Mount {
