@@ -9,7 +9,9 @@
 //!
 //! A write touches only the chunks it covers: a chunk it covers entirely is replaced
 //! without being read (sequential streaming needs no read-modify-write); a partly
-//! covered chunk is read and rewritten (a 4 KiB overwrite rewrites one chunk at most).
+//! covered chunk gets a patch (a RocksDB merge operand holding only the written bytes),
+//! so a 4 KiB overwrite neither reads nor rewrites its 64 KiB chunk. RocksDB applies the
+//! patches when the chunk is read and folds them into the chunk at compaction.
 
 use super::{Change, Fs, FsError, Result, Timestamp, MAX_FILE_SIZE};
 use crate::store::key_codec::{self as keys, Ino};
@@ -32,7 +34,7 @@ impl Fs {
     }
 
     /// Stored lengths of chunks `first..=last` that exist, in order.
-    fn chunk_lens(&self, ino: Ino, first: u64, last: u64) -> Result<Vec<(u64, u64)>> {
+    pub(super) fn chunk_lens(&self, ino: Ino, first: u64, last: u64) -> Result<Vec<(u64, u64)>> {
         let v = self.vid();
         let from = keys::chunk_len_key(v, ino, first);
         let to = match last.checked_add(1) {
@@ -68,15 +70,42 @@ impl Fs {
         let v = self.vid();
         c.batch
             .put_cf(self.store.chunks(), keys::chunk_key(v, ino, idx), bytes);
+        self.stage_chunk_len(c, ino, idx, len, old_len);
+    }
+
+    /// Stages the stored length of chunk `idx` and counts the change in usage.
+    fn stage_chunk_len(&self, c: &mut Change, ino: Ino, idx: u64, len: u64, old_len: Option<u64>) {
         c.batch.put_cf(
             self.store.meta(),
-            keys::chunk_len_key(v, ino, idx),
+            keys::chunk_len_key(self.vid(), ino, idx),
             (len as u32).to_be_bytes(),
         );
         c.usage.bytes += len as i64 - old_len.unwrap_or(0) as i64;
         if old_len.is_none() {
             c.usage.chunks += 1;
         }
+    }
+
+    /// Stages `bytes` at `offset` inside chunk `idx` without reading it (a merge operand,
+    /// see [`crate::store::records::merge_chunk`]); the stored length becomes `len`.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_chunk_patch(
+        &self,
+        c: &mut Change,
+        ino: Ino,
+        idx: u64,
+        offset: u32,
+        bytes: &[u8],
+        len: u64,
+        old_len: Option<u64>,
+    ) {
+        let v = self.vid();
+        c.batch.merge_cf(
+            self.store.chunks(),
+            keys::chunk_key(v, ino, idx),
+            crate::store::records::encode_chunk_patch(offset, bytes),
+        );
+        self.stage_chunk_len(c, ino, idx, len, old_len);
     }
 
     fn stage_drop_chunk(&self, c: &mut Change, ino: Ino, idx: u64, old_len: u64) {
@@ -134,16 +163,10 @@ impl Fs {
                 // Covers everything stored in the chunk: replace without reading.
                 self.stage_chunk(&mut c, ino, idx, src, new_len, old_len);
             } else {
-                let mut buf = if old_len.is_some() {
-                    self.get_chunk(ino, idx)?
-                } else {
-                    Vec::new()
-                };
-                if (buf.len() as u64) < hi {
-                    buf.resize(hi as usize, 0);
-                }
-                buf[lo as usize..hi as usize].copy_from_slice(src);
-                self.stage_chunk(&mut c, ino, idx, &buf, new_len, old_len);
+                // Part of the chunk: a patch operand, applied when the chunk is read or
+                // compacted, so a 4 KiB write costs 4 KiB instead of a chunk read and
+                // rewrite.
+                self.stage_chunk_patch(&mut c, ino, idx, lo as u32, src, new_len, old_len);
             }
         }
         if kill_privs

@@ -130,6 +130,9 @@ pub struct StatFs {
 }
 
 const LOCK_STRIPES: usize = 256;
+/// Files with more chunks than this are deleted with range tombstones, smaller ones
+/// with point deletes (see `Fs::stage_delete_inode`).
+const RANGE_DELETE_MIN_CHUNKS: u64 = 4096;
 
 /// Striped per-inode locks.
 struct InodeLocks {
@@ -259,7 +262,7 @@ impl Fs {
             let _g = self.locks.lock(&[*ino]);
             let mut c = Change::new();
             match self.load_opt(*ino)? {
-                Some(rec) if rec.nlink == 0 => self.stage_delete_inode(&mut c, *ino, &rec),
+                Some(rec) if rec.nlink == 0 => self.stage_delete_inode(&mut c, *ino, &rec)?,
                 // Linked again or already gone: only the marker is stale.
                 _ => {}
             }
@@ -350,20 +353,34 @@ impl Fs {
     }
 
     /// Stages the removal of an inode with all its chunks and xattrs.
-    fn stage_delete_inode(&self, c: &mut Change, ino: Ino, r: &InodeRecord) {
+    ///
+    /// Point deletes, except for files of more than [`RANGE_DELETE_MIN_CHUNKS`] chunks:
+    /// every range tombstone in a memtable is re-fragmented by each later read, so
+    /// deleting thousands of small files with one range tombstone each made every
+    /// lookup and unlink slower than the last.
+    fn stage_delete_inode(&self, c: &mut Change, ino: Ino, r: &InodeRecord) -> Result<()> {
         let (meta, chunks, v) = (self.store.meta(), self.store.chunks(), self.vid());
         c.batch.delete_cf(meta, keys::inode_key(v, ino));
-        let xp = keys::xattr_prefix(v, ino);
-        c.batch.delete_range_cf(meta, &xp, &keys::prefix_end(&xp));
-        if r.chunk_count > 0 || r.stored_bytes > 0 {
+        let batch = &mut c.batch;
+        self.store.scan_meta(&keys::xattr_prefix(v, ino), |k, _| {
+            batch.delete_cf(meta, k);
+            Ok(true)
+        })?;
+        if r.chunk_count > RANGE_DELETE_MIN_CHUNKS {
             let lp = keys::chunk_len_prefix(v, ino);
             c.batch.delete_range_cf(meta, &lp, &keys::prefix_end(&lp));
             let cp = keys::chunk_prefix(v, ino);
             c.batch.delete_range_cf(chunks, &cp, &keys::prefix_end(&cp));
+        } else if r.chunk_count > 0 || r.stored_bytes > 0 {
+            for (idx, _) in self.chunk_lens(ino, 0, u64::MAX)? {
+                c.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
+                c.batch.delete_cf(chunks, keys::chunk_key(v, ino, idx));
+            }
         }
         c.usage.bytes -= r.stored_bytes as i64;
         c.usage.chunks -= r.chunk_count as i64;
         c.usage.inodes -= 1;
+        Ok(())
     }
 
     /// Admits the change's usage against the quota, writes its batch, and settles.
@@ -612,7 +629,13 @@ impl Fs {
 
     /// Drops one link of `r` (already removed from its directory). Deletes the inode
     /// when no link and no open handle is left; keeps it as an orphan while open.
-    fn stage_unlink_inode(&self, c: &mut Change, ino: Ino, r: &mut InodeRecord, now: Timestamp) {
+    fn stage_unlink_inode(
+        &self,
+        c: &mut Change,
+        ino: Ino,
+        r: &mut InodeRecord,
+        now: Timestamp,
+    ) -> Result<()> {
         if r.kind == Kind::Dir {
             r.nlink = 0;
         } else {
@@ -621,7 +644,7 @@ impl Fs {
         r.ctime = now;
         if r.nlink > 0 {
             self.stage_inode(c, ino, r);
-            return;
+            return Ok(());
         }
         let open = self.open.lock().get(&ino).copied().unwrap_or(0);
         if open > 0 {
@@ -629,8 +652,9 @@ impl Fs {
             c.batch
                 .put_cf(self.store.meta(), keys::orphan_key(self.vid(), ino), []);
         } else {
-            self.stage_delete_inode(c, ino, r);
+            self.stage_delete_inode(c, ino, r)?;
         }
+        Ok(())
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
@@ -649,7 +673,7 @@ impl Fs {
         p.mtime = now;
         p.ctime = now;
         self.stage_inode(&mut c, parent, &p);
-        self.stage_unlink_inode(&mut c, d.ino, &mut r, now);
+        self.stage_unlink_inode(&mut c, d.ino, &mut r, now)?;
         self.commit(c)
     }
 
@@ -689,7 +713,7 @@ impl Fs {
         p.mtime = now;
         p.ctime = now;
         self.stage_inode(&mut c, parent, &p);
-        self.stage_unlink_inode(&mut c, d.ino, &mut r, now);
+        self.stage_unlink_inode(&mut c, d.ino, &mut r, now)?;
         self.commit(c)
     }
 
@@ -871,7 +895,7 @@ impl Fs {
                     None => p1.nlink = p1.nlink.saturating_sub(1),
                 }
             }
-            self.stage_unlink_inode(&mut c, d.ino, &mut victim, now);
+            self.stage_unlink_inode(&mut c, d.ino, &mut victim, now)?;
         }
         {
             let target = p2.as_mut().unwrap_or(&mut p1);
@@ -935,7 +959,7 @@ impl Fs {
         match self.load_opt(ino)? {
             Some(r) if r.nlink == 0 => {
                 let mut c = Change::new();
-                self.stage_delete_inode(&mut c, ino, &r);
+                self.stage_delete_inode(&mut c, ino, &r)?;
                 c.batch
                     .delete_cf(self.store.meta(), keys::orphan_key(self.vid(), ino));
                 self.commit(c)

@@ -618,3 +618,163 @@ fn a_corrupted_inode_record_is_an_error_not_a_panic() {
     assert_eq!(err.errno(), libc::EIO);
     assert!(t.fs.read(f, 0, 10).is_err());
 }
+
+/// Small overwrites are stored as patches (merge operands): whatever mix of patches and
+/// whole-chunk writes a file gets, it reads back like a plain byte array, before and
+/// after RocksDB folds the patches into the chunks, and after a restart.
+#[test]
+fn small_overwrites_read_back_exactly_before_and_after_compaction_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let (ino, model) = {
+        let store = Store::open_or_create(&path, &StoreOptions::default()).unwrap();
+        store.create_volume("v", None, None).unwrap();
+        let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+        let ino = mkfile(&fs, ROOT, "f");
+        let cs = fs.chunk_size;
+        let span = 5 * cs;
+        let mut model: Vec<u8> = Vec::new();
+        let mut seed = 0x2545_f491_u64;
+        let mut next = |m: u64| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) % m
+        };
+        for round in 0..400u64 {
+            // Mostly 1..8 KiB writes anywhere (patches), sometimes a whole chunk.
+            let (off, len) = if round % 17 == 0 {
+                (next(5) * cs, cs)
+            } else {
+                (next(span), 1 + next(8192))
+            };
+            let data = pattern(len as usize, round as u8);
+            fs.write(ino, off, &data, false).unwrap();
+            let end = (off + len) as usize;
+            if model.len() < end {
+                model.resize(end, 0);
+            }
+            model[off as usize..end].copy_from_slice(&data);
+            if round % 50 == 0 {
+                assert_eq!(fs.read(ino, 0, model.len() as u32).unwrap(), model);
+            }
+        }
+        assert_eq!(fs.read(ino, 0, model.len() as u32).unwrap(), model);
+        let a = fs.getattr(ino).unwrap();
+        assert_eq!(a.size, model.len() as u64);
+        // Fold the patches into the chunks and read again.
+        store.db().flush_cf(store.chunks()).unwrap();
+        store
+            .db()
+            .compact_range_cf(store.chunks(), None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(fs.read(ino, 0, model.len() as u32).unwrap(), model);
+        // Patches on top of compacted chunks.
+        fs.write(ino, 3, b"abc", false).unwrap();
+        model[3..6].copy_from_slice(b"abc");
+        fs.fsync().unwrap();
+        (ino, model)
+    };
+    let store = Store::open_or_create(&path, &StoreOptions::default()).unwrap();
+    let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+    assert_eq!(fs.read(ino, 0, model.len() as u32).unwrap(), model);
+    // A read in the middle of a chunk sees the same bytes as the model.
+    assert_eq!(
+        fs.read(ino, 70_000, 10_000).unwrap(),
+        model[70_000..80_000].to_vec()
+    );
+}
+
+/// A patch that starts past what a chunk stores reads zeros in the gap, counts only up
+/// to its end, and truncating into a patched chunk keeps the patched bytes before it.
+#[test]
+fn a_patch_past_the_stored_end_of_a_chunk_leaves_zeros_and_truncate_keeps_it() {
+    let t = setup(None, None);
+    let ino = mkfile(&t.fs, ROOT, "f");
+    t.fs.write(ino, 0, b"head", false).unwrap();
+    t.fs.write(ino, 10_000, b"tail", false).unwrap();
+    let mut want = vec![0u8; 10_004];
+    want[..4].copy_from_slice(b"head");
+    want[10_000..].copy_from_slice(b"tail");
+    assert_eq!(t.fs.read(ino, 0, 20_000).unwrap(), want);
+    assert_eq!(t.fs.volume().used_bytes(), 10_004);
+    let mut r = t.fs.getattr(ino).unwrap();
+    assert_eq!(r.size, 10_004);
+    t.fs.setattr(
+        ino,
+        SetAttr {
+            size: Some(10_002),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    r = t.fs.getattr(ino).unwrap();
+    assert_eq!(r.size, 10_002);
+    assert_eq!(t.fs.read(ino, 9_999, 10).unwrap(), b"\0ta");
+    assert_eq!(t.fs.volume().used_bytes(), 10_002);
+}
+
+/// Deleting files removes every key they own (inode, chunk lengths, chunks, xattrs):
+/// nothing is left for the store to carry, whichever way the chunks were deleted.
+#[test]
+fn deleted_files_leave_no_keys_behind() {
+    let t = setup(None, None);
+    let cs = t.fs.chunk_size;
+    let small = mkfile(&t.fs, ROOT, "small");
+    t.fs.write(small, 0, &pattern(3 * cs as usize + 10, 1), false)
+        .unwrap();
+    t.fs.write(small, 100, b"patch", false).unwrap();
+    t.fs.setxattr(small, b"user.a", b"1", 0).unwrap();
+    let big = mkfile(&t.fs, ROOT, "big");
+    // Sparse, with more chunks than the point-delete limit.
+    for i in 0..=RANGE_DELETE_MIN_CHUNKS {
+        t.fs.write(big, i * cs + 7, b"x", false).unwrap();
+    }
+    t.fs.unlink(ROOT, b"small").unwrap();
+    t.fs.unlink(ROOT, b"big").unwrap();
+    let v = t.fs.vid();
+    for ino in [small, big] {
+        let mut left = 0;
+        for prefix in [
+            keys::chunk_len_prefix(v, ino),
+            keys::xattr_prefix(v, ino),
+            keys::inode_key(v, ino),
+        ] {
+            t.fs.store()
+                .scan_meta(&prefix, |_, _| {
+                    left += 1;
+                    Ok(true)
+                })
+                .unwrap();
+        }
+        let cp = keys::chunk_prefix(v, ino);
+        t.fs.store()
+            .scan(
+                t.fs.store().chunks(),
+                &cp,
+                &keys::prefix_end(&cp),
+                |_, _| {
+                    left += 1;
+                    Ok(true)
+                },
+            )
+            .unwrap();
+        assert_eq!(left, 0, "keys left for inode {ino}");
+    }
+    assert_eq!(t.fs.volume().used_bytes(), 0);
+    assert_eq!(t.fs.volume().chunks(), 0);
+}
+
+#[test]
+fn a_corrupted_chunk_patch_is_an_error_not_a_panic() {
+    let t = setup(None, None);
+    let f = mkfile(&t.fs, ROOT, "f");
+    t.fs.write(f, 0, &[1; 100], false).unwrap();
+    t.fs.store()
+        .db()
+        .merge_cf(
+            t.fs.store().chunks(),
+            keys::chunk_key(t.fs.vid(), f, 0),
+            b"junk",
+        )
+        .unwrap();
+    let err = t.fs.read(f, 0, 10).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+}

@@ -336,6 +336,14 @@ fn db_options(opts: &StoreOptions, cache: &Cache) -> (Options, Vec<ColumnFamilyD
     db.set_max_log_file_size(8 << 20);
     db.set_avoid_unnecessary_blocking_io(true);
     db.set_paranoid_checks(true);
+    // Reuse finished WAL files: appending to a recycled file overwrites blocks that are
+    // already allocated, so the fdatasync behind every fsync() commits data only, not a
+    // size change through the filesystem journal.
+    db.set_recycle_log_file_num(4);
+    // Let the kernel read ahead in blob files: a sequential read of a file walks its
+    // chunks in key order, which is blob-file order for data written sequentially
+    // (cold 1 MiB reads went from ~0.5x to ~0.9x of native with this).
+    db.set_advise_random_on_open(false);
 
     let mut meta_table = BlockBasedOptions::default();
     meta_table.set_block_cache(cache);
@@ -359,6 +367,11 @@ fn db_options(opts: &StoreOptions, cache: &Cache) -> (Options, Vec<ColumnFamilyD
     chunks.set_max_write_buffer_number(4);
     chunks.set_compression_type(DBCompressionType::None);
     chunks.set_level_compaction_dynamic_level_bytes(true);
+    chunks.set_merge_operator(
+        "fusevol-chunk-patch",
+        records::merge_chunk,
+        records::merge_chunk_partial,
+    );
     // Key-value separation: chunk bytes go to blob files, so compaction moves only keys.
     chunks.set_enable_blob_files(true);
     chunks.set_min_blob_size(1024);
