@@ -111,16 +111,10 @@ fn set_time(t: TimeOrNow) -> SetTime {
     }
 }
 
-/// A time from a request. fuser 0.18 turns a pre-1970 `(sec, nsec)` into
-/// `EPOCH - (|sec| s + nsec ns)` instead of `EPOCH - |sec| s + nsec ns`; undo that.
+/// A time from a request (the vendored fuser converts every `(sec, nsec)` the kernel can
+/// send without panicking; see vendor/fuser/PATCHES.md).
 fn from_request_time(t: SystemTime) -> Timestamp {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(_) => Timestamp::from_system(t),
-        Err(e) => Timestamp {
-            secs: -(e.duration().as_secs() as i64),
-            nanos: e.duration().subsec_nanos(),
-        },
-    }
+    Timestamp::from_system(t)
 }
 
 fn caller(req: &Request) -> Caller {

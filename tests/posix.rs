@@ -1140,6 +1140,43 @@ fn truncate_updates_mtime_and_ctime() {
     );
 }
 
+/// `utimensat` takes any `tv_sec`: the extremes must get an answer (ext4 clamps them to its
+/// range and succeeds), never a panicking server that leaves the caller in state D and a
+/// mount that no longer stops.
+#[test]
+fn utimensat_with_the_extremes_of_time_answers_and_the_mount_still_stops() {
+    let m = mount();
+    let p = m.path("f");
+    write_file(&p, b"x");
+    for (a, b) in [
+        (i64::MIN, i64::MIN),
+        (i64::MAX, i64::MAX),
+        (i64::MIN, i64::MAX),
+    ] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let q = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(utimensat(&q, ts(a, 999_999_999), ts(b, 0), 0));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("utimensat({a}, {b}) got no answer in 20 s"));
+        if let Err(e) = &r {
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOVERFLOW)),
+                "utimensat({a}, {b}): {e}"
+            );
+        }
+        let md = lstat(&p);
+        if r.is_ok() && a == b {
+            // Stored as given (within the kernel's own clamping to its time range).
+            assert_eq!(md.mtime().signum(), b.signum(), "mtime {}", md.mtime());
+        }
+        assert_eq!(fs::read(&p).unwrap(), b"x");
+    }
+    m.stop();
+}
+
 #[test]
 fn utimensat_sets_explicit_times_with_nanoseconds_and_honours_omit_and_now() {
     let m = mount();
