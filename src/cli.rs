@@ -90,6 +90,11 @@ pub struct MountArgs {
     /// Chunk size of a new store (power of two, 4Ki..4Mi); ignored for an existing store.
     #[arg(long, value_name = "SIZE", hide = true)]
     pub chunk_size: Option<ByteSize>,
+    /// Free space to keep on the store's disk: below it, writes fail with ENOSPC before
+    /// the database itself runs out of room (deletes always work). Default: 5% of the
+    /// disk, at least 8Mi and at most 256Mi; 0 turns it off.
+    #[arg(long, value_name = "SIZE")]
+    pub free_space_floor: Option<ByteSize>,
     /// Where to mount (an existing directory).
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: PathBuf,
@@ -211,6 +216,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 inodes: a.inodes,
                 mountpoint: a.mountpoint,
                 chunk_size: a.chunk_size.map(|c| c.0),
+                free_space_floor: a.free_space_floor.map(|c| c.0),
                 serve: ServeOptions {
                     allow_other: a.allow_other,
                     threads: usize::from(a.threads),

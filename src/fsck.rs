@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use rocksdb::WriteBatch;
 use serde::Serialize;
 
+use crate::fs::charge::{chunks_charge, dirent_charge, inode_charge, xattr_charge};
 use crate::fs::data::decode_chunk_len;
 use crate::store::key_codec::{self as keys, Ino, VolumeId};
 use crate::store::records::{CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage};
@@ -28,14 +29,33 @@ pub struct VolumeReport {
     /// Not problems: orphans of files unlinked while open, which the next mount reclaims.
     pub pending: Vec<String>,
     pub repaired: bool,
+    /// The usage recounted from what the volume stores (what its counters should say).
+    #[serde(skip)]
+    pub stored: Usage,
+}
+
+/// Recounts the usage of a volume made before metadata was charged (a read-only check
+/// pass), so that its counters count what the current rule charges. Call it before the
+/// volume is opened for serving; cheap for a volume that needs nothing.
+pub fn recount_if_needed(store: &Store, name: &str) -> Result<(), store::Error> {
+    if !store.needs_recount(name)? {
+        return Ok(());
+    }
+    let report = check_volume(store, name, false)?;
+    tracing::warn!(
+        volume = name,
+        bytes = report.stored.bytes,
+        "volume counted file data only; recounted its usage with metadata charges"
+    );
+    store.set_recounted_usage(name, report.stored)
 }
 
 /// Checks (and with `repair`, fixes) volume `name`.
 pub fn check_volume(store: &Store, name: &str, repair: bool) -> Result<VolumeReport, store::Error> {
     let info = store.inspect_volume(name)?;
     let vol = store.open_volume(name)?;
-    let result = Checker::new(store, vol.id, name).run(repair);
-    store.close_volume(name);
+    let result = Checker::new(store, vol.id, name, repair).run(repair);
+    drop(vol);
     let mut report = result?;
     report.volume = info.name;
     Ok(report)
@@ -48,10 +68,14 @@ struct Checker<'a> {
     pending: Vec<String>,
     batch: WriteBatch,
     name: &'a str,
+    /// Whether the fixes staged in `batch` will be written.
+    repair: bool,
+    /// Charges of the directory entries `attach` adds (lost+found and what goes into it).
+    attached_bytes: u64,
 }
 
 impl<'a> Checker<'a> {
-    fn new(store: &'a Store, vid: VolumeId, name: &'a str) -> Self {
+    fn new(store: &'a Store, vid: VolumeId, name: &'a str, repair: bool) -> Self {
         Checker {
             store,
             vid,
@@ -59,10 +83,19 @@ impl<'a> Checker<'a> {
             pending: Vec::new(),
             batch: WriteBatch::default(),
             name,
+            repair,
+            attached_bytes: 0,
         }
     }
 
+    /// Records a problem. `msg` is "what is wrong; what the fix does" (the fix in the
+    /// past tense): without `--repair` nothing is changed, so the fix is reported as what
+    /// `--repair` would do.
     fn problem(&mut self, msg: String) {
+        let msg = match msg.rsplit_once("; ") {
+            Some((what, fix)) if !self.repair => format!("{what} (--repair: {fix})"),
+            _ => msg,
+        };
         self.problems.push(msg);
     }
 
@@ -133,6 +166,8 @@ impl<'a> Checker<'a> {
         let mut subdirs: HashMap<Ino, u32> = HashMap::new();
         let mut dir_named: HashSet<Ino> = HashSet::new();
         let mut used_cookies: HashSet<(Ino, u64)> = HashSet::new();
+        // Usage charged for the kept entries (see crate::fs::charge).
+        let mut dirent_bytes = 0u64;
         for (parent, name, d) in entries {
             let shown = String::from_utf8_lossy(&name).into_owned();
             let parent_ok = inodes.get(&parent).is_some_and(|p| p.kind == Kind::Dir);
@@ -217,6 +252,7 @@ impl<'a> Checker<'a> {
                 }
             }
             *links.entry(d.ino).or_default() += 1;
+            dirent_bytes += dirent_charge(name.len());
             if kind == Kind::Dir {
                 dir_named.insert(d.ino);
                 *subdirs.entry(parent).or_default() += 1;
@@ -246,6 +282,26 @@ impl<'a> Checker<'a> {
             orphan_marks.insert(keys::parse_orphan_key(v, k)?);
             Ok(true)
         })?;
+
+        // Extended attributes: charged to their inode; those of a missing inode are stale.
+        let mut xattr_bytes: HashMap<Ino, u64> = HashMap::new();
+        let mut stale_xattrs = Vec::new();
+        store.scan_meta(&keys::tag_prefix(v, keys::TAG_XATTR), |k, val| {
+            let (ino, name) = keys::parse_xattr_key(v, k)?;
+            if inodes.contains_key(&ino) {
+                *xattr_bytes.entry(ino).or_default() += xattr_charge(name.len(), val.len());
+            } else {
+                stale_xattrs.push((ino, name));
+            }
+            Ok(true)
+        })?;
+        for (ino, name) in stale_xattrs {
+            let shown = String::from_utf8_lossy(&name).into_owned();
+            self.problem(format!(
+                "extended attribute {shown:?} of missing inode {ino}; removed"
+            ));
+            self.batch.delete_cf(meta, keys::xattr_key(v, ino, &name));
+        }
 
         // Chunks: lengths index, then chunk values.
         let mut lens: BTreeMap<(Ino, u64), u64> = BTreeMap::new();
@@ -298,7 +354,10 @@ impl<'a> Checker<'a> {
                 self.pending.push(format!(
                     "inode {ino}: unlinked while open; reclaimed at next mount"
                 ));
-                pending_usage.bytes += r.stored_bytes as i64;
+                let charged = chunks_charge(r.chunk_count, r.stored_bytes)
+                    + inode_charge(ino, &r)
+                    + xattr_bytes.get(&ino).copied().unwrap_or(0);
+                pending_usage.bytes += charged as i64;
                 pending_usage.chunks += r.chunk_count as i64;
                 pending_usage.inodes += 1;
                 if repair {
@@ -369,7 +428,7 @@ impl<'a> Checker<'a> {
                 );
                 r.nlink = expected;
                 dirty.insert(*ino);
-                self.problems.push(msg);
+                self.problem(msg);
             }
         }
 
@@ -383,9 +442,12 @@ impl<'a> Checker<'a> {
                     .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
                 continue;
             };
-            if r.kind != Kind::File || idx.saturating_mul(cs) >= r.size || len == 0 || len > cs {
+            // Lengths past the end of a file are space that `fallocate(KEEP_SIZE)`
+            // reserved (it reads as zeros once the file grows over it), as ext4 keeps
+            // preallocated blocks past EOF: counted, not a problem.
+            if r.kind != Kind::File || len == 0 || len > cs {
                 self.problem(format!(
-                    "inode {ino} chunk {idx}: past end of file or invalid length {len}; removed"
+                    "inode {ino} chunk {idx}: invalid length {len}; removed"
                 ));
                 self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
                 self.batch
@@ -393,6 +455,19 @@ impl<'a> Checker<'a> {
                 continue;
             }
             if let Some(&stored) = chunk_vals.get(&(ino, idx)) {
+                // Preallocation stores a length only: bytes of a chunk that lies wholly
+                // past the end of file would show up again if the file grew over them.
+                if idx.saturating_mul(cs) >= r.size {
+                    self.problem(format!(
+                        "inode {ino} chunk {idx}: {stored} bytes stored past end of file; removed (the space stays reserved)"
+                    ));
+                    self.batch
+                        .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+                    let e = per_inode.entry(ino).or_default();
+                    e.0 += len;
+                    e.1 += 1;
+                    continue;
+                }
                 if stored > len {
                     self.problem(format!("inode {ino} chunk {idx}: {stored} bytes stored beyond its length {len}; trimmed"));
                     let bytes = store
@@ -416,7 +491,7 @@ impl<'a> Checker<'a> {
             .collect();
         orphan_chunks.sort_unstable();
         for (ino, idx) in orphan_chunks {
-            self.problems.push(format!(
+            self.problem(format!(
                 "inode {ino} chunk {idx}: data without a length entry; removed"
             ));
             self.batch
@@ -436,12 +511,16 @@ impl<'a> Checker<'a> {
                 r.stored_bytes = bytes;
                 r.chunk_count = count;
                 dirty.insert(*ino);
-                self.problems.push(msg);
+                self.problem(msg);
             }
-            total.bytes += bytes as i64;
+            let charged = chunks_charge(count, bytes)
+                + inode_charge(*ino, r)
+                + xattr_bytes.get(ino).copied().unwrap_or(0);
+            total.bytes += charged as i64;
             total.chunks += count as i64;
             total.inodes += 1;
         }
+        total.bytes += (dirent_bytes + self.attached_bytes) as i64;
         let recorded = match store.get_meta(&keys::usage_key(v))? {
             Some(raw) => Usage::decode(&raw).unwrap_or(Usage {
                 bytes: -1,
@@ -480,6 +559,7 @@ impl<'a> Checker<'a> {
             problems: self.problems,
             pending: self.pending,
             repaired,
+            stored: total,
         })
     }
 
@@ -509,6 +589,7 @@ impl<'a> Checker<'a> {
         };
         let cookie = d.next_cookie;
         d.next_cookie += 1;
+        self.attached_bytes += dirent_charge(name.len());
         self.batch.put_cf(
             meta,
             keys::dirent_key(self.vid, dir, name),
@@ -550,5 +631,115 @@ impl<'a> Checker<'a> {
         links.insert(ino, 1);
         *subdirs.entry(ROOT_INO).or_default() += 1;
         Ok(ino)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::data::FALLOC_FL_KEEP_SIZE;
+    use crate::fs::{Caller, Fs};
+    use crate::store::StoreOptions;
+
+    const ME: Caller = Caller { uid: 0, gid: 0 };
+
+    fn store_with_file() -> (tempfile::TempDir, Store, Ino) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(&dir.path().join("s"), &StoreOptions::default()).unwrap();
+        store.create_volume("v", None, None).unwrap();
+        let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+        let ino = fs
+            .create_node(ME, ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, None)
+            .unwrap()
+            .ino;
+        fs.write(ino, 0, b"hello", false).unwrap();
+        (dir, store, ino)
+    }
+
+    #[test]
+    fn space_preallocated_past_the_end_of_file_is_clean() {
+        let (_d, store, ino) = store_with_file();
+        {
+            let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+            fs.fallocate(ino, 0, 4 << 20, FALLOC_FL_KEEP_SIZE).unwrap();
+            assert_eq!(fs.getattr(ino).unwrap().size, 5);
+        }
+        let r = check_volume(&store, "v", false).unwrap();
+        assert_eq!(r.problems, Vec::<String>::new());
+        let r = check_volume(&store, "v", true).unwrap();
+        assert!(r.problems.is_empty() && !r.repaired, "{r:?}");
+        let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+        assert_eq!(
+            fs.volume().used_bytes(),
+            chunks_charge(64, 4 << 20) + crate::fs::charge::INODE_CHARGE + dirent_charge(1),
+            "--repair kept the preallocation"
+        );
+    }
+
+    #[test]
+    fn without_repair_fsck_says_what_it_would_do_and_changes_nothing() {
+        let (_d, store, ino) = store_with_file();
+        // Corrupt: the file's inode is gone, its directory entry dangles.
+        let id = store.open_volume("v").unwrap().id;
+        let mut b = WriteBatch::default();
+        b.delete_cf(store.meta(), keys::inode_key(id, ino));
+        store.write(b).unwrap();
+        let first = check_volume(&store, "v", false).unwrap();
+        assert!(!first.problems.is_empty() && !first.repaired);
+        for p in &first.problems {
+            assert!(p.contains("(--repair: "), "reported as done: {p}");
+        }
+        let again = check_volume(&store, "v", false).unwrap();
+        assert_eq!(again.problems, first.problems, "a check changed the store");
+        let fixed = check_volume(&store, "v", true).unwrap();
+        assert!(fixed.repaired);
+        assert!(fixed.problems.iter().all(|p| !p.contains("--repair")));
+        assert_eq!(
+            check_volume(&store, "v", false).unwrap().problems,
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_volume_counted_by_the_old_rule_is_recounted_before_it_is_served() {
+        let (_d, store, ino) = store_with_file();
+        {
+            let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+            fs.setxattr(ino, b"user.k", b"value", 0).unwrap();
+        }
+        let id = store.open_volume("v").unwrap().id;
+        // What a volume of the old rule holds: accounting 0, usage of file data only.
+        let mut cfg: crate::store::records::VolumeConfig =
+            serde_json::from_slice(&store.get_meta(&keys::config_key(id)).unwrap().unwrap())
+                .unwrap();
+        cfg.accounting = 0;
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            store.meta(),
+            keys::config_key(id),
+            serde_json::to_vec(&cfg).unwrap(),
+        );
+        let legacy = Usage {
+            bytes: 5,
+            inodes: 2,
+            chunks: 1,
+        };
+        b.put_cf(store.meta(), keys::usage_key(id), legacy.encode());
+        store.write(b).unwrap();
+        assert!(!check_volume(&store, "v", false)
+            .unwrap()
+            .problems
+            .is_empty());
+
+        recount_if_needed(&store, "v").unwrap();
+        assert!(!store.needs_recount("v").unwrap());
+        let r = check_volume(&store, "v", false).unwrap();
+        assert_eq!(r.problems, Vec::<String>::new());
+        assert!(r.stored.bytes > 5, "metadata is charged: {:?}", r.stored);
+        // Deleting everything brings the counters back to the root alone, never below.
+        let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+        fs.unlink(ROOT_INO, b"f").unwrap();
+        assert_eq!(fs.volume().used_bytes(), 0);
+        assert_eq!(fs.volume().inodes(), 1);
     }
 }

@@ -33,6 +33,8 @@ pub enum MountError {
     Store(#[from] store::Error),
     #[error("volume: {0}")]
     Fs(#[from] crate::fs::FsError),
+    #[error("volume {0:?}: its FUSE session is still live after unmount and abort; the volume stays open")]
+    SessionLive(String),
     #[error("cannot mount {path}: {source}")]
     Mount {
         path: PathBuf,
@@ -152,12 +154,21 @@ impl Default for ServeOptions {
 pub struct Served {
     pub volume: String,
     pub mountpoint: PathBuf,
+    /// The FUSE connection's number under `/sys/fs/fuse/connections` (the device minor of
+    /// the mount), read right after mounting: a lazily detached mount is no longer listed.
+    connection: Option<u32>,
+    /// The host mount point was unmounted (or detached) already.
+    unmounted: bool,
     session: Option<fuser::BackgroundSession>,
     store: Store,
     metrics: Arc<Metrics>,
 }
 
 /// Mounts volume `name` of `store` at `mountpoint` and serves it on background threads.
+///
+/// The session's filesystem owns the open volume, so the volume counts as open (and
+/// cannot be deleted or served a second time) until the session's last thread has ended,
+/// however the mount ends: [`Served::stop`], an external unmount, or an aborted connection.
 pub fn serve(
     store: &Store,
     name: &str,
@@ -166,15 +177,10 @@ pub fn serve(
     metrics: Arc<Metrics>,
 ) -> Result<Served, MountError> {
     prepare_mount_point(mountpoint)?;
+    crate::fsck::recount_if_needed(store, name)?;
     let vol = store.open_volume(name)?;
-    let fs = match Fs::new(store.clone(), vol.clone()) {
-        Ok(fs) => Arc::new(fs),
-        Err(e) => {
-            store.close_volume(name);
-            return Err(e.into());
-        }
-    };
-    let ops = metrics.volume_ops(&vol);
+    let ops = metrics.volume_ops(vol.volume());
+    let fs = Arc::new(Fs::new(store.clone(), vol)?);
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("fusevol:{name}")),
@@ -190,24 +196,80 @@ pub fn serve(
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let session = fuser::Session::new(FuseFs::new(fs, ops), mountpoint, &config)
-        .and_then(|s| s.spawn())
-        .map_err(|source| {
-            store.close_volume(name);
+    let session =
+        fuser::Session::new(FuseFs::new(fs, ops), mountpoint, &config).map_err(|source| {
             metrics.forget_volume(name);
             MountError::Mount {
                 path: mountpoint.into(),
                 source,
             }
         })?;
-    tracing::info!(volume = name, mountpoint = %mountpoint.display(), "serving");
+    // Mounted now (Session::new mounts): the connection number is in mountinfo.
+    let connection = fuse_connection(mountpoint);
+    let session = session.spawn().map_err(|source| {
+        metrics.forget_volume(name);
+        MountError::Mount {
+            path: mountpoint.into(),
+            source,
+        }
+    })?;
+    tracing::info!(volume = name, mountpoint = %mountpoint.display(), ?connection, "serving");
     Ok(Served {
         volume: name.to_string(),
         mountpoint: mountpoint.to_path_buf(),
+        connection,
+        unmounted: false,
         session: Some(session),
         store: store.clone(),
         metrics,
     })
+}
+
+/// The FUSE connection number of the fuse mount at `path` (its device minor), from
+/// /proc/self/mountinfo.
+pub fn fuse_connection(path: &Path) -> Option<u32> {
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().rev().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let fstype = fields.get(sep + 1)?;
+        if !fstype.starts_with("fuse") || Path::new(&unescape(fields.get(4)?)) != canon {
+            return None;
+        }
+        let (major, minor) = fields.get(2)?.split_once(':')?;
+        // FUSE superblocks are anonymous devices: major 0, the minor is the connection.
+        (major == "0").then(|| minor.parse().ok()).flatten()
+    })
+}
+
+/// Where the kernel's fusectl filesystem lists FUSE connections.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Aborts FUSE connection `conn`: every mount of it (bind mounts in pods included) fails
+/// every request with ENOTCONN from now on, and the server's reads end with ENODEV. Mounts
+/// fusectl first if nobody has (a fresh container's /sys does not have it).
+pub fn abort_connection(conn: u32) -> std::io::Result<()> {
+    let abort = Path::new(FUSECTL).join(conn.to_string()).join("abort");
+    if !abort.exists()
+        && !mount_points()
+            .iter()
+            .any(|(mp, t)| mp == Path::new(FUSECTL) && t == "fusectl")
+    {
+        nix::mount::mount(
+            Some("fusectl"),
+            FUSECTL,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    match std::fs::write(&abort, b"1") {
+        // The connection is gone already: nothing left to abort.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
 }
 
 impl Served {
@@ -216,46 +278,86 @@ impl Served {
         self.session.as_ref().is_none_or(|s| s.guard.is_finished())
     }
 
-    /// Unmounts and waits for the session to end (at most `grace`; a mount kept busy by
-    /// open files is detached lazily). All acknowledged writes are made durable.
+    /// Unmounts and waits for the session to end. A mount kept alive past `grace` (open
+    /// files, or bind mounts elsewhere, as kubelet makes for every pod using a volume) has
+    /// its FUSE connection aborted: once the volume is stopped, nothing reaches it any
+    /// more, so its data can be deleted and its id never serves anyone else. Acknowledged
+    /// writes are made durable. Fails with [`MountError::SessionLive`] (and the volume
+    /// stays open, so it cannot be deleted) if the session does not end even so.
     pub fn stop(mut self, grace: Duration) -> Result<(), MountError> {
         self.stop_inner(grace)
     }
 
-    fn stop_inner(&mut self, grace: Duration) -> Result<(), MountError> {
-        let Some(session) = self.session.take() else {
+    /// Unmounts the host mount point (lazily if busy) without waiting for the session:
+    /// lets a caller with many volumes unmount them all first and then wait once.
+    pub fn unmount(&mut self) -> Result<(), MountError> {
+        let Some(session) = &self.session else {
             return Ok(());
         };
-        let mut result = Ok(());
-        if !session.guard.is_finished() {
-            if let Err(e) = nix::mount::umount(&self.mountpoint) {
-                if e != nix::errno::Errno::EINVAL {
-                    tracing::warn!(error = %e, mountpoint = %self.mountpoint.display(), "busy; detaching lazily");
-                    if let Err(e) = detach(&self.mountpoint) {
-                        result = Err(MountError::Io {
-                            path: self.mountpoint.clone(),
-                            source: e,
-                        });
-                    }
-                }
+        if self.unmounted || session.guard.is_finished() {
+            return Ok(());
+        }
+        self.unmounted = true;
+        if let Err(e) = nix::mount::umount(&self.mountpoint) {
+            if e != nix::errno::Errno::EINVAL {
+                tracing::warn!(error = %e, mountpoint = %self.mountpoint.display(), "busy; detaching lazily");
+                detach(&self.mountpoint).map_err(|source| MountError::Io {
+                    path: self.mountpoint.clone(),
+                    source,
+                })?;
             }
         }
-        let deadline = Instant::now() + grace;
-        while !session.guard.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        Ok(())
+    }
+
+    fn stop_inner(&mut self, grace: Duration) -> Result<(), MountError> {
+        let mut result = self.unmount();
+        let Some(session) = self.session.take() else {
+            return result;
+        };
+        if !wait_finished(&session, grace) {
+            self.abort(&session);
         }
         if session.guard.is_finished() {
             if let Err(e) = session.join() {
                 tracing::warn!(error = %e, "FUSE session ended with an error");
             }
         } else {
-            tracing::warn!(volume = %self.volume, "session still busy after unmount; leaving it detached");
+            // The threads keep the volume open (they own it): it cannot be deleted.
+            tracing::error!(volume = %self.volume, "FUSE session still live after abort; the volume stays open");
+            result = Err(MountError::SessionLive(self.volume.clone()));
         }
-        self.store.sync()?;
-        self.store.close_volume(&self.volume);
         self.metrics.forget_volume(&self.volume);
+        // A failed sync (a full or failing disk) must not skip the rest: report it.
+        if let Err(e) = self.store.sync() {
+            tracing::error!(volume = %self.volume, error = %e, "sync after unmount failed");
+            result = result.and(Err(e.into()));
+        }
         result
     }
+
+    /// Aborts the connection of a session that outlived its unmount, and waits for its
+    /// threads (a few seconds: an aborted connection ends every read at once).
+    fn abort(&self, session: &fuser::BackgroundSession) {
+        let Some(conn) = self.connection else {
+            tracing::error!(volume = %self.volume, "mount still in use and its FUSE connection unknown: cannot abort it");
+            return;
+        };
+        tracing::warn!(volume = %self.volume, conn, "mount still in use elsewhere (bind mounts, open files); aborting its FUSE connection");
+        if let Err(e) = abort_connection(conn) {
+            tracing::error!(volume = %self.volume, conn, error = %e, "cannot abort the FUSE connection");
+            return;
+        }
+        wait_finished(session, Duration::from_secs(10));
+    }
+}
+
+fn wait_finished(session: &fuser::BackgroundSession, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !session.guard.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    session.guard.is_finished()
 }
 
 impl Drop for Served {
@@ -277,6 +379,8 @@ pub struct MountRequest {
     pub mountpoint: PathBuf,
     /// Chunk size for a new store.
     pub chunk_size: Option<u64>,
+    /// Free-space floor of the store's disk (`None`: the default).
+    pub free_space_floor: Option<u64>,
     pub serve: ServeOptions,
 }
 
@@ -285,7 +389,10 @@ pub struct MountRequest {
 pub fn run(req: &MountRequest) -> Result<(), MountError> {
     // Check the mount point before touching the store, so a typo changes nothing.
     prepare_mount_point(&req.mountpoint)?;
-    let mut sopts = store::StoreOptions::default();
+    let mut sopts = store::StoreOptions {
+        free_space_floor: req.free_space_floor,
+        ..Default::default()
+    };
     if let Some(cs) = req.chunk_size {
         sopts.chunk_size = u32::try_from(cs)
             .ok()
@@ -327,6 +434,7 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     let mut last_idle_check = Instant::now();
     while !term.load(Ordering::Acquire) && !served.finished() {
         std::thread::sleep(Duration::from_millis(50));
+        store.reclaim_if_wanted();
         if last_idle_check.elapsed() >= IDLE_FLUSH_INTERVAL {
             last_idle_check = Instant::now();
             if let Err(e) = store.flush_if_idle(1 << 20) {

@@ -4,6 +4,9 @@
 //! accepted by write(2) and fail later at fsync(2) or close(2): the tests accept ENOSPC at any
 //! of those points, require that at least one reported it, and that the volume never stores
 //! more than its quota.
+//!
+//! Usage counts metadata too (inodes, names, symlink targets, xattrs, chunk keys; see
+//! `src/fs/charge.rs`): exact expectations use the charge functions of the library.
 
 #[macro_use]
 mod common;
@@ -15,30 +18,46 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use fusevol::fs::charge::{chunks_charge, dirent_charge, INODE_CHARGE, VOLUME_OVERHEAD_MAX};
+use fusevol::store::key_codec as keys;
+use fusevol::store::{Store, StoreOptions};
+
+/// What an empty file named `name` is charged (its inode and its directory entry).
+fn node_charge(name: &str) -> u64 {
+    INODE_CHARGE + dirent_charge(name.len())
+}
 
 /// Outcome of writing a file that may run into the quota.
 #[derive(Debug)]
 struct FillResult {
     /// Bytes accepted by write(2).
     accepted: u64,
-    /// Which calls reported ENOSPC ("write", "fsync", "close").
+    /// Which calls reported ENOSPC ("open", "write", "fsync", "close").
     enospc_at: Vec<&'static str>,
 }
 
 /// Write up to `len` bytes of pattern `seed` to `p` in 256 KiB pieces, then fsync and close,
-/// recording ENOSPC wherever it is reported. Any other error fails the test.
+/// recording ENOSPC wherever it is reported (also at open: a new file's inode and name
+/// count toward the quota). Any other error fails the test.
 fn fill(p: &Path, len: u64, seed: u64) -> FillResult {
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(p)
-        .unwrap();
-    let piece = pattern(seed, 256 * KIB as usize);
     let mut res = FillResult {
         accepted: 0,
         enospc_at: vec![],
     };
+    let f = match OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+            res.enospc_at.push("open");
+            return res;
+        }
+        Err(e) => panic!("open failed with {e} (expected success or ENOSPC)"),
+    };
+    let piece = pattern(seed, 256 * KIB as usize);
     let mut off = 0;
     while off < len {
         let n = std::cmp::min(piece.len() as u64, len - off) as usize;
@@ -279,7 +298,11 @@ fn hard_links_do_not_count_data_twice() {
     let used1 = m.inspect().used_bytes;
     fs::hard_link(m.path("a"), m.path("b")).unwrap();
     fs::hard_link(m.path("a"), m.path("c")).unwrap();
-    assert_eq!(m.inspect().used_bytes, used1);
+    assert_eq!(
+        m.inspect().used_bytes,
+        used1 + 2 * dirent_charge(1),
+        "a link costs its directory entry, not the data again"
+    );
     fs::remove_file(m.path("a")).unwrap();
     fs::remove_file(m.path("b")).unwrap();
     assert_eq!(
@@ -461,14 +484,282 @@ fn usage_and_df_track_data_exactly_for_chunk_aligned_files() {
     write_big_file(&m.path("a"), 3 * MIB, 1).unwrap();
     write_big_file(&m.path("b"), MIB, 2).unwrap();
     let info = m.inspect();
-    assert_eq!(info.used_bytes, 4 * MIB, "4 MiB of chunk-aligned data");
-    assert!(info.chunks > 0);
+    let chunks = 4 * MIB / CHUNK_MAX;
+    let want = chunks_charge(chunks, 4 * MIB) + node_charge("a") + node_charge("b");
+    assert_eq!(
+        info.used_bytes, want,
+        "4 MiB of chunk-aligned data in {chunks} chunks and two files"
+    );
+    assert_eq!(info.chunks, chunks);
     let (_, used) = df(m.mnt());
-    assert_eq!(used, 4 * MIB);
+    assert_eq!(used, want.div_ceil(4096) * 4096, "df counts whole blocks");
     fs::remove_file(m.path("a")).unwrap();
+    let left = chunks_charge(MIB / CHUNK_MAX, MIB) + node_charge("b");
     assert!(
-        eventually(Duration::from_secs(10), || m.inspect().used_bytes == MIB),
+        eventually(Duration::from_secs(10), || m.inspect().used_bytes == left),
         "after deleting 3 MiB of 4: {:?}",
         m.inspect()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata counts toward the quota
+// ---------------------------------------------------------------------------------------------
+
+/// Most that a compacted store's files hold beyond the keys and values of its volume:
+/// per table file its index, filter, properties and footer; per blob file its header and
+/// footer.
+const FILE_FORMAT_OVERHEAD: u64 = 64 * KIB;
+
+fn is_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Runs `op(0)`, `op(1)`, ... until it fails with ENOSPC or EDQUOT; returns how many
+/// succeeded. Any other error fails the test.
+fn until_full(what: &str, mut op: impl FnMut(u64) -> io::Result<()>) -> u64 {
+    for i in 0..1_000_000 {
+        match op(i) {
+            Ok(()) => {}
+            Err(e) if is_full(&e) => return i,
+            Err(e) => panic!("{what} #{i}: {e} (expected success or ENOSPC)"),
+        }
+    }
+    panic!("{what}: a million without ENOSPC");
+}
+
+fn full() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
+}
+
+/// What the store holds for `volume` (its server stopped): the bytes of its keys and
+/// values, and after compacting its range, the bytes of live table and blob files (the
+/// volume is the store's only one).
+fn stored_bytes(data: &Path, volume: &str) -> (u64, u64) {
+    let store = Store::open_existing(data, &StoreOptions::default()).unwrap();
+    let raw = store
+        .get_meta(&keys::volume_name_key(volume))
+        .unwrap()
+        .unwrap();
+    let id = u32::from_be_bytes(raw[..4].try_into().unwrap());
+    let (lo, hi) = (keys::volume_start(id), keys::volume_end(id));
+    let mut logical = 0;
+    for cf in [store.meta(), store.chunks()] {
+        store
+            .scan(cf, &lo, &hi, |k, v| {
+                logical += (k.len() + v.len()) as u64;
+                Ok(true)
+            })
+            .unwrap();
+    }
+    store.reclaim_range(&lo, &hi).unwrap();
+    let prop = |cf, name: &str| {
+        store
+            .db()
+            .property_int_value_cf(cf, name)
+            .unwrap()
+            .unwrap_or(0)
+    };
+    let mut disk = 0;
+    for cf in [store.meta(), store.chunks()] {
+        disk += prop(cf, "rocksdb.live-sst-files-size")
+            + prop(cf, "rocksdb.live-blob-file-size")
+                .saturating_sub(prop(cf, "rocksdb.live-blob-file-garbage-size"));
+    }
+    (logical, disk)
+}
+
+/// Removes everything in the mounted volume.
+fn remove_all(m: &Mount) {
+    for e in fs::read_dir(m.mnt()).unwrap() {
+        let p = e.unwrap().path();
+        if lstat(&p).is_dir() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+}
+
+/// The ways to make the store hold bytes without writing file data, each run until the
+/// volume is full: `op(m, i)` does the i-th step.
+type Filler = (&'static str, fn(&Mount, u64) -> io::Result<()>);
+
+fn xattrs_with_growing_names(m: &Mount, i: u64) -> io::Result<()> {
+    let p = m.path(&format!("x{i}"));
+    File::create(&p)?;
+    // Each file takes attributes until its per-inode space or the quota is full.
+    let n = until_full("setxattr", |j| {
+        let name = format!("user.{j:0>w$}", w = (10 + (j * 37 + i) % 240) as usize);
+        setxattr(&p, &name, &pattern(j, 4000), 0)
+    });
+    if n == 0 {
+        return Err(full());
+    }
+    Ok(())
+}
+
+fn symlinks_with_long_targets(m: &Mount, i: u64) -> io::Result<()> {
+    let target = "t".repeat(4095);
+    symlink(&target, m.path(&format!("s{i:0>250}")))
+}
+
+fn empty_files_with_long_names(m: &Mount, i: u64) -> io::Result<()> {
+    File::create(m.path(&format!("{i:f>255}"))).map(|_| ())
+}
+
+fn directories_with_long_names(m: &Mount, i: u64) -> io::Result<()> {
+    // Nested ten deep, then a fresh chain: entries in many directories.
+    let mut p = m.path(&format!("{:d>255}", i / 10));
+    for level in 0..i % 10 {
+        p = p.join(format!("{level:d>200}"));
+    }
+    fs::create_dir(&p)
+}
+
+fn hard_links_with_long_names(m: &Mount, i: u64) -> io::Result<()> {
+    let target = m.path("target");
+    if i == 0 {
+        File::create(&target)?;
+    }
+    fs::hard_link(&target, m.path(&format!("{i:h>255}")))
+}
+
+fn one_byte_chunks(m: &Mount, i: u64) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(m.path("sparse"))?;
+    fallocate(&f, 0, i * CHUNK_MAX, 1)
+}
+
+const FILLERS: [Filler; 6] = [
+    ("xattrs with growing names", xattrs_with_growing_names),
+    ("symlinks with 4 KiB targets", symlinks_with_long_targets),
+    (
+        "empty files with 255-byte names",
+        empty_files_with_long_names,
+    ),
+    ("directories with long names", directories_with_long_names),
+    ("hard links with 255-byte names", hard_links_with_long_names),
+    ("1-byte chunks of a sparse file", one_byte_chunks),
+];
+
+/// Checks a full volume: within the quota by its counter, and the store holds no more
+/// than the quota plus the documented overheads. Returns the directories, unmounted.
+fn check_full(m: Mount, quota: u64, what: &str) -> Dirs {
+    let used = m.inspect().used_bytes;
+    assert!(used <= quota, "{what}: used_bytes {used} > quota {quota}");
+    assert!(
+        used > quota - 8 * KIB,
+        "{what}: refused at {used} of {quota} bytes"
+    );
+    let volume = m.volume().to_string();
+    let dirs = m.stop();
+    let (logical, disk) = stored_bytes(&dirs.data, &volume);
+    eprintln!("{what}: used {used}, keys and values {logical}, files {disk}");
+    assert!(
+        logical <= quota + VOLUME_OVERHEAD_MAX,
+        "{what}: the store holds {logical} bytes of keys and values for a {quota}-byte quota"
+    );
+    assert!(
+        disk <= quota + VOLUME_OVERHEAD_MAX + FILE_FORMAT_OVERHEAD,
+        "{what}: the store's files hold {disk} bytes for a {quota}-byte quota"
+    );
+    // fsck recomputes the usage from what is stored, by the same charges.
+    fsck(&dirs.data, &[]).code_is(0);
+    dirs
+}
+
+/// The reported bypass (62 MiB of xattr values in a 16 MiB volume, 22 MiB of symlink
+/// targets in an 8 MiB one): each way of storing metadata, run until ENOSPC, then all of
+/// them interleaved, leaves the store holding at most the quota plus a documented
+/// constant; deleting everything brings usage back to the empty volume's.
+#[test]
+fn no_kind_of_metadata_stores_more_than_the_quota() {
+    let quota = MIB;
+    let opts = || Opts::new().quota("1Mi");
+    let mut m = Mount::start(opts());
+    let baseline = m.inspect().used_bytes;
+    assert_eq!(baseline, 0, "an empty volume is charged nothing");
+    for (what, op) in FILLERS {
+        let n = until_full(what, |i| op(&m, i));
+        assert!(n > 0, "{what}: nothing fitted into an empty volume");
+        let dirs = check_full(m, quota, what);
+        m = Mount::start_in(dirs, opts());
+        remove_all(&m);
+        assert!(
+            eventually(Duration::from_secs(10), || m.inspect().used_bytes
+                == baseline),
+            "{what}: usage after deleting everything: {:?}",
+            m.inspect()
+        );
+    }
+    // All of them interleaved, until none of them fits any more.
+    let mut live = [true; FILLERS.len()];
+    let mut round = 0;
+    while live.iter().any(|l| *l) {
+        for (k, (what, op)) in FILLERS.iter().enumerate() {
+            if !live[k] {
+                continue;
+            }
+            match op(&m, round) {
+                Ok(()) => {}
+                Err(e) if is_full(&e) => live[k] = false,
+                Err(e) => panic!("{what} #{round} (interleaved): {e}"),
+            }
+        }
+        round += 1;
+    }
+    let dirs = check_full(m, quota, "interleaved");
+    let m = Mount::start_in(dirs, opts());
+    remove_all(&m);
+    assert!(
+        eventually(Duration::from_secs(10), || m.inspect().used_bytes
+            == baseline),
+        "usage after deleting everything: {:?}",
+        m.inspect()
+    );
+    let dirs = m.stop();
+    let (logical, _) = stored_bytes(&dirs.data, &opts().volume);
+    assert!(
+        logical <= VOLUME_OVERHEAD_MAX,
+        "an emptied volume still holds {logical} bytes"
+    );
+    fsck(&dirs.data, &[]).code_is(0);
+}
+
+#[test]
+fn xattrs_of_one_file_are_bounded_and_count_toward_the_quota() {
+    let m = Mount::start(Opts::new().quota("64Mi"));
+    let p = m.path("f");
+    File::create(&p).unwrap();
+    let before = m.inspect().used_bytes;
+    let n = until_full("setxattr", |i| {
+        setxattr(&p, &format!("user.{i:03}"), &pattern(i, 4096), 0)
+    });
+    // 128 KiB of names and values per inode: 31 of these.
+    assert_eq!(n, 31, "{n} values of 4 KiB on one inode");
+    let used = m.inspect().used_bytes;
+    assert!(
+        used - before >= n * (8 + 4096),
+        "attributes were not charged: {before} -> {used}"
+    );
+    assert_errno!(setxattr(&p, "user.big", &vec![0; 65536], 0), libc::ENOSPC);
+    assert_errno!(setxattr(&p, "user.big", &vec![0; 65537], 0), libc::E2BIG);
+    // Replacing a value of the same size fits; removing one makes room again.
+    setxattr(&p, "user.000", &pattern(9, 4096), libc::XATTR_REPLACE).unwrap();
+    removexattr(&p, "user.001").unwrap();
+    setxattr(&p, "user.new", &pattern(8, 4000), 0).unwrap();
+    // Another file has its own room.
+    File::create(m.path("g")).unwrap();
+    setxattr(&m.path("g"), "user.big", &vec![1; 65536], 0).unwrap();
+    assert_eq!(getxattr(&m.path("g"), "user.big").unwrap(), vec![1; 65536]);
+    fs::remove_file(&p).unwrap();
+    fs::remove_file(m.path("g")).unwrap();
+    assert!(eventually(Duration::from_secs(10), || m
+        .inspect()
+        .used_bytes
+        == 0));
 }

@@ -8,6 +8,12 @@ use std::fs;
 use std::path::Path;
 
 use common::*;
+use fusevol::fs::charge::{chunks_charge, dirent_charge, INODE_CHARGE};
+
+/// What one file or directory named `name` is charged besides its data.
+fn node(name: &str) -> u64 {
+    INODE_CHARGE + dirent_charge(name.len())
+}
 
 fn new_store_with(volumes: &[(&str, &[&str])]) -> Dirs {
     let dirs = Dirs::new();
@@ -120,7 +126,12 @@ fn inspect_and_list_report_live_usage_while_mounted() {
     }
     fs::create_dir(m.path("dir")).unwrap();
     let after = m.inspect();
-    assert_eq!(after.used_bytes, 2 * MIB, "2 MiB written (chunk-aligned)");
+    let small: u64 = (0..10).map(|i| node(&format!("small{i}"))).sum();
+    assert_eq!(
+        after.used_bytes,
+        chunks_charge(32, 2 * MIB) + node("data") + small + node("dir"),
+        "2 MiB written (chunk-aligned), 12 names and inodes"
+    );
     assert_eq!(
         after.inodes - before.inodes,
         12,
@@ -166,7 +177,7 @@ fn resize_below_usage_fails_with_a_clear_message_and_keeps_the_quota() {
     );
     let v = inspect(&dirs.data, "vol");
     assert_eq!(v.quota_bytes, Some(64 * MIB));
-    assert_eq!(v.used_bytes, 8 * MIB);
+    assert_eq!(v.used_bytes, chunks_charge(128, 8 * MIB) + node("f"));
 }
 
 #[test]

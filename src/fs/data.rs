@@ -5,7 +5,8 @@
 //! (what the quota and `st_blocks` see). The chunk value itself may be shorter than
 //! that length, the rest reads as zeros: this is how `fallocate` reserves space without
 //! writing zeros, and how a write into the middle of an empty chunk avoids storing the
-//! gap twice. A chunk with no length key is a hole.
+//! gap twice. A chunk with no length key is a hole. Usage counts a chunk's length plus
+//! [`CHUNK_CHARGE`] for its keys (see [`super::charge`]); `st_blocks` only its length.
 //!
 //! A write touches only the chunks it covers: a chunk it covers entirely is replaced
 //! without being read (sequential streaming needs no read-modify-write); a partly
@@ -13,6 +14,7 @@
 //! so a 4 KiB overwrite neither reads nor rewrites its 64 KiB chunk. RocksDB applies the
 //! patches when the chunk is read and folds them into the chunk at compaction.
 
+use super::charge::CHUNK_CHARGE;
 use super::{Change, Fs, FsError, Result, Timestamp, MAX_FILE_SIZE};
 use crate::store::key_codec::{self as keys, Ino};
 use crate::store::records::{InodeRecord, Kind};
@@ -90,10 +92,7 @@ impl Fs {
             keys::chunk_len_key(self.vid(), ino, idx),
             (len as u32).to_be_bytes(),
         );
-        c.usage.bytes += len as i64 - old_len.unwrap_or(0) as i64;
-        if old_len.is_none() {
-            c.usage.chunks += 1;
-        }
+        count_chunk_len(c, len, old_len);
     }
 
     /// Stages `bytes` at `offset` inside chunk `idx` without reading it (a merge operand,
@@ -124,7 +123,8 @@ impl Fs {
             .delete_cf(self.store.chunks(), keys::chunk_key(v, ino, idx));
         c.batch
             .delete_cf(self.store.meta(), keys::chunk_len_key(v, ino, idx));
-        c.usage.bytes -= old_len as i64;
+        c.data -= old_len as i64;
+        c.usage.bytes -= (old_len + CHUNK_CHARGE) as i64;
         c.usage.chunks -= 1;
     }
 
@@ -183,13 +183,13 @@ impl Fs {
             && (r.perm & (libc::S_ISUID | libc::S_ISGID) as u16 != 0
                 || r.flags & super::FLAG_HAS_CAPS != 0)
         {
-            self.stage_kill_privs(&mut c, ino, &mut r);
+            self.stage_kill_privs(&mut c, ino, &mut r)?;
         }
         let now = Timestamp::now();
         r.size = r.size.max(end);
         r.mtime = now;
         r.ctime = now;
-        r.stored_bytes = (r.stored_bytes as i64 + c.usage.bytes) as u64;
+        r.stored_bytes = (r.stored_bytes as i64 + c.data) as u64;
         r.chunk_count = (r.chunk_count as i64 + c.usage.chunks) as u64;
         self.stage_inode(&mut c, ino, &r);
         self.commit(c)?;
@@ -285,7 +285,7 @@ impl Fs {
             } else {
                 first_dropped
             };
-            let before = c.usage;
+            let (data_before, chunks_before) = (c.data, c.usage.chunks);
             for (idx, len) in self.chunk_lens(ino, start, u64::MAX)? {
                 if idx >= first_dropped {
                     self.stage_drop_chunk(c, ino, idx, len);
@@ -298,8 +298,8 @@ impl Fs {
                     self.stage_chunk(c, ino, idx, &bytes, keep, Some(len));
                 }
             }
-            r.stored_bytes = (r.stored_bytes as i64 + (c.usage.bytes - before.bytes)) as u64;
-            r.chunk_count = (r.chunk_count as i64 + (c.usage.chunks - before.chunks)) as u64;
+            r.stored_bytes = (r.stored_bytes as i64 + (c.data - data_before)) as u64;
+            r.chunk_count = (r.chunk_count as i64 + (c.usage.chunks - chunks_before)) as u64;
         }
         r.size = size;
         r.ctime = Timestamp::now();
@@ -376,17 +376,14 @@ impl Fs {
                     keys::chunk_len_key(v, ino, idx),
                     (hi as u32).to_be_bytes(),
                 );
-                c.usage.bytes += (hi - old_len) as i64;
-                if old.is_none() {
-                    c.usage.chunks += 1;
-                }
+                count_chunk_len(&mut c, hi, old);
             }
             if !keep_size && end > r.size {
                 r.size = end;
                 r.mtime = Timestamp::now();
             }
         }
-        r.stored_bytes = (r.stored_bytes as i64 + c.usage.bytes) as u64;
+        r.stored_bytes = (r.stored_bytes as i64 + c.data) as u64;
         r.chunk_count = (r.chunk_count as i64 + c.usage.chunks) as u64;
         r.ctime = Timestamp::now();
         self.stage_inode(&mut c, ino, &r);
@@ -424,6 +421,18 @@ impl Fs {
             Seek::Data => Err(FsError::NoDataPastOffset),
             Seek::Hole => Ok(pos.min(r.size)),
         }
+    }
+}
+
+/// Counts a chunk's stored length going from `old_len` (`None`: no chunk) to `len`: the
+/// data bytes, and a new chunk's [`CHUNK_CHARGE`].
+fn count_chunk_len(c: &mut Change, len: u64, old_len: Option<u64>) {
+    let grown = len as i64 - old_len.unwrap_or(0) as i64;
+    c.data += grown;
+    c.usage.bytes += grown;
+    if old_len.is_none() {
+        c.usage.chunks += 1;
+        c.usage.bytes += CHUNK_CHARGE as i64;
     }
 }
 

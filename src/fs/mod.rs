@@ -8,10 +8,18 @@
 //! `Result<_, FsError>` values and knows nothing of FUSE: the adapter in [`crate::fuse`]
 //! translates requests and errno values, which lets this layer be tested without a mount.
 //!
+//! Quota: every byte a user can make the store hold is charged to the volume's usage
+//! (file data, and by the rules of [`charge`] chunk keys, inodes, symlink targets,
+//! directory entries, xattrs), reserved before the batch is written and merged into the
+//! usage key in the same batch; removing a thing credits exactly what it was charged.
+//!
 //! Locking: `ns` serializes operations that change the namespace (entries and link
-//! counts); per-inode striped locks serialize changes to one inode's record and chunks.
-//! The namespace lock is always taken first, and inode locks in ascending stripe order.
+//! counts); per-inode striped locks serialize changes to one inode's record and chunks,
+//! and its open-handle count (so `open` and the last unlink or release agree on whether
+//! the inode lives). The namespace lock is always taken first, then inode locks in
+//! ascending stripe order, then the `open` table.
 
+pub mod charge;
 pub mod data;
 pub mod error;
 pub mod xattr;
@@ -25,7 +33,7 @@ use rocksdb::WriteBatch;
 
 use crate::store::key_codec::{self as keys, Ino};
 use crate::store::records::{CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage};
-use crate::store::{Exhausted, Store, Volume, ROOT_INO, UNLIMITED};
+use crate::store::{Exhausted, OpenVolume, Store, Volume, ROOT_INO, UNLIMITED};
 pub use error::{FsError, Result};
 
 /// Longest name of a directory entry, as on ext4.
@@ -162,11 +170,13 @@ impl InodeLocks {
 /// One volume's filesystem.
 pub struct Fs {
     store: Store,
-    vol: Arc<Volume>,
+    /// The open volume; dropping the `Fs` closes it (see [`OpenVolume`]).
+    vol: OpenVolume,
     chunk_size: u64,
     ns: Mutex<()>,
     locks: InodeLocks,
-    /// Open handles per inode, for unlinked-but-open files.
+    /// Open handles per inode, for unlinked-but-open files. Changed and read only under
+    /// the inode's lock.
     open: Mutex<HashMap<Ino, u32>>,
     next_ino: AtomicU64,
 }
@@ -182,7 +192,10 @@ impl std::fmt::Debug for Fs {
 /// A batch of one operation with the usage change it accounts for.
 struct Change {
     batch: WriteBatch,
+    /// The volume's usage change: data and every metadata charge (see [`charge`]).
     usage: Usage,
+    /// The change of file data bytes alone (the `stored_bytes` of the file written).
+    data: i64,
 }
 
 impl Change {
@@ -190,6 +203,7 @@ impl Change {
         Change {
             batch: WriteBatch::default(),
             usage: Usage::default(),
+            data: 0,
         }
     }
 }
@@ -207,7 +221,7 @@ pub(crate) fn check_name(name: &[u8]) -> Result<()> {
 impl Fs {
     /// Serves volume `vol` of `store`. Reclaims the inodes of files that were unlinked
     /// while open when the previous server stopped.
-    pub fn new(store: Store, vol: Arc<Volume>) -> Result<Fs> {
+    pub fn new(store: Store, vol: OpenVolume) -> Result<Fs> {
         let chunk_size = u64::from(store.chunk_size());
         let fs = Fs {
             store,
@@ -224,7 +238,7 @@ impl Fs {
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
-        &self.vol
+        self.vol.volume()
     }
 
     pub fn store(&self) -> &Store {
@@ -326,6 +340,7 @@ impl Fs {
     ) {
         let cookie = parent_rec.next_cookie;
         parent_rec.next_cookie += 1;
+        c.usage.bytes += charge::dirent_charge(name.len()) as i64;
         let meta = self.store.meta();
         c.batch.put_cf(
             meta,
@@ -345,6 +360,7 @@ impl Fs {
     }
 
     fn stage_remove_dirent(&self, c: &mut Change, parent: Ino, name: &[u8], d: &DirentValue) {
+        c.usage.bytes -= charge::dirent_charge(name.len()) as i64;
         let meta = self.store.meta();
         c.batch
             .delete_cf(meta, keys::dirent_key(self.vid(), parent, name));
@@ -352,7 +368,8 @@ impl Fs {
             .delete_cf(meta, keys::cookie_key(self.vid(), parent, d.cookie));
     }
 
-    /// Stages the removal of an inode with all its chunks and xattrs.
+    /// Stages the removal of an inode with all its chunks and xattrs, crediting all they
+    /// were charged.
     ///
     /// Point deletes, except for files of more than [`RANGE_DELETE_MIN_CHUNKS`] chunks:
     /// every range tombstone in a memtable is re-fragmented by each later read, so
@@ -362,8 +379,11 @@ impl Fs {
         let (meta, chunks, v) = (self.store.meta(), self.store.chunks(), self.vid());
         c.batch.delete_cf(meta, keys::inode_key(v, ino));
         let batch = &mut c.batch;
-        self.store.scan_meta(&keys::xattr_prefix(v, ino), |k, _| {
+        let xattr_prefix = keys::xattr_prefix(v, ino);
+        let mut xattrs = 0;
+        self.store.scan_meta(&xattr_prefix, |k, val| {
             batch.delete_cf(meta, k);
+            xattrs += charge::xattr_charge(k.len() - xattr_prefix.len(), val.len());
             Ok(true)
         })?;
         if r.chunk_count > RANGE_DELETE_MIN_CHUNKS {
@@ -377,7 +397,10 @@ impl Fs {
                 c.batch.delete_cf(chunks, keys::chunk_key(v, ino, idx));
             }
         }
-        c.usage.bytes -= r.stored_bytes as i64;
+        let charged = charge::chunks_charge(r.chunk_count, r.stored_bytes)
+            + charge::inode_charge(ino, r)
+            + xattrs;
+        c.usage.bytes -= charged as i64;
         c.usage.chunks -= r.chunk_count as i64;
         c.usage.inodes -= 1;
         Ok(())
@@ -393,7 +416,7 @@ impl Fs {
             );
         }
         let reservation = self.vol.reserve(c.usage).map_err(|e| match e {
-            Exhausted::Bytes | Exhausted::Inodes => FsError::NoSpace,
+            Exhausted::Bytes | Exhausted::Inodes | Exhausted::Disk => FsError::NoSpace,
         })?;
         match self.store.write(c.batch) {
             Ok(()) => {
@@ -453,7 +476,7 @@ impl Fs {
         // chown of a non-directory drops set-id bits and capabilities, as on ext4.
         let chown = (s.uid.is_some() || s.gid.is_some()) && r.kind != Kind::Dir;
         if (chown || s.kill_privs) && s.mode.is_none() {
-            self.stage_kill_privs(&mut c, ino, &mut r);
+            self.stage_kill_privs(&mut c, ino, &mut r)?;
         }
         if let Some(size) = s.size {
             match r.kind {
@@ -494,20 +517,21 @@ impl Fs {
 
     /// Clears S_ISUID, S_ISGID (when group-executable) and `security.capability`, as the
     /// kernel does on ext4 when an unprivileged user writes, truncates or chowns a file.
-    fn stage_kill_privs(&self, c: &mut Change, ino: Ino, r: &mut InodeRecord) {
-        let before = r.perm;
+    fn stage_kill_privs(&self, c: &mut Change, ino: Ino, r: &mut InodeRecord) -> Result<()> {
         r.perm &= !(libc::S_ISUID as u16);
         if r.perm & (libc::S_IXGRP as u16) != 0 {
             r.perm &= !(libc::S_ISGID as u16);
         }
         if r.flags & FLAG_HAS_CAPS != 0 {
             r.flags &= !FLAG_HAS_CAPS;
-            c.batch.delete_cf(
-                self.store.meta(),
-                keys::xattr_key(self.vid(), ino, xattr::SECURITY_CAPABILITY),
-            );
+            let key = keys::xattr_key(self.vid(), ino, xattr::SECURITY_CAPABILITY);
+            if let Some(v) = self.store.get_meta(&key)? {
+                c.usage.bytes -=
+                    charge::xattr_charge(xattr::SECURITY_CAPABILITY.len(), v.len()) as i64;
+                c.batch.delete_cf(self.store.meta(), key);
+            }
         }
-        let _ = before;
+        Ok(())
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -584,6 +608,7 @@ impl Fs {
         }
         let mut c = Change::new();
         c.usage.inodes = 1;
+        c.usage.bytes = charge::inode_charge(ino, &r) as i64;
         self.stage_add_dirent(&mut c, parent, &mut p, name, ino, kind);
         if kind == Kind::Dir {
             p.nlink += 1;
@@ -924,37 +949,38 @@ impl Fs {
     // ----- open files -----
 
     /// Records an open handle (keeps an unlinked inode alive until released).
+    ///
+    /// Under the inode's lock, like the last unlink (which deletes the inode unless it
+    /// is open) and the last release: an `open` racing them either comes first, and the
+    /// inode stays as an orphan until released, or comes after and fails with
+    /// `NotFound`; it never holds a handle to a deleted inode.
     pub fn open(&self, ino: Ino) -> Result<()> {
+        let _g = self.locks.lock(&[ino]);
         let r = self.load(ino)?;
-        if r.nlink == 0 && self.open.lock().get(&ino).is_none() {
+        let mut open = self.open.lock();
+        if r.nlink == 0 && !open.contains_key(&ino) {
+            // Unlinked and no longer open: its deletion is committed or under way.
             return Err(FsError::NotFound);
         }
-        *self.open.lock().entry(ino).or_insert(0) += 1;
+        *open.entry(ino).or_insert(0) += 1;
         Ok(())
     }
 
     /// Releases an open handle; the last release of an unlinked inode deletes it.
     pub fn release(&self, ino: Ino) -> Result<()> {
-        let last = {
+        let _g = self.locks.lock(&[ino]);
+        {
             let mut open = self.open.lock();
             match open.get_mut(&ino) {
                 Some(n) if *n > 1 => {
                     *n -= 1;
-                    false
+                    return Ok(());
                 }
                 Some(_) => {
                     open.remove(&ino);
-                    true
                 }
-                None => false,
+                None => return Ok(()),
             }
-        };
-        if !last {
-            return Ok(());
-        }
-        let _g = self.locks.lock(&[ino]);
-        if self.open.lock().contains_key(&ino) {
-            return Ok(());
         }
         match self.load_opt(ino)? {
             Some(r) if r.nlink == 0 => {

@@ -1,7 +1,8 @@
 //! Filesystem-core tests against a real RocksDB store in a temp directory, no FUSE.
 
+use super::charge::{chunks_charge, dirent_charge, inode_charge, xattr_charge, INODE_CHARGE};
 use super::data::{Seek, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE};
-use super::xattr::{XattrReply, XATTR_CREATE, XATTR_REPLACE};
+use super::xattr::{XattrReply, XATTR_CREATE, XATTR_INODE_MAX, XATTR_LIST_MAX, XATTR_REPLACE};
 use super::*;
 use crate::store::StoreOptions;
 
@@ -45,6 +46,50 @@ fn names(fs: &Fs, dir: Ino) -> Vec<String> {
         .into_iter()
         .map(|e| String::from_utf8(e.name).unwrap())
         .collect()
+}
+
+/// What an empty file named `name` (or a node without data) is charged.
+fn node_charge(name: &str) -> u64 {
+    INODE_CHARGE + dirent_charge(name.len())
+}
+
+/// The volume's usage recomputed from what the store holds, by the rules of
+/// [`super::charge`] (the formula `fsck` checks against).
+fn recount(fs: &Fs) -> u64 {
+    let (st, v) = (fs.store(), fs.vid());
+    let mut total = 0;
+    st.scan_meta(&keys::tag_prefix(v, keys::TAG_INODE), |k, val| {
+        let ino = keys::parse_inode_key(v, k)?;
+        total += inode_charge(ino, &InodeRecord::decode(val)?);
+        Ok(true)
+    })
+    .unwrap();
+    st.scan_meta(&keys::tag_prefix(v, keys::TAG_DIRENT), |k, _| {
+        total += dirent_charge(keys::parse_dirent_key(v, k)?.1.len());
+        Ok(true)
+    })
+    .unwrap();
+    st.scan_meta(&keys::tag_prefix(v, keys::TAG_XATTR), |k, val| {
+        total += xattr_charge(keys::parse_xattr_key(v, k)?.1.len(), val.len());
+        Ok(true)
+    })
+    .unwrap();
+    st.scan_meta(&keys::tag_prefix(v, keys::TAG_CHUNK_LEN), |_, val| {
+        total += chunks_charge(1, data::decode_chunk_len(val)?);
+        Ok(true)
+    })
+    .unwrap();
+    total
+}
+
+/// Usage equals what the store holds, charged by the rules.
+#[track_caller]
+fn assert_usage_exact(fs: &Fs) {
+    assert_eq!(
+        fs.volume().used_bytes(),
+        recount(fs),
+        "usage counter vs store"
+    );
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -95,7 +140,8 @@ fn truncate_down_frees_space_and_up_reads_zeros() {
     let cs = t.fs.chunk_size;
     t.fs.write(ino, 0, &pattern(4 * cs as usize, 1), false)
         .unwrap();
-    assert_eq!(t.fs.volume().used_bytes(), 4 * cs);
+    let base = node_charge("f");
+    assert_eq!(t.fs.volume().used_bytes(), base + chunks_charge(4, 4 * cs));
     t.fs.setattr(
         ino,
         SetAttr {
@@ -104,7 +150,7 @@ fn truncate_down_frees_space_and_up_reads_zeros() {
         },
     )
     .unwrap();
-    assert_eq!(t.fs.volume().used_bytes(), cs + 10);
+    assert_eq!(t.fs.volume().used_bytes(), base + chunks_charge(2, cs + 10));
     assert_eq!(t.fs.volume().chunks(), 2);
     t.fs.setattr(
         ino,
@@ -116,9 +162,10 @@ fn truncate_down_frees_space_and_up_reads_zeros() {
     .unwrap();
     assert_eq!(
         t.fs.volume().used_bytes(),
-        cs + 10,
+        base + chunks_charge(2, cs + 10),
         "growing adds a hole, not data"
     );
+    assert_usage_exact(&t.fs);
     let back = t.fs.read(ino, cs, 100).unwrap();
     assert_eq!(
         &back[..10],
@@ -136,17 +183,24 @@ fn a_write_past_the_quota_fails_and_changes_nothing() {
     let ino = mkfile(&t.fs, ROOT, "f");
     t.fs.write(ino, 0, &pattern(90_000, 3), false).unwrap();
     let before = t.fs.getattr(ino).unwrap();
+    let used = node_charge("f") + chunks_charge(2, 90_000);
     let err =
         t.fs.write(ino, 90_000, &pattern(20_000, 4), false)
             .unwrap_err();
     assert!(matches!(err, FsError::NoSpace), "{err:?}");
     assert_eq!(t.fs.getattr(ino).unwrap().size, before.size);
-    assert_eq!(t.fs.volume().used_bytes(), 90_000);
+    assert_eq!(t.fs.volume().used_bytes(), used);
     assert_eq!(t.fs.read(ino, 0, 90_000).unwrap(), pattern(90_000, 3));
-    // Up to the quota exactly is fine.
-    t.fs.write(ino, 90_000, &pattern(10_000, 5), false).unwrap();
+    // Up to the quota exactly is fine (the write stays inside the second chunk).
+    let room = 100_000 - used;
+    t.fs.write(ino, 90_000, &pattern(room as usize, 5), false)
+        .unwrap();
     assert_eq!(t.fs.volume().used_bytes(), 100_000);
     assert_eq!(t.fs.statfs().unwrap().bfree, 0);
+    assert!(matches!(
+        t.fs.write(ino, 90_000 + room, b"x", false),
+        Err(FsError::NoSpace)
+    ));
 }
 
 #[test]
@@ -169,11 +223,18 @@ fn concurrent_writers_never_exceed_the_quota() {
         used <= 2 << 20 && used > (2 << 20) - 4 * 8192,
         "used {used}"
     );
-    let stored: u64 = inos.iter().map(|i| fs.load(*i).unwrap().stored_bytes).sum();
+    let charged: u64 = inos
+        .iter()
+        .map(|i| {
+            let r = fs.load(*i).unwrap();
+            chunks_charge(r.chunk_count, r.stored_bytes) + node_charge("f0")
+        })
+        .sum();
     assert_eq!(
-        stored, used,
+        charged, used,
         "per-file accounting matches the volume counter"
     );
+    assert_usage_exact(fs);
 }
 
 #[test]
@@ -182,7 +243,9 @@ fn fallocate_reserves_and_punch_hole_frees() {
     let ino = mkfile(&t.fs, ROOT, "f");
     t.fs.fallocate(ino, 0, 300_000, 0).unwrap();
     assert_eq!(t.fs.getattr(ino).unwrap().size, 300_000);
-    assert_eq!(t.fs.volume().used_bytes(), 300_000);
+    let base = node_charge("f");
+    // 300,000 bytes are 5 chunks of 64 KiB (the last one partly).
+    assert_eq!(t.fs.volume().used_bytes(), base + chunks_charge(5, 300_000));
     assert_eq!(t.fs.read(ino, 1000, 10).unwrap(), vec![0; 10]);
     let err = t.fs.fallocate(ino, 300_000, 1 << 20, 0).unwrap_err();
     assert!(matches!(err, FsError::NoSpace));
@@ -194,7 +257,7 @@ fn fallocate_reserves_and_punch_hole_frees() {
     t.fs.write(ino, 0, &pattern(300_000, 9), false).unwrap();
     assert_eq!(
         t.fs.volume().used_bytes(),
-        300_000,
+        base + chunks_charge(5, 300_000),
         "writing into allocated space takes no more"
     );
     t.fs.fallocate(
@@ -205,7 +268,11 @@ fn fallocate_reserves_and_punch_hole_frees() {
     )
     .unwrap();
     assert_eq!(t.fs.getattr(ino).unwrap().size, 300_000);
-    assert_eq!(t.fs.volume().used_bytes(), 300_000 - 131_072);
+    assert_eq!(
+        t.fs.volume().used_bytes(),
+        base + chunks_charge(3, 300_000 - 131_072),
+        "two whole chunks punched out"
+    );
     assert_eq!(t.fs.read(ino, 65_536, 131_072).unwrap(), vec![0; 131_072]);
     assert_eq!(
         t.fs.read(ino, 0, 10).unwrap(),
@@ -221,6 +288,7 @@ fn fallocate_reserves_and_punch_hole_frees() {
         t.fs.fallocate(ino, 0, 10, FALLOC_FL_PUNCH_HOLE),
         Err(FsError::NotSupported)
     ));
+    assert_usage_exact(&t.fs);
 }
 
 #[test]
@@ -252,7 +320,13 @@ fn unlinked_open_file_keeps_data_until_release_and_survives_a_restart_as_orphan(
         ino = mkfile(&fs, ROOT, "f");
         fs.open(ino).unwrap();
         fs.write(ino, 0, b"still here", false).unwrap();
+        fs.setxattr(ino, b"user.note", &[1; 3000], 0).unwrap();
         fs.unlink(ROOT, b"f").unwrap();
+        assert_eq!(
+            fs.volume().used_bytes(),
+            INODE_CHARGE + chunks_charge(1, 10) + xattr_charge(9, 3000),
+            "the orphan keeps everything but its entry charged"
+        );
         assert!(matches!(fs.lookup(ROOT, b"f"), Err(FsError::NotFound)));
         assert_eq!(fs.read(ino, 0, 100).unwrap(), b"still here");
         assert_eq!(fs.getattr(ino).unwrap().nlink, 0);
@@ -301,7 +375,11 @@ fn rename_replaces_moves_and_honours_flags() {
         matches!(fs.getattr(b), Err(FsError::NotFound)),
         "replaced file is gone"
     );
-    assert_eq!(fs.volume().used_bytes(), 0, "and its data freed");
+    assert_eq!(
+        fs.volume().used_bytes(),
+        node_charge("b") + node_charge("d"),
+        "and its data freed: a (now named b) and d are left"
+    );
     fs.rename(ROOT, b"b", d, b"inside", 0).unwrap();
     assert_eq!(names(fs, d), vec![".", "..", "inside"]);
     let e = mkdir(fs, ROOT, "e");
@@ -542,7 +620,10 @@ fn statfs_reports_the_quota_and_usage() {
     t.fs.write(f, 0, &vec![1; 1 << 20], false).unwrap();
     let s = t.fs.statfs().unwrap();
     assert_eq!(s.blocks * u64::from(s.bsize), 10 << 20);
-    assert_eq!((s.blocks - s.bfree) * u64::from(s.bsize), 1 << 20);
+    // 1 MiB of data in 16 chunks, and the file's inode and entry.
+    let used = chunks_charge(16, 1 << 20) + node_charge("f");
+    let bs = u64::from(s.bsize);
+    assert_eq!(s.bfree, ((10 << 20) - used) / bs);
     assert_eq!(s.namelen, 255);
 }
 
@@ -694,7 +775,10 @@ fn a_patch_past_the_stored_end_of_a_chunk_leaves_zeros_and_truncate_keeps_it() {
     want[..4].copy_from_slice(b"head");
     want[10_000..].copy_from_slice(b"tail");
     assert_eq!(t.fs.read(ino, 0, 20_000).unwrap(), want);
-    assert_eq!(t.fs.volume().used_bytes(), 10_004);
+    assert_eq!(
+        t.fs.volume().used_bytes(),
+        node_charge("f") + chunks_charge(1, 10_004)
+    );
     let mut r = t.fs.getattr(ino).unwrap();
     assert_eq!(r.size, 10_004);
     t.fs.setattr(
@@ -708,7 +792,10 @@ fn a_patch_past_the_stored_end_of_a_chunk_leaves_zeros_and_truncate_keeps_it() {
     r = t.fs.getattr(ino).unwrap();
     assert_eq!(r.size, 10_002);
     assert_eq!(t.fs.read(ino, 9_999, 10).unwrap(), b"\0ta");
-    assert_eq!(t.fs.volume().used_bytes(), 10_002);
+    assert_eq!(
+        t.fs.volume().used_bytes(),
+        node_charge("f") + chunks_charge(1, 10_002)
+    );
 }
 
 /// Deleting files removes every key they own (inode, chunk lengths, chunks, xattrs):
@@ -777,4 +864,466 @@ fn a_corrupted_chunk_patch_is_an_error_not_a_panic() {
         .unwrap();
     let err = t.fs.read(f, 0, 10).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
+}
+
+// ----- metadata charges -----
+
+#[test]
+fn xattrs_are_charged_on_set_replace_and_credited_on_remove_and_unlink() {
+    let t = setup(None, None);
+    let fs = &t.fs;
+    let f = mkfile(fs, ROOT, "f");
+    let base = node_charge("f");
+    assert_eq!(fs.volume().used_bytes(), base);
+    fs.setxattr(f, b"user.a", &[7; 10], 0).unwrap();
+    assert_eq!(fs.volume().used_bytes(), base + xattr_charge(6, 10));
+    // Replacing charges the new value and credits the old one.
+    fs.setxattr(f, b"user.a", &[8; 1000], XATTR_REPLACE)
+        .unwrap();
+    assert_eq!(fs.volume().used_bytes(), base + xattr_charge(6, 1000));
+    fs.setxattr(f, b"user.a", b"", 0).unwrap();
+    assert_eq!(fs.volume().used_bytes(), base + xattr_charge(6, 0));
+    // A refused set changes nothing.
+    assert!(matches!(
+        fs.setxattr(f, b"user.a", b"x", XATTR_CREATE),
+        Err(FsError::Exists)
+    ));
+    assert_eq!(fs.volume().used_bytes(), base + xattr_charge(6, 0));
+    let long = format!("user.{}", "n".repeat(250));
+    fs.setxattr(f, long.as_bytes(), &[1; 65536], 0).unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        base + xattr_charge(6, 0) + xattr_charge(255, 65536)
+    );
+    fs.removexattr(f, b"user.a").unwrap();
+    assert_eq!(fs.volume().used_bytes(), base + xattr_charge(255, 65536));
+    // The root directory's attributes count as well.
+    fs.setxattr(ROOT, b"trusted.x", b"abc", 0).unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        base + xattr_charge(255, 65536) + xattr_charge(9, 3)
+    );
+    assert_usage_exact(fs);
+    // Unlinking the file credits its inode, entry and attributes.
+    fs.unlink(ROOT, b"f").unwrap();
+    assert_eq!(fs.volume().used_bytes(), xattr_charge(9, 3));
+    fs.removexattr(ROOT, b"trusted.x").unwrap();
+    assert_eq!(fs.volume().used_bytes(), 0);
+    assert_usage_exact(fs);
+}
+
+#[test]
+fn a_dropped_file_capability_is_credited() {
+    let t = setup(None, None);
+    let fs = &t.fs;
+    let f = mkfile(fs, ROOT, "f");
+    fs.write(f, 0, b"x", false).unwrap();
+    fs.setxattr(f, xattr::SECURITY_CAPABILITY, &[0; 20], 0)
+        .unwrap();
+    let with_cap = fs.volume().used_bytes();
+    // An unprivileged write drops the capability (FUSE_HANDLE_KILLPRIV_V2).
+    fs.write(f, 1, b"y", true).unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        with_cap + 1 - xattr_charge(xattr::SECURITY_CAPABILITY.len(), 20)
+    );
+    assert_eq!(fs.getattr(f).unwrap().blocks, 1, "data stays data");
+    fs.setxattr(f, xattr::SECURITY_CAPABILITY, &[0; 20], 0)
+        .unwrap();
+    fs.setattr(
+        f,
+        SetAttr {
+            uid: Some(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        node_charge("f") + chunks_charge(1, 2),
+        "chown dropped the capability"
+    );
+    assert_usage_exact(fs);
+}
+
+#[test]
+fn symlink_targets_are_charged_and_credited() {
+    let t = setup(None, None);
+    let fs = &t.fs;
+    let target = vec![b't'; SYMLINK_MAX];
+    let l = fs
+        .create_node(ME, ROOT, b"link", libc::S_IFLNK, 0, Some(&target))
+        .unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        INODE_CHARGE + SYMLINK_MAX as u64 + dirent_charge(4)
+    );
+    assert_eq!(
+        inode_charge(l.ino, &fs.load(l.ino).unwrap()),
+        INODE_CHARGE + SYMLINK_MAX as u64
+    );
+    assert_usage_exact(fs);
+    fs.unlink(ROOT, b"link").unwrap();
+    assert_eq!(fs.volume().used_bytes(), 0);
+}
+
+#[test]
+fn directories_and_special_files_are_charged_and_credited() {
+    let t = setup(None, None);
+    let fs = &t.fs;
+    let d = mkdir(fs, ROOT, "dir");
+    let sub = mkdir(fs, d, "sub");
+    fs.create_node(ME, sub, b"fifo", libc::S_IFIFO | 0o600, 0, None)
+        .unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        node_charge("dir") + node_charge("sub") + node_charge("fifo")
+    );
+    assert_usage_exact(fs);
+    fs.unlink(sub, b"fifo").unwrap();
+    fs.rmdir(d, b"sub").unwrap();
+    assert_eq!(fs.volume().used_bytes(), node_charge("dir"));
+    fs.rmdir(ROOT, b"dir").unwrap();
+    assert_eq!(fs.volume().used_bytes(), 0);
+}
+
+#[test]
+fn hard_links_charge_one_entry_each_and_the_inode_once() {
+    let t = setup(None, None);
+    let fs = &t.fs;
+    let f = mkfile(fs, ROOT, "f");
+    fs.write(f, 0, &[1; 5000], false).unwrap();
+    let one = fs.volume().used_bytes();
+    assert_eq!(one, node_charge("f") + chunks_charge(1, 5000));
+    fs.link(f, ROOT, b"second-name").unwrap();
+    let d = mkdir(fs, ROOT, "d");
+    fs.link(f, d, b"third").unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        one + dirent_charge(11) + node_charge("d") + dirent_charge(5)
+    );
+    assert_usage_exact(fs);
+    fs.unlink(ROOT, b"f").unwrap();
+    fs.unlink(d, b"third").unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        INODE_CHARGE + dirent_charge(11) + chunks_charge(1, 5000) + node_charge("d"),
+        "the last name carries the inode"
+    );
+    fs.unlink(ROOT, b"second-name").unwrap();
+    assert_eq!(fs.volume().used_bytes(), node_charge("d"));
+    assert_usage_exact(fs);
+}
+
+#[test]
+fn rename_charges_the_new_name_and_credits_a_replaced_file() {
+    let t = setup(None, None);
+    let fs = &t.fs;
+    let a = mkfile(fs, ROOT, "a");
+    fs.write(a, 0, &[1; 100], false).unwrap();
+    let b = mkfile(fs, ROOT, "b");
+    fs.write(b, 0, &[2; 70_000], false).unwrap();
+    fs.setxattr(b, b"user.k", &[3; 500], 0).unwrap();
+    let a_alone = node_charge("b") + chunks_charge(1, 100);
+    // Over an existing file: the victim's inode, entry, data and attributes go.
+    fs.rename(ROOT, b"a", ROOT, b"b", 0).unwrap();
+    assert_eq!(fs.volume().used_bytes(), a_alone);
+    assert_usage_exact(fs);
+    // A longer name costs more, a shorter one less.
+    let long = "x".repeat(255);
+    fs.rename(ROOT, b"b", ROOT, long.as_bytes(), 0).unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        a_alone - dirent_charge(1) + dirent_charge(255)
+    );
+    let d = mkdir(fs, ROOT, "d");
+    fs.rename(ROOT, long.as_bytes(), d, b"z", 0).unwrap();
+    assert_eq!(fs.volume().used_bytes(), a_alone + node_charge("d"));
+    // An exchange keeps both names: nothing changes.
+    mkfile(fs, ROOT, "other");
+    let before = fs.volume().used_bytes();
+    fs.rename(d, b"z", ROOT, b"other", libc::RENAME_EXCHANGE)
+        .unwrap();
+    assert_eq!(fs.volume().used_bytes(), before);
+    // Over an empty directory: its inode and entry go.
+    mkdir(fs, ROOT, "e");
+    let before = fs.volume().used_bytes();
+    fs.rename(ROOT, b"d", ROOT, b"e", 0).unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        before - node_charge("e"),
+        "the replaced directory's inode and entry are credited"
+    );
+    assert_usage_exact(fs);
+}
+
+#[test]
+fn a_rename_to_a_longer_name_past_the_quota_fails_and_changes_nothing() {
+    let t = setup(Some(4096), None);
+    let fs = &t.fs;
+    let mut i = 0;
+    while fs
+        .create_node(ME, ROOT, format!("{i}").as_bytes(), FILE, 0, None)
+        .is_ok()
+    {
+        i += 1;
+    }
+    let used = fs.volume().used_bytes();
+    assert!(used <= 4096 && used + node_charge("99") > 4096);
+    let err = fs
+        .rename(ROOT, b"0", ROOT, "y".repeat(255).as_bytes(), 0)
+        .unwrap_err();
+    assert!(matches!(err, FsError::NoSpace), "{err:?}");
+    assert!(fs.lookup(ROOT, b"0").is_ok());
+    assert_eq!(fs.volume().used_bytes(), used);
+    // Deleting works on a full volume.
+    fs.unlink(ROOT, b"0").unwrap();
+    assert_usage_exact(fs);
+}
+
+#[test]
+fn each_stored_chunk_is_charged_also_a_one_byte_one() {
+    let t = setup(None, None);
+    let fs = &t.fs;
+    let cs = fs.chunk_size;
+    let f = mkfile(fs, ROOT, "sparse");
+    for i in 0..50 {
+        fs.write(f, i * cs + 3, b"x", false).unwrap();
+    }
+    for i in 50..100 {
+        fs.fallocate(f, i * cs, 1, 0).unwrap();
+    }
+    // A write at offset 3 of an empty chunk stores 4 bytes (the gap reads as zeros).
+    assert_eq!(
+        fs.volume().used_bytes(),
+        node_charge("sparse") + chunks_charge(100, 50 * 4 + 50)
+    );
+    assert_eq!(fs.volume().chunks(), 100);
+    assert_usage_exact(fs);
+    fs.setattr(
+        f,
+        SetAttr {
+            size: Some(10 * cs),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        node_charge("sparse") + chunks_charge(10, 40)
+    );
+    fs.fallocate(f, 0, cs, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+        .unwrap();
+    assert_eq!(
+        fs.volume().used_bytes(),
+        node_charge("sparse") + chunks_charge(9, 36)
+    );
+    assert_usage_exact(fs);
+}
+
+/// The reported bypass: xattrs, symlinks, names and empty inodes were free. Whatever
+/// mix of them fills a volume, usage stays within the quota and equals what is stored.
+#[test]
+fn metadata_alone_cannot_pass_the_quota() {
+    let quota = 256 * 1024;
+    let t = setup(Some(quota), None);
+    let fs = &t.fs;
+    let mut refused = 0;
+    'files: for i in 0.. {
+        let name = format!("{i:0>200}");
+        let f = match fs.create_node(ME, ROOT, name.as_bytes(), FILE, 0, None) {
+            Ok(a) => a.ino,
+            Err(FsError::NoSpace) => break,
+            Err(e) => panic!("{e:?}"),
+        };
+        for j in 0.. {
+            let xname = format!("user.{j:0>100}");
+            match fs.setxattr(f, xname.as_bytes(), &[j as u8; 4000], 0) {
+                Ok(()) => {}
+                Err(FsError::NoSpace) if j == 0 => break 'files,
+                Err(FsError::NoSpace) => {
+                    refused += 1;
+                    break;
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+    assert!(refused > 0, "no file reached its per-inode limit");
+    for i in 0.. {
+        let target = vec![b'a' + (i % 26) as u8; SYMLINK_MAX];
+        let name = format!("l{i}");
+        match fs.create_node(ME, ROOT, name.as_bytes(), libc::S_IFLNK, 0, Some(&target)) {
+            Ok(_) => {}
+            Err(FsError::NoSpace) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    for i in 0.. {
+        match fs.create_node(ME, ROOT, format!("{i:x>255}").as_bytes(), DIR, 0, None) {
+            Ok(_) => {}
+            Err(FsError::NoSpace) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let used = fs.volume().used_bytes();
+    assert!(used <= quota, "used {used} > quota {quota}");
+    assert!(
+        used > quota - node_charge(&"x".repeat(255)),
+        "stopped early at {used}"
+    );
+    assert_usage_exact(fs);
+    // Stored keys and values (what the charges cover) are within the usage.
+    let mut stored = 0u64;
+    let v = fs.vid();
+    for cf in [fs.store().meta(), fs.store().chunks()] {
+        fs.store()
+            .scan(
+                cf,
+                &keys::volume_start(v),
+                &keys::volume_end(v),
+                |k, val| {
+                    stored += (k.len() + val.len()) as u64;
+                    Ok(true)
+                },
+            )
+            .unwrap();
+    }
+    assert!(
+        stored <= used + charge::VOLUME_OVERHEAD_MAX,
+        "the store holds {stored} bytes for a usage of {used}"
+    );
+    // Everything removed: usage is back to the empty volume's.
+    for e in fs.readdir(ROOT, 2, usize::MAX).unwrap() {
+        match e.kind {
+            Kind::Dir => fs.rmdir(ROOT, &e.name).unwrap(),
+            _ => fs.unlink(ROOT, &e.name).unwrap(),
+        }
+    }
+    assert_eq!(fs.volume().used_bytes(), 0);
+    assert_usage_exact(fs);
+}
+
+#[test]
+fn xattrs_of_one_inode_are_bounded() {
+    let t = setup(None, None);
+    let fs = &t.fs;
+    let f = mkfile(fs, ROOT, "f");
+    // By bytes: 4 KiB values until the inode is full.
+    let mut total = 0;
+    for i in 0.. {
+        let name = format!("user.{i:03}");
+        match fs.setxattr(f, name.as_bytes(), &[1; 4096], 0) {
+            Ok(()) => total += name.len() + 4096,
+            Err(FsError::NoSpace) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(total <= XATTR_INODE_MAX && total + 4104 > XATTR_INODE_MAX);
+    // Full: a new value of the largest size fails with ENOSPC, a larger one with E2BIG.
+    assert!(matches!(
+        fs.setxattr(f, b"user.big", &[0; 65536], 0),
+        Err(FsError::NoSpace)
+    ));
+    assert!(matches!(
+        fs.setxattr(f, b"user.big", &[0; 65537], 0),
+        Err(FsError::TooBig)
+    ));
+    // Replacing a value counts without the old one: same size fits, larger does not.
+    fs.setxattr(f, b"user.000", &[2; 4096], XATTR_REPLACE)
+        .unwrap();
+    let room = XATTR_INODE_MAX - total;
+    fs.setxattr(f, b"user.000", &vec![3; 4096 + room], 0)
+        .unwrap();
+    assert!(matches!(
+        fs.setxattr(f, b"user.000", &vec![3; 4097 + room], 0),
+        Err(FsError::NoSpace)
+    ));
+    // Removing makes room again.
+    fs.removexattr(f, b"user.001").unwrap();
+    fs.setxattr(f, b"user.new", &[4; 4000], 0).unwrap();
+    assert_usage_exact(fs);
+
+    // By names: the name list stays within what listxattr(2) can return.
+    let g = mkfile(fs, ROOT, "g");
+    let mut count = 0;
+    for i in 0.. {
+        let name = format!("user.{i:0>250}");
+        match fs.setxattr(g, name.as_bytes(), b"", 0) {
+            Ok(()) => count += 1,
+            Err(FsError::NoSpace) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(count, XATTR_LIST_MAX / 256);
+    let XattrReply::Size(n) = fs.listxattr(g, 0).unwrap() else {
+        panic!("size query answered with data")
+    };
+    assert!(n as usize <= XATTR_LIST_MAX);
+    assert_usage_exact(fs);
+}
+
+/// `open` racing the last unlink: either the open comes first and the data stays until
+/// release, or it fails with NotFound. Never a handle to an inode whose data is gone.
+#[test]
+fn open_racing_the_last_unlink_keeps_the_data_or_fails() {
+    let t = setup(None, None);
+    let fs = &t.fs;
+    let (mut opened, mut refused) = (0u32, 0u32);
+    for round in 0..2000u32 {
+        let ino = mkfile(fs, ROOT, "f");
+        let payload = round.to_be_bytes();
+        fs.write(ino, 0, &payload, false).unwrap();
+        let start = std::sync::Barrier::new(3);
+        let outcomes = std::thread::scope(|s| {
+            let openers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        match fs.open(ino) {
+                            Ok(()) => {
+                                // The handle must see the data until it is released.
+                                let back = fs.read(ino, 0, 4);
+                                fs.release(ino).unwrap();
+                                match back {
+                                    Ok(b) if b == payload => true,
+                                    other => panic!(
+                                        "round {round}: open succeeded, then read gave {other:?}"
+                                    ),
+                                }
+                            }
+                            Err(FsError::NotFound) => false,
+                            Err(e) => panic!("round {round}: open failed with {e:?}"),
+                        }
+                    })
+                })
+                .collect();
+            start.wait();
+            fs.unlink(ROOT, b"f").unwrap();
+            openers
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        for ok in outcomes {
+            if ok {
+                opened += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(
+            matches!(fs.getattr(ino), Err(FsError::NotFound)),
+            "round {round}: the inode outlived its last name and handle"
+        );
+        assert!(
+            fs.open.lock().is_empty(),
+            "round {round}: handle count left"
+        );
+    }
+    assert_eq!(opened + refused, 4000);
+    assert_eq!(fs.volume().used_bytes(), 0);
+    assert_eq!(fs.volume().inodes(), 1);
+    assert_usage_exact(fs);
+    eprintln!("open before unlink: {opened}, after: {refused}");
 }

@@ -3,12 +3,27 @@
 //! Limits follow Linux: names of at most 255 bytes (ERANGE beyond), values of at most
 //! 64 KiB (E2BIG). Namespaces `user.`, `trusted.` and `security.` are stored; `system.`
 //! (POSIX ACLs) is not supported. Setting or removing an attribute updates ctime.
+//!
+//! Space per inode is bounded, as on every Linux filesystem (ext4 without `ea_inode`
+//! keeps all of an inode's attributes in one 4 KiB block): names and values together at
+//! most [`XATTR_INODE_MAX`] bytes, and the name list at most [`XATTR_LIST_MAX`] bytes, so
+//! `listxattr(2)` can always return it. A set that would pass either fails with ENOSPC,
+//! like ext4 when the block is full. Each attribute is charged to the volume's usage
+//! ([`super::charge::xattr_charge`]), so attributes count toward the quota as well.
 
+use super::charge::xattr_charge;
 use super::{Change, Fs, FsError, Result, Timestamp};
 use crate::store::key_codec::{self as keys, Ino};
 
 pub const XATTR_NAME_MAX: usize = 255;
 pub const XATTR_SIZE_MAX: usize = 65536;
+/// Largest name list of one inode: the most `listxattr(2)` returns (Linux's
+/// `XATTR_LIST_MAX`; each name counts with its terminating NUL).
+pub const XATTR_LIST_MAX: usize = 65536;
+/// Most name and value bytes of all attributes of one inode: room for one value of the
+/// largest size Linux allows ([`XATTR_SIZE_MAX`]) and as much again for all others
+/// (ext4 allows 4 KiB per inode, 64 KiB per value with `ea_inode`; XFS is unbounded).
+pub const XATTR_INODE_MAX: usize = 2 * XATTR_SIZE_MAX;
 pub const XATTR_CREATE: i32 = 1;
 pub const XATTR_REPLACE: i32 = 2;
 pub const SECURITY_CAPABILITY: &[u8] = b"security.capability";
@@ -46,7 +61,35 @@ fn sized(bytes: Vec<u8>, size: u32) -> Result<XattrReply> {
     Ok(XattrReply::Data(bytes))
 }
 
+/// What the attributes of one inode hold, apart from the one being set.
+#[derive(Debug, Default)]
+struct InodeXattrs {
+    /// Name and value bytes of the other attributes.
+    bytes: usize,
+    /// Length of the other attributes' name list (names with their NULs).
+    list: usize,
+    /// Value length of the attribute being set, if it exists.
+    existing: Option<usize>,
+}
+
 impl Fs {
+    /// Sums the attributes of `ino`, telling apart the one stored under `key`.
+    fn inode_xattrs(&self, ino: Ino, key: &[u8]) -> Result<InodeXattrs> {
+        let prefix = keys::xattr_prefix(self.vid(), ino);
+        let mut x = InodeXattrs::default();
+        self.store.scan_meta(&prefix, |k, v| {
+            if k == key {
+                x.existing = Some(v.len());
+            } else {
+                let name_len = k.len() - prefix.len();
+                x.bytes += name_len + v.len();
+                x.list += name_len + 1;
+            }
+            Ok(true)
+        })?;
+        Ok(x)
+    }
+
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
         check_xattr_name(name)?;
         if value.len() > XATTR_SIZE_MAX {
@@ -55,14 +98,23 @@ impl Fs {
         let _g = self.locks.lock(&[ino]);
         let mut r = self.load(ino)?;
         let key = keys::xattr_key(self.vid(), ino, name);
-        let exists = self.store.get_meta(&key)?.is_some();
-        if flags & XATTR_CREATE != 0 && exists {
+        let others = self.inode_xattrs(ino, &key)?;
+        if flags & XATTR_CREATE != 0 && others.existing.is_some() {
             return Err(FsError::Exists);
         }
-        if flags & XATTR_REPLACE != 0 && !exists {
+        if flags & XATTR_REPLACE != 0 && others.existing.is_none() {
             return Err(FsError::NoData);
         }
+        if others.bytes + name.len() + value.len() > XATTR_INODE_MAX
+            || others.list + name.len() + 1 > XATTR_LIST_MAX
+        {
+            return Err(FsError::NoSpace);
+        }
         let mut c = Change::new();
+        c.usage.bytes += xattr_charge(name.len(), value.len()) as i64;
+        if let Some(old) = others.existing {
+            c.usage.bytes -= xattr_charge(name.len(), old) as i64;
+        }
         c.batch.put_cf(self.store.meta(), key, value);
         if name == SECURITY_CAPABILITY {
             r.flags |= super::FLAG_HAS_CAPS;
@@ -106,10 +158,11 @@ impl Fs {
         let _g = self.locks.lock(&[ino]);
         let mut r = self.load(ino)?;
         let key = keys::xattr_key(self.vid(), ino, name);
-        if self.store.get_meta(&key)?.is_none() {
+        let Some(old) = self.store.get_meta(&key)? else {
             return Err(FsError::NoData);
-        }
+        };
         let mut c = Change::new();
+        c.usage.bytes -= xattr_charge(name.len(), old.len()) as i64;
         c.batch.delete_cf(self.store.meta(), key);
         if name == SECURITY_CAPABILITY {
             r.flags &= !super::FLAG_HAS_CAPS;

@@ -7,6 +7,7 @@
 //! ```text
 //! column family "meta" (small values; bloom filters; point lookups and short scans)
 //!   00000000 'N' <volume name bytes>           -> volume id (u32 BE)          volume name index
+//!   00000000 'V'                               -> next volume id (u32 BE)     ids are never reused
 //!   <vol u32> 'C'                              -> VolumeConfig (JSON)          quota, inode limit
 //!   <vol u32> 'U'                              -> Usage (3 x i64 BE, merge)    bytes, inodes, chunks
 //!   <vol u32> 'I' <ino u64>                    -> InodeRecord                  attributes
@@ -37,6 +38,7 @@ pub type Ino = u64;
 
 pub const STORE_VOLUME: VolumeId = 0;
 pub const TAG_VOLUME_NAME: u8 = b'N';
+pub const TAG_NEXT_VOLUME_ID: u8 = b'V';
 pub const TAG_CONFIG: u8 = b'C';
 pub const TAG_USAGE: u8 = b'U';
 pub const TAG_INODE: u8 = b'I';
@@ -131,6 +133,12 @@ pub fn parse_volume_name_key(key: &[u8]) -> Result<String, KeyError> {
         Ok(s) => Ok(s.to_string()),
         Err(_) => err("volume name", key),
     }
+}
+
+/// The store-wide counter of volume ids: one past the highest id ever given out, so the
+/// id (and with it the key range) of a deleted volume is never given to another one.
+pub fn next_volume_id_key() -> Vec<u8> {
+    with_tag(STORE_VOLUME, TAG_NEXT_VOLUME_ID, 0)
 }
 
 pub fn config_key(vol: VolumeId) -> Vec<u8> {

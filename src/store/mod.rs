@@ -81,6 +81,12 @@ pub enum Error {
     InvalidChunkSize(u64),
     #[error("volume {0:?} is mounted; unmount it first")]
     VolumeBusy(String),
+    #[error("volume {name:?} belongs to {owner}, not {claimant}: refusing to serve another tenant's data under the same name")]
+    OwnerMismatch {
+        name: String,
+        owner: String,
+        claimant: String,
+    },
 }
 
 impl From<key_codec::KeyError> for Error {
@@ -118,6 +124,7 @@ pub struct VolumeInfo {
 pub struct Volume {
     pub id: VolumeId,
     pub name: String,
+    disk: Arc<DiskSpace>,
     quota: AtomicU64,
     inode_limit: AtomicU64,
     used_bytes: AtomicU64,
@@ -130,6 +137,8 @@ pub struct Volume {
 pub enum Exhausted {
     Bytes,
     Inodes,
+    /// The store's disk is down to its free-space floor.
+    Disk,
 }
 
 impl Volume {
@@ -170,25 +179,37 @@ impl Volume {
             self.used_bytes.fetch_sub(grow_bytes, Ordering::AcqRel);
             return Err(Exhausted::Inodes);
         }
+        if !self.disk.admit(grow_bytes) {
+            self.used_bytes.fetch_sub(grow_bytes, Ordering::AcqRel);
+            self.inodes.fetch_sub(grow_inodes, Ordering::AcqRel);
+            return Err(Exhausted::Disk);
+        }
         Ok(Reservation { delta })
     }
 
-    /// Applies the rest of a reservation after its batch was written.
+    /// Applies the rest of a reservation after its batch was written. Shrinking saturates
+    /// at zero: counters that were wrong (a bug, a damaged store) must not wrap around
+    /// and refuse every later write.
     pub fn settle(&self, r: Reservation) {
         let d = r.delta;
+        let sub = |c: &AtomicU64, n: u64| {
+            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                Some(cur.saturating_sub(n))
+            });
+        };
         if d.bytes < 0 {
-            self.used_bytes
-                .fetch_sub(d.bytes.unsigned_abs(), Ordering::AcqRel);
+            sub(&self.used_bytes, d.bytes.unsigned_abs());
+            self.disk
+                .freed_since_reclaim
+                .fetch_add(d.bytes.unsigned_abs(), Ordering::AcqRel);
         }
         if d.inodes < 0 {
-            self.inodes
-                .fetch_sub(d.inodes.unsigned_abs(), Ordering::AcqRel);
+            sub(&self.inodes, d.inodes.unsigned_abs());
         }
         if d.chunks >= 0 {
             self.chunks.fetch_add(d.chunks as u64, Ordering::AcqRel);
         } else {
-            self.chunks
-                .fetch_sub(d.chunks.unsigned_abs(), Ordering::AcqRel);
+            sub(&self.chunks, d.chunks.unsigned_abs());
         }
     }
 
@@ -200,6 +221,166 @@ impl Volume {
         }
         if d.inodes > 0 {
             self.inodes.fetch_sub(d.inodes as u64, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The default free-space floor for a filesystem of `size` bytes: 5% of it, at least
+/// 8 MiB and at most 256 MiB. What it keeps free is room for RocksDB's own writes
+/// (flushes, compactions, the manifest) when volumes have used everything else: RocksDB
+/// that hits ENOSPC in a flush stops taking writes for every volume of the store.
+pub fn default_free_space_floor(size: u64) -> u64 {
+    (size / 20).clamp(8 << 20, 256 << 20)
+}
+
+/// How much more the store's filesystem can take before its free-space floor: admission
+/// for every change that stores more bytes (checked in [`Volume::reserve`]).
+///
+/// `headroom` is free space, less the floor, less what the memtables hold (already in the
+/// WAL, written again by their flush), as of the last measurement, less twice the bytes
+/// admitted since (a stored byte reaches the disk twice: WAL, then the blob or table file
+/// a flush writes). It is measured again when it runs out or is a second old, so space
+/// freed by deletes (once compaction has dropped their data) is seen again.
+struct DiskSpace {
+    dir: PathBuf,
+    db: Arc<DB>,
+    floor: u64,
+    headroom: std::sync::atomic::AtomicI64,
+    /// When `headroom` was measured (ms since `epoch`).
+    measured_ms: AtomicU64,
+    epoch: std::time::Instant,
+    /// A refused change asks for a compaction to give deleted data's space back.
+    reclaim_wanted: std::sync::atomic::AtomicBool,
+    /// When that compaction last ran (ms since `epoch`; 0: never).
+    reclaimed_ms: AtomicU64,
+    /// Bytes credited back (deletes, truncates) since that compaction: what it can free.
+    freed_since_reclaim: AtomicU64,
+}
+
+impl std::fmt::Debug for DiskSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskSpace")
+            .field("dir", &self.dir)
+            .field("floor", &self.floor)
+            .finish()
+    }
+}
+
+impl DiskSpace {
+    const REMEASURE_MS: u64 = 1000;
+
+    fn new(dir: &Path, floor: Option<u64>, db: Arc<DB>) -> DiskSpace {
+        let floor = floor
+            .unwrap_or_else(|| default_free_space_floor(fs_space(dir).map_or(0, |(size, _)| size)));
+        let d = DiskSpace {
+            dir: dir.to_path_buf(),
+            db,
+            floor,
+            headroom: std::sync::atomic::AtomicI64::new(0),
+            measured_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            reclaim_wanted: std::sync::atomic::AtomicBool::new(false),
+            reclaimed_ms: AtomicU64::new(0),
+            freed_since_reclaim: AtomicU64::new(0),
+        };
+        d.measure();
+        d
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Bytes in the memtables (mutable and waiting for flush) of both column families.
+    fn memtable_bytes(&self) -> u64 {
+        [CF_META, CF_CHUNKS]
+            .iter()
+            .filter_map(|name| self.db.cf_handle(name))
+            .filter_map(|cf| {
+                self.db
+                    .property_int_value_cf(cf, "rocksdb.size-all-mem-tables")
+                    .ok()
+                    .flatten()
+            })
+            .fold(0, u64::saturating_add)
+    }
+
+    fn measure(&self) -> i64 {
+        let avail = fs_space(&self.dir).map_or(0, |(_, avail)| avail);
+        let pending = avail.saturating_sub(self.memtable_bytes());
+        let h = i64::try_from(pending).unwrap_or(i64::MAX)
+            - i64::try_from(self.floor).unwrap_or(i64::MAX);
+        self.headroom.store(h, Ordering::Release);
+        self.measured_ms.store(self.now_ms(), Ordering::Release);
+        h
+    }
+
+    /// Admits `bytes` more stored bytes, or refuses them (the floor would be crossed).
+    fn admit(&self, bytes: u64) -> bool {
+        if self.floor == 0 || bytes == 0 {
+            return true;
+        }
+        let cost = i64::try_from(bytes.saturating_mul(2)).unwrap_or(i64::MAX);
+        let stale = self
+            .now_ms()
+            .saturating_sub(self.measured_ms.load(Ordering::Acquire))
+            >= Self::REMEASURE_MS;
+        if !stale && self.headroom.fetch_sub(cost, Ordering::AcqRel) >= cost {
+            return true;
+        }
+        if !stale {
+            self.headroom.fetch_add(cost, Ordering::AcqRel);
+        }
+        if self.measure() >= cost {
+            self.headroom.fetch_sub(cost, Ordering::AcqRel);
+            return true;
+        }
+        self.reclaim_wanted.store(true, Ordering::Release);
+        false
+    }
+}
+
+/// (size, bytes available to unprivileged users) of the filesystem holding `dir`.
+fn fs_space(dir: &Path) -> Option<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let frsize = st.fragment_size() as u64;
+    Some((
+        (st.blocks() as u64).saturating_mul(frsize),
+        (st.blocks_available() as u64).saturating_mul(frsize),
+    ))
+}
+
+/// A volume opened with [`Store::open_volume`]; dropping it closes the volume. Whoever
+/// serves the volume owns it (the filesystem core of its FUSE session), so "closed"
+/// means that nothing can reach the volume's keys any more.
+#[derive(Debug)]
+pub struct OpenVolume {
+    vol: Arc<Volume>,
+    store: Store,
+}
+
+impl OpenVolume {
+    /// The live volume (its counters are shared with the store's view of it).
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
+}
+
+impl std::ops::Deref for OpenVolume {
+    type Target = Volume;
+    fn deref(&self) -> &Volume {
+        &self.vol
+    }
+}
+
+impl Drop for OpenVolume {
+    fn drop(&mut self) {
+        let mut open = self.store.inner.open_volumes.lock();
+        if open
+            .get(&self.vol.name)
+            .is_some_and(|v| Arc::ptr_eq(v, &self.vol))
+        {
+            open.remove(&self.vol.name);
         }
     }
 }
@@ -264,6 +445,10 @@ pub struct StoreOptions {
     pub block_cache_bytes: usize,
     /// Memtable budget for the whole store.
     pub write_buffer_bytes: usize,
+    /// Free bytes to keep on the store's filesystem: below it, changes that store more
+    /// fail with ENOSPC (deletes and truncates always work). `None`: the default,
+    /// [`default_free_space_floor`] of the filesystem's size. `Some(0)` disables it.
+    pub free_space_floor: Option<u64>,
 }
 
 impl Default for StoreOptions {
@@ -272,6 +457,7 @@ impl Default for StoreOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             block_cache_bytes: 8 << 20,
             write_buffer_bytes: 256 << 20,
+            free_space_floor: None,
         }
     }
 }
@@ -285,12 +471,14 @@ pub struct Store {
 struct StoreInner {
     dir: PathBuf,
     format: Format,
-    db: DB,
+    db: Arc<DB>,
     open_volumes: Mutex<HashMap<String, Arc<Volume>>>,
     /// Batches written since the last idle check (see [`Store::flush_if_idle`]).
     writes: AtomicU64,
     /// Serializes registry changes (create/delete/resize) within this process.
     registry: Mutex<()>,
+    /// Admission against the disk's free-space floor, shared by every volume.
+    disk: Arc<DiskSpace>,
     _lock: Flock<File>,
 }
 
@@ -444,7 +632,11 @@ impl Store {
                     .and_then(|_| f.sync_all())
                     .map_err(io_err(&tmp))?;
                 std::fs::rename(&tmp, &marker).map_err(io_err(&marker))?;
-                return Ok(Self::finish(dir, format, db, lock));
+                // The rename is durable only once the directory is synced.
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err(dir))?;
+                return Ok(Self::finish(dir, format, db, lock, opts));
             }
             Err(e) => return Err(io_err(&marker)(e)),
         };
@@ -457,10 +649,12 @@ impl Store {
             )));
         }
         let db = Self::open_db(dir, opts)?;
-        Ok(Self::finish(dir, format, db, lock))
+        Ok(Self::finish(dir, format, db, lock, opts))
     }
 
-    fn finish(dir: &Path, format: Format, db: DB, lock: Flock<File>) -> Store {
+    fn finish(dir: &Path, format: Format, db: DB, lock: Flock<File>, opts: &StoreOptions) -> Store {
+        let db = Arc::new(db);
+        let disk = Arc::new(DiskSpace::new(dir, opts.free_space_floor, db.clone()));
         Store {
             inner: Arc::new(StoreInner {
                 dir: dir.to_path_buf(),
@@ -469,6 +663,7 @@ impl Store {
                 open_volumes: Mutex::new(HashMap::new()),
                 writes: AtomicU64::new(0),
                 registry: Mutex::new(()),
+                disk,
                 _lock: lock,
             }),
         }
@@ -560,6 +755,44 @@ impl Store {
         db.flush_cf(self.meta())?;
         db.flush_cf(self.chunks())?;
         Ok(true)
+    }
+
+    /// When a change was refused at the free-space floor, compacts the whole store (a
+    /// second after deletes, else at most every 30 s) so that space of deleted data goes
+    /// back to the disk: RocksDB
+    /// frees it only when compaction drops the deleted keys and the blob files they
+    /// referenced. Call it periodically; cheap when nothing was refused.
+    pub fn reclaim_if_wanted(&self) {
+        let disk = &self.inner.disk;
+        if !disk.reclaim_wanted.load(Ordering::Acquire) {
+            return;
+        }
+        // Soon after deletes (they are what a compaction can free), rarely otherwise.
+        let last = disk.reclaimed_ms.load(Ordering::Acquire);
+        let wait_ms = if disk.freed_since_reclaim.load(Ordering::Acquire) > 0 {
+            1_000
+        } else {
+            30_000
+        };
+        if last != 0 && disk.now_ms().saturating_sub(last) < wait_ms {
+            return;
+        }
+        disk.freed_since_reclaim.store(0, Ordering::Release);
+        disk.reclaim_wanted.store(false, Ordering::Release);
+        disk.reclaimed_ms
+            .store(disk.now_ms().max(1), Ordering::Release);
+        tracing::warn!(dir = %self.inner.dir.display(), floor = disk.floor, "disk at its free-space floor; compacting to give deleted data's space back");
+        if let Err(e) = self.reclaim_range(&[], &[0xff; 8]) {
+            tracing::error!(error = %e, "compaction at the free-space floor failed");
+        }
+        disk.measure();
+    }
+
+    /// The free-space floor of the store's disk (bytes), and whether changes are being
+    /// refused at it right now.
+    pub fn free_space_floor(&self) -> (u64, bool) {
+        let disk = &self.inner.disk;
+        (disk.floor, disk.headroom.load(Ordering::Acquire) < 0)
     }
 
     /// Makes every committed batch durable (fsync of the WAL).
@@ -658,22 +891,14 @@ impl Store {
                 limit: 0,
             });
         }
-        // Next id: one past the highest volume id in use (the config keys' ids).
-        let mut max_id = 0u32;
-        let names = self.volume_names()?;
-        for n in &names {
-            if let Some(id) = self.volume_id(n)? {
-                max_id = max_id.max(id);
-            }
-        }
-        let id = max_id
-            .checked_add(1)
-            .ok_or_else(|| Error::Corrupt("volume ids exhausted".into()))?;
+        let id = self.next_volume_id()?;
         let cfg = VolumeConfig {
             name: name.to_string(),
             quota_bytes: quota,
             inode_limit,
             created: Timestamp::now().secs,
+            owner: None,
+            accounting: records::ACCOUNTING_VERSION,
         };
         let now = Timestamp::now();
         let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, now);
@@ -695,6 +920,11 @@ impl Store {
         b.put_cf(meta, key_codec::volume_name_key(name), id.to_be_bytes());
         b.put_cf(
             meta,
+            key_codec::next_volume_id_key(),
+            id.checked_add(1).unwrap_or(id).to_be_bytes(),
+        );
+        b.put_cf(
+            meta,
             key_codec::config_key(id),
             serde_json::to_vec(&cfg).map_err(|e| Error::Corrupt(e.to_string()))?,
         );
@@ -705,8 +935,40 @@ impl Store {
         self.inspect_volume(name)
     }
 
-    /// Opens a volume for serving (at most once per process).
-    pub fn open_volume(&self, name: &str) -> Result<Arc<Volume>> {
+    /// The id for a new volume: the persisted counter, and never below one past the
+    /// highest id in use (stores made before the counter existed have none). An id is
+    /// never given out twice, so a FUSE session or snapshot that outlived its volume can
+    /// never reach the keys of a later one.
+    fn next_volume_id(&self) -> Result<VolumeId> {
+        let counter = match self.get_meta(&key_codec::next_volume_id_key())? {
+            None => 1,
+            Some(v) => match <[u8; 4]>::try_from(v.as_slice()) {
+                Ok(b) => u32::from_be_bytes(b),
+                Err(_) => {
+                    return Err(Error::Corrupt(format!(
+                        "next volume id has {} bytes",
+                        v.len()
+                    )))
+                }
+            },
+        };
+        let mut next = counter.max(1);
+        for n in &self.volume_names()? {
+            if let Some(id) = self.volume_id(n)? {
+                next = next.max(id.saturating_add(1));
+            }
+        }
+        if next == u32::MAX {
+            return Err(Error::Corrupt("volume ids exhausted".into()));
+        }
+        Ok(next)
+    }
+
+    /// Opens a volume for serving: at most once per process (and the store's lock makes
+    /// it one process), so one volume never has two serving instances. The volume counts
+    /// as open until the returned guard is dropped, which the FUSE session does only
+    /// when its last worker thread has ended; while it is open it cannot be deleted.
+    pub fn open_volume(&self, name: &str) -> Result<OpenVolume> {
         let _g = self.inner.registry.lock();
         let mut open = self.inner.open_volumes.lock();
         if open.contains_key(name) {
@@ -725,6 +987,7 @@ impl Store {
         let v = Arc::new(Volume {
             id,
             name: name.to_string(),
+            disk: self.inner.disk.clone(),
             quota: AtomicU64::new(cfg.quota_bytes.unwrap_or(UNLIMITED)),
             inode_limit: AtomicU64::new(cfg.inode_limit.unwrap_or(UNLIMITED)),
             used_bytes: AtomicU64::new(usage.bytes as u64),
@@ -732,12 +995,10 @@ impl Store {
             chunks: AtomicU64::new(usage.chunks as u64),
         });
         open.insert(name.to_string(), v.clone());
-        Ok(v)
-    }
-
-    /// Forgets an open volume (after its mount ended).
-    pub fn close_volume(&self, name: &str) {
-        self.inner.open_volumes.lock().remove(name);
+        Ok(OpenVolume {
+            vol: v,
+            store: self.clone(),
+        })
     }
 
     pub fn is_open(&self, name: &str) -> bool {
@@ -843,6 +1104,69 @@ impl Store {
         self.sync()?;
         drop(_g);
         self.inspect_volume(name)
+    }
+
+    /// Whether volume `name` counts usage by an older rule and must be recounted (with
+    /// [`Store::set_recounted_usage`]) before it is served.
+    pub fn needs_recount(&self, name: &str) -> Result<bool> {
+        let id = self
+            .volume_id(name)?
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        Ok(self.config(id)?.accounting < records::ACCOUNTING_VERSION)
+    }
+
+    /// Replaces the usage counters of a closed volume with `usage` (recounted from what
+    /// it stores) and marks it as counted by the current rule.
+    pub fn set_recounted_usage(&self, name: &str, usage: Usage) -> Result<()> {
+        let _g = self.inner.registry.lock();
+        if self.is_open(name) {
+            return Err(Error::VolumeBusy(name.to_string()));
+        }
+        let id = self
+            .volume_id(name)?
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let mut cfg = self.config(id)?;
+        cfg.accounting = records::ACCOUNTING_VERSION;
+        let mut b = WriteBatch::default();
+        b.put_cf(self.meta(), key_codec::usage_key(id), usage.encode());
+        b.put_cf(
+            self.meta(),
+            key_codec::config_key(id),
+            serde_json::to_vec(&cfg).map_err(|e| Error::Corrupt(e.to_string()))?,
+        );
+        self.write(b)?;
+        self.sync()
+    }
+
+    /// Makes sure volume `name` belongs to `owner` (a PV's UID): records it if the volume
+    /// has no owner yet, refuses with [`Error::OwnerMismatch`] if it has another one. A
+    /// name that is reused (a static PV published again under its old name) thus never
+    /// reaches the data that an earlier object of that name left behind.
+    pub fn claim_volume(&self, name: &str, owner: &str) -> Result<()> {
+        let _g = self.inner.registry.lock();
+        let id = self
+            .volume_id(name)?
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let mut cfg = self.config(id)?;
+        match &cfg.owner {
+            Some(o) if o == owner => return Ok(()),
+            Some(o) => {
+                return Err(Error::OwnerMismatch {
+                    name: name.into(),
+                    owner: o.clone(),
+                    claimant: owner.into(),
+                })
+            }
+            None => cfg.owner = Some(owner.to_string()),
+        }
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            self.meta(),
+            key_codec::config_key(id),
+            serde_json::to_vec(&cfg).map_err(|e| Error::Corrupt(e.to_string()))?,
+        );
+        self.write(b)?;
+        self.sync()
     }
 
     /// Deletes a volume and all its data, and compacts its key ranges so the space goes
@@ -986,6 +1310,51 @@ mod tests {
         s.resize_volume("v", Some(Some(200)), None).unwrap();
         assert_eq!(v.quota(), 200);
         assert!(matches!(s.delete_volume("v"), Err(Error::VolumeBusy(_))));
+    }
+
+    #[test]
+    fn volume_ids_are_never_reused_even_after_a_reopen() {
+        let (d, s) = store();
+        s.create_volume("a", None, None).unwrap();
+        s.create_volume("b", None, None).unwrap();
+        let id_b = s.volume_id("b").unwrap().unwrap();
+        s.delete_volume("b").unwrap();
+        s.create_volume("c", None, None).unwrap();
+        let id_c = s.volume_id("c").unwrap().unwrap();
+        assert!(id_c > id_b, "c got {id_c}, the deleted b had {id_b}");
+        s.delete_volume("c").unwrap();
+        drop(s);
+        let s = Store::open_existing(&d.path().join("s"), &StoreOptions::default()).unwrap();
+        s.create_volume("d", None, None).unwrap();
+        assert!(s.volume_id("d").unwrap().unwrap() > id_c);
+    }
+
+    #[test]
+    fn an_open_volume_is_one_instance_and_cannot_be_deleted_until_its_guard_drops() {
+        let (_d, s) = store();
+        s.create_volume("v", None, None).unwrap();
+        let guard = s.open_volume("v").unwrap();
+        assert!(matches!(s.open_volume("v"), Err(Error::VolumeBusy(_))));
+        assert!(matches!(s.delete_volume("v"), Err(Error::VolumeBusy(_))));
+        assert!(s.inspect_volume("v").unwrap().mounted);
+        drop(guard);
+        assert!(!s.is_open("v"));
+        s.delete_volume("v").unwrap();
+    }
+
+    #[test]
+    fn a_volume_serves_only_the_owner_it_first_recorded() {
+        let (_d, s) = store();
+        s.create_volume("static-1", None, None).unwrap();
+        s.claim_volume("static-1", "uid-a").unwrap();
+        s.claim_volume("static-1", "uid-a").unwrap();
+        let err = s.claim_volume("static-1", "uid-b").unwrap_err();
+        assert!(matches!(err, Error::OwnerMismatch { .. }), "{err}");
+        s.resize_volume("static-1", Some(Some(10)), None).unwrap();
+        assert!(
+            s.claim_volume("static-1", "uid-b").is_err(),
+            "a resize keeps the owner"
+        );
     }
 
     #[test]

@@ -93,31 +93,52 @@ impl Timestamp {
         Timestamp::from_system(SystemTime::now())
     }
 
+    /// The time `t` as seconds and nanoseconds since 1970 (nanoseconds always count
+    /// forward, also before 1970). Saturates at the ends of the `i64` range: no time a
+    /// caller can pass (`utimensat` takes any `tv_sec`) panics.
     pub fn from_system(t: SystemTime) -> Timestamp {
         match t.duration_since(UNIX_EPOCH) {
             Ok(d) => Timestamp {
-                secs: d.as_secs() as i64,
+                secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                 nanos: d.subsec_nanos(),
             },
             Err(e) => {
                 let d = e.duration();
-                let (mut secs, mut nanos) = (-(d.as_secs() as i64), d.subsec_nanos());
-                if nanos > 0 {
-                    secs -= 1;
-                    nanos = 1_000_000_000 - nanos;
+                let Some(secs) = 0i64.checked_sub_unsigned(d.as_secs()) else {
+                    return Timestamp::MIN;
+                };
+                match d.subsec_nanos() {
+                    0 => Timestamp { secs, nanos: 0 },
+                    n => match secs.checked_sub(1) {
+                        Some(secs) => Timestamp {
+                            secs,
+                            nanos: 1_000_000_000 - n,
+                        },
+                        None => Timestamp::MIN,
+                    },
                 }
-                Timestamp { secs, nanos }
             }
         }
     }
 
+    /// The earliest time a timestamp holds.
+    pub const MIN: Timestamp = Timestamp {
+        secs: i64::MIN,
+        nanos: 0,
+    };
+
+    /// The time as a `SystemTime` (which holds every `i64` second on Linux); saturates
+    /// rather than panicking on a corrupt record.
     pub fn to_system(self) -> SystemTime {
-        if self.secs >= 0 {
-            UNIX_EPOCH + Duration::new(self.secs as u64, self.nanos)
+        let base = if self.secs >= 0 {
+            UNIX_EPOCH.checked_add(Duration::from_secs(self.secs.unsigned_abs()))
         } else {
-            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs())
-                + Duration::from_nanos(self.nanos as u64)
-        }
+            UNIX_EPOCH.checked_sub(Duration::from_secs(self.secs.unsigned_abs()))
+        };
+        let nanos = Duration::from_nanos(u64::from(self.nanos.min(999_999_999)));
+        base.and_then(|t| t.checked_add(nanos))
+            .or(base)
+            .unwrap_or(UNIX_EPOCH)
     }
 }
 
@@ -484,12 +505,48 @@ pub struct VolumeConfig {
     pub inode_limit: Option<u64>,
     /// Seconds since the epoch at creation.
     pub created: i64,
+    /// The UID of the object the volume belongs to (the agent: its PersistentVolume),
+    /// once recorded; a volume is never served for another one of the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// What the usage counters count: 0 (volumes made before metadata was charged) file
+    /// data only; [`ACCOUNTING_VERSION`] every charge of `crate::fs::charge`. A volume of
+    /// an older version is recounted before it is served.
+    #[serde(default)]
+    pub accounting: u32,
 }
+
+/// The accounting of volumes created now (see [`VolumeConfig::accounting`]).
+pub const ACCOUNTING_VERSION: u32 = 1;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn timestamps_at_the_ends_of_the_range_convert_without_panicking() {
+        for secs in [i64::MIN, i64::MIN + 1, -1, 0, 1, i64::MAX] {
+            for nanos in [0, 1, 999_999_999] {
+                let t = Timestamp { secs, nanos };
+                let back = Timestamp::from_system(t.to_system());
+                if secs == i64::MIN || (secs == i64::MAX && nanos > 0) {
+                    continue; // saturated: representable only approximately
+                }
+                assert_eq!(back, t);
+            }
+        }
+        let min = UNIX_EPOCH - Duration::from_secs(1 << 63);
+        assert_eq!(Timestamp::from_system(min), Timestamp::MIN);
+        let t = UNIX_EPOCH - Duration::from_millis(1500);
+        assert_eq!(
+            Timestamp::from_system(t),
+            Timestamp {
+                secs: -2,
+                nanos: 500_000_000
+            }
+        );
+    }
 
     fn kind() -> impl Strategy<Value = Kind> {
         prop_oneof![

@@ -1,0 +1,146 @@
+//! A store whose disk fills up: writes get ENOSPC at the free-space floor (never EIO, and
+//! RocksDB itself never runs out of room), deleting files gives the space back, and
+//! nothing acknowledged is lost. The disk is a real small ext4 filesystem on a loop device.
+
+#[macro_use]
+mod common;
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const DISK_MIB: u64 = 256;
+const FILE_BYTES: usize = 4 << 20;
+
+/// A `DISK_MIB` ext4 filesystem on a loop device, mounted at `root/disk`.
+fn small_disk(dirs: &Dirs) -> PathBuf {
+    let image = dirs.root.join("disk.img");
+    let f = File::create(&image).unwrap();
+    f.set_len(DISK_MIB << 20).unwrap();
+    drop(f);
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0"])
+        .arg(&image)
+        .output()
+        .expect("mkfs.ext4");
+    assert!(out.status.success(), "mkfs.ext4: {out:?}");
+    let disk = dirs.root.join("disk");
+    fs::create_dir(&disk).unwrap();
+    let out = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&disk)
+        .output()
+        .expect("mount -o loop");
+    assert!(out.status.success(), "mount -o loop: {out:?}");
+    disk
+}
+
+fn content(i: usize) -> Vec<u8> {
+    let mut v = vec![0u8; FILE_BYTES];
+    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in v.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    v
+}
+
+/// Writes file `i` completely and fsyncs it; the error the application sees otherwise.
+fn write_synced(dir: &Path, i: usize) -> io::Result<()> {
+    let mut f = File::create(dir.join(format!("f{i}")))?;
+    f.write_all(&content(i))?;
+    f.sync_all()
+}
+
+fn avail(path: &Path) -> u64 {
+    let s = statvfs(path);
+    s.f_bavail * s.f_frsize
+}
+
+#[test]
+fn a_full_disk_gives_enospc_at_the_floor_and_deletes_give_the_space_back() {
+    let mut dirs = Dirs::new();
+    let disk = small_disk(&dirs);
+    dirs.data = disk.join("store");
+    let floor: u64 = 32 << 20;
+    let mut opts = Opts::new();
+    opts.extra_args = vec!["--free-space-floor".into(), "32Mi".into()];
+    let m = Mount::start_in(dirs, opts.clone());
+
+    // Fill: every file that fsync acknowledged must survive; the first refusal is ENOSPC.
+    let mut done = Vec::new();
+    let err = loop {
+        match write_synced(m.mnt(), done.len()) {
+            Ok(()) => done.push(done.len()),
+            Err(e) => break e,
+        }
+        assert!(done.len() < 100, "a {DISK_MIB} MiB disk took 400 MiB");
+    };
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOSPC),
+        "a full disk must answer ENOSPC, not {err}"
+    );
+    assert!(done.len() >= 5, "only {} files fitted", done.len());
+    let free = avail(&disk);
+    assert!(
+        free > floor / 2,
+        "the floor was not kept: {free} bytes left on the disk"
+    );
+    // Refused again, cleanly, and reads of what was acknowledged still work.
+    let again = write_synced(m.mnt(), 1000).unwrap_err();
+    assert_eq!(again.raw_os_error(), Some(libc::ENOSPC), "{again}");
+    let _ = fs::remove_file(m.path("f1000"));
+    let _ = fs::remove_file(m.path(&format!("f{}", done.len())));
+    for &i in &done {
+        assert!(
+            fs::read(m.path(&format!("f{i}"))).unwrap() == content(i),
+            "f{i}"
+        );
+    }
+
+    // Deleting files frees space (once compaction drops them): writes work again.
+    let removed: Vec<usize> = done.iter().copied().filter(|i| i % 2 == 0).collect();
+    for i in &removed {
+        fs::remove_file(m.path(&format!("f{i}"))).unwrap();
+    }
+    let start = Instant::now();
+    let mut fresh = 0;
+    while fresh < 2 && start.elapsed() < Duration::from_secs(60) {
+        match write_synced(m.mnt(), 500 + fresh) {
+            Ok(()) => fresh += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                std::thread::sleep(Duration::from_millis(500))
+            }
+            Err(e) => panic!("write after deleting files: {e}"),
+        }
+    }
+    assert_eq!(
+        fresh, 2,
+        "no space came back within 60 s after deleting {removed:?}"
+    );
+
+    // Nothing acknowledged is lost; a clean stop, a clean fsck, a clean remount.
+    let kept: Vec<usize> = done.iter().copied().filter(|i| i % 2 == 1).collect();
+    let dirs = m.stop();
+    let out = fsck(&dirs.data, &[]);
+    assert!(out.success(), "fsck after filling the disk: {out:?}");
+    let m = Mount::start_in(dirs, opts);
+    for &i in &kept {
+        assert!(
+            fs::read(m.path(&format!("f{i}"))).unwrap() == content(i),
+            "f{i}"
+        );
+    }
+    for i in 0..fresh {
+        assert!(fs::read(m.path(&format!("f{}", 500 + i))).unwrap() == content(500 + i));
+    }
+    m.stop();
+}
