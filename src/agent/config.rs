@@ -10,6 +10,8 @@
 //! disks = ["/var/lib/fusevol/disks/nvme0"]
 //! capacity = "20Gi"               # optional cap on what the tier offers
 //! reserved = "1Gi"                # optional: kept free of volumes
+//! free_space_floor = "256Mi"      # optional, per disk: below it writes get ENOSPC
+//!                                 # (default 5% of the disk, 8Mi..256Mi; "0": off)
 //!
 //! [static]                        # optional: static-provisioner mode
 //! storage_class = "fusevol-static"
@@ -61,6 +63,7 @@ struct RawTier {
     disks: Vec<PathBuf>,
     capacity: Option<String>,
     reserved: Option<String>,
+    free_space_floor: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +102,8 @@ pub struct TierConfig {
     pub capacity: Option<u64>,
     /// Bytes kept free of volumes.
     pub reserved: u64,
+    /// Free-space floor of each disk of the tier (`None`: the store's default).
+    pub free_space_floor: Option<u64>,
 }
 
 /// Static-provisioner mode: PVs the agent keeps published for a no-provisioner class.
@@ -211,6 +216,7 @@ impl AgentConfig {
             tiers.push(TierConfig {
                 capacity: quantity("capacity", &t.capacity)?,
                 reserved: quantity("reserved", &t.reserved)?.unwrap_or(0),
+                free_space_floor: quantity("free_space_floor", &t.free_space_floor)?,
                 name: t.name,
                 disks: t.disks,
             });

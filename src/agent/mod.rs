@@ -11,6 +11,7 @@
 //!   refreshes the capacity in the `FusevolNode` status.
 
 pub mod config;
+mod local_state;
 pub mod static_pvs;
 pub mod volumes;
 
@@ -149,20 +150,38 @@ pub async fn node_hostname(client: &Client, node: &str) -> String {
     }
 }
 
+/// The agent's own health, never the API server's: its volume loop runs (it wakes at
+/// least every [`RESYNC`], API or not) and no blocking volume operation hangs. A hung or
+/// unreachable API server must not fail the liveness probe: the restart it causes would end
+/// every FUSE mount on the node.
 struct Health {
-    last_round: Mutex<Option<Instant>>,
+    /// When the volume loop last started a round.
+    last_tick: Mutex<Option<Instant>>,
+    /// Since when a blocking volume operation (mount, unmount, delete) has been running.
+    busy_since: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
 }
 
+/// A volume operation running longer than this makes the agent unhealthy.
+const STUCK_AFTER: Duration = Duration::from_secs(300);
+
 impl crate::http::Endpoints for Health {
     fn health(&self) -> Result<(), String> {
-        match *self.last_round.lock() {
+        if let Some(t) = *self.busy_since.lock() {
+            if t.elapsed() > STUCK_AFTER {
+                return Err(format!(
+                    "a volume operation has been running for {}s",
+                    t.elapsed().as_secs()
+                ));
+            }
+        }
+        match *self.last_tick.lock() {
             Some(t) if t.elapsed() < RESYNC * 6 => Ok(()),
             Some(t) => Err(format!(
-                "last reconcile round {}s ago",
+                "the volume loop last ran {}s ago",
                 t.elapsed().as_secs()
             )),
-            None => Err("starting: the PV cache is not synced yet".into()),
+            None => Err("starting: serving the volumes of the last run".into()),
         }
     }
     fn metrics(&self) -> String {
@@ -170,7 +189,55 @@ impl crate::http::Endpoints for Health {
     }
 }
 
+/// Every API call but the watch is cut off after this: a hung API server delays the API
+/// side (events, finalizers, status), never the volumes.
+pub const API_TIMEOUT: Duration = Duration::from_secs(15);
+/// Server-side limit of one watch call; kube's watcher treats a watch silent for this
+/// plus 5 s as dead and starts a new one.
+const WATCH_TIMEOUT_SECS: u32 = 60;
+
+/// Runs `call` with [`API_TIMEOUT`]; `what` names it in the error.
+async fn api_call<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(API_TIMEOUT, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer from the API server in {}s",
+            API_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// A client whose connections time out: kube's defaults wait forever.
+async fn client() -> Result<Client, AgentError> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.write_timeout = Some(API_TIMEOUT);
+    Client::try_from(config).map_err(|e| AgentError::Config(e.to_string()))
+}
+
+/// What one round of the volume loop hands to the API side.
+#[derive(Clone, Default)]
+struct Round {
+    all: Arc<Vec<PersistentVolume>>,
+    cleaned: Vec<String>,
+    /// PV -> error message of the volumes that failed this round.
+    failing: BTreeMap<String, String>,
+    capacity: Vec<crate::k8s::crd::TierStatus>,
+}
+
 /// Runs the agent until SIGTERM/SIGINT; then unmounts its volumes (data stays) and returns.
+///
+/// Two loops: the volume loop (this task) serves what the PVs ask for, and never waits for
+/// the API server beyond reading its reflector cache; the API side (a task of its own)
+/// registers the node, removes finalizers, posts events and publishes capacity, each call
+/// with a timeout. At start, before the API is reached, the volumes of the last run are
+/// served again from local state.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     let tier_metrics = TierMetrics::register(&metrics);
@@ -187,28 +254,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             .map_err(|source| AgentError::Control { disk, source })?;
     }
     let manager = Arc::new(Mutex::new(manager));
-
-    let client = Client::try_default()
-        .await
-        .map_err(|e| AgentError::Config(e.to_string()))?;
-    let hostname = node_hostname(&client, &node).await;
-    let spec = FusevolNodeSpec {
-        node_name: node.clone(),
-        hostname: (hostname != node).then_some(hostname),
-        root: config.root.to_string_lossy().into_owned(),
-    };
-    let registered = register(&client, &spec).await?;
-    tracing::info!(node, root = %spec.root, "registered FusevolNode");
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(node.clone()),
-        },
-    );
-
     let health = Arc::new(Health {
-        last_round: Mutex::new(None),
+        last_tick: Mutex::new(None),
+        busy_since: Mutex::new(None),
         metrics: metrics.clone(),
     });
     crate::http::serve(config.listen, health.clone())
@@ -218,12 +266,29 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             source,
         })?;
 
+    // The volumes of the last run, before any API call.
+    let mut saved = local_state::load(&config.root);
+    if !saved.volumes.is_empty() {
+        tracing::info!(
+            count = saved.volumes.len(),
+            "serving the volumes of the last run"
+        );
+        let outcome = apply_blocking(&manager, &health, saved.plan()).await?;
+        for e in &outcome.errors {
+            tracing::warn!(error = %e, "volume of the last run not served");
+        }
+    }
+
+    let client = client().await?;
     let (reader, writer) = reflector::store::<PersistentVolume>();
     let changed = Arc::new(tokio::sync::Notify::new());
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let watch = reflector(writer, watcher(pvs, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
+    let watch = reflector(
+        writer,
+        watcher(pvs, watcher::Config::default().timeout(WATCH_TIMEOUT_SECS)),
+    )
+    .default_backoff()
+    .touched_objects();
     {
         let changed = changed.clone();
         tokio::spawn(async move {
@@ -236,12 +301,13 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             }
         });
     }
+    let (rounds, rounds_rx) = tokio::sync::watch::channel(Round::default());
+    let api_side = tokio::spawn(api_loop(client, config.clone(), rounds_rx, tier_metrics));
 
-    let mut published: Option<FusevolNodeStatus> = registered.status;
-    let mut reported: BTreeMap<String, String> = BTreeMap::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Config(format!("cannot handle SIGTERM: {e}")))?;
-    let mut ready = false;
+    *health.last_tick.lock() = Some(Instant::now());
+    let mut synced = false;
     loop {
         tokio::select! {
             _ = changed.notified() => {}
@@ -249,7 +315,8 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
-        if !ready {
+        *health.last_tick.lock() = Some(Instant::now());
+        if !synced {
             // Never act on a partial list: a PV missing from it would be unmounted.
             if tokio::time::timeout(Duration::from_millis(100), reader.wait_until_ready())
                 .await
@@ -257,77 +324,172 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             {
                 continue;
             }
-            ready = true;
+            synced = true;
         }
-        let all: Vec<PersistentVolume> = reader.state().iter().map(|pv| (**pv).clone()).collect();
+        let all: Arc<Vec<PersistentVolume>> =
+            Arc::new(reader.state().iter().map(|pv| (**pv).clone()).collect());
         let plan = plan(&node, &all);
-        let (outcome, capacity) = {
-            let manager = manager.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut m = manager.lock();
-                let outcome = m.apply(&plan);
-                m.flush_idle();
-                (outcome, m.capacity())
-            })
-            .await
-            .map_err(|e| AgentError::Join(e.to_string()))?
-        };
-        for name in &outcome.cleaned {
-            let Some(pv) = all.iter().find(|pv| pv.name_any() == *name) else {
-                continue;
-            };
-            if let Err(e) = remove_finalizer(&client, pv).await {
-                tracing::warn!(pv = %name, error = %e, "cannot remove the finalizer");
-                continue;
+        let served = local_state::Served::from_plan(&plan);
+        let outcome = apply_blocking(&manager, &health, plan).await?;
+        if served != saved {
+            let (root, s) = (config.root.clone(), served.clone());
+            match tokio::task::spawn_blocking(move || local_state::save(&root, &s)).await {
+                Ok(Ok(())) => saved = served,
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the served volumes"),
+                Err(e) => tracing::warn!(error = %e, "cannot save the served volumes"),
             }
-            // The controller deletes released PVs (static ones too); once a static PV is
-            // gone, the next round publishes a fresh one under its name.
-            tracing::info!(pv = %name, "data cleaned up; finalizer removed");
         }
+        let capacity = {
+            let manager = manager.clone();
+            tokio::task::spawn_blocking(move || manager.lock().capacity())
+                .await
+                .map_err(|e| AgentError::Join(e.to_string()))?
+        };
         let mut failing = BTreeMap::new();
         for e in &outcome.errors {
-            let pv = e.pv().to_string();
-            let message = e.to_string();
-            tracing::warn!(error = %message, "volume not served");
-            if reported.get(&pv) != Some(&message) {
-                if let Some(obj) = all.iter().find(|p| p.name_any() == pv) {
-                    let event = Event {
-                        type_: EventType::Warning,
-                        reason: "VolumeFailed".into(),
-                        note: Some(truncate(&message, 1000)),
-                        action: "Serve".into(),
-                        secondary: None,
-                    };
-                    // PVs are cluster-scoped: their events live in `default` (the API
-                    // server refuses an event whose namespace and object's differ otherwise).
-                    let mut reference = obj.object_ref(&());
-                    reference.namespace = Some("default".into());
-                    if let Err(e) = recorder.publish(&event, &reference).await {
-                        tracing::warn!(error = %e, "cannot post an event");
-                    }
-                }
-            }
-            failing.insert(pv, message);
+            tracing::warn!(error = %e, "volume not served");
+            failing.insert(e.pv().to_string(), e.to_string());
         }
-        reported = failing;
-        if let Some(static_mode) = &config.static_mode {
-            static_pvs::reconcile(&client, &registered.spec, static_mode, &all).await;
-        }
-        tier_metrics.set(&capacity);
-        let status = FusevolNodeStatus::from_tiers(capacity, Some(crate::VERSION.to_string()));
-        if published.as_ref() != Some(&status) {
-            match publish_status(&client, &node, &status).await {
-                Ok(_) => published = Some(status),
-                Err(e) => tracing::warn!(error = %e, "cannot publish capacity"),
-            }
-        }
-        *health.last_round.lock() = Some(Instant::now());
+        // The API side takes the latest round; older ones are level-triggered repeats.
+        let _ = rounds.send(Round {
+            all,
+            cleaned: outcome.cleaned,
+            failing,
+            capacity,
+        });
     }
+    api_side.abort();
     tracing::info!("stopping: unmounting volumes (their data stays)");
     tokio::task::spawn_blocking(move || manager.lock().shutdown())
         .await
         .map_err(|e| AgentError::Join(e.to_string()))?;
     Ok(())
+}
+
+/// Applies `plan` on a blocking thread, marking the agent busy meanwhile.
+async fn apply_blocking(
+    manager: &Arc<Mutex<VolumeManager>>,
+    health: &Arc<Health>,
+    plan: volumes::Plan,
+) -> Result<volumes::Outcome, AgentError> {
+    *health.busy_since.lock() = Some(Instant::now());
+    let manager = manager.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut m = manager.lock();
+        let outcome = m.apply(&plan);
+        m.flush_idle();
+        outcome
+    })
+    .await
+    .map_err(|e| AgentError::Join(e.to_string()));
+    *health.busy_since.lock() = None;
+    outcome
+}
+
+/// The API side of the agent: everything it tells the API server, from the latest round.
+async fn api_loop(
+    client: Client,
+    config: AgentConfig,
+    mut rounds: tokio::sync::watch::Receiver<Round>,
+    tier_metrics: TierMetrics,
+) {
+    let node = config.node_name.clone();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(node.clone()),
+        },
+    );
+    let mut registered: Option<FusevolNode> = None;
+    let mut published: Option<FusevolNodeStatus> = None;
+    let mut reported: BTreeMap<String, String> = BTreeMap::new();
+    while rounds.changed().await.is_ok() {
+        let round = rounds.borrow_and_update().clone();
+        if registered.is_none() {
+            match register_node(&client, &config).await {
+                Ok(n) => {
+                    published = n.status.clone();
+                    registered = Some(n);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register the FusevolNode; retrying next round");
+                    continue;
+                }
+            }
+        }
+        for name in &round.cleaned {
+            let Some(pv) = round.all.iter().find(|pv| pv.name_any() == *name) else {
+                continue;
+            };
+            match api_call("removing the finalizer", remove_finalizer(&client, pv)).await {
+                // The controller deletes released PVs (static ones too); once a static PV
+                // is gone, the next round publishes a fresh one under its name.
+                Ok(()) => tracing::info!(pv = %name, "data cleaned up; finalizer removed"),
+                Err(e) => tracing::warn!(pv = %name, error = %e, "finalizer not removed"),
+            }
+        }
+        for (pv, message) in &round.failing {
+            if reported.get(pv) == Some(message) {
+                continue;
+            }
+            let Some(obj) = round.all.iter().find(|p| p.name_any() == *pv) else {
+                continue;
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "VolumeFailed".into(),
+                note: Some(truncate(message, 1000)),
+                action: "Serve".into(),
+                secondary: None,
+            };
+            // PVs are cluster-scoped: their events live in `default` (the API server
+            // refuses an event whose namespace and object's differ otherwise).
+            let mut reference = obj.object_ref(&());
+            reference.namespace = Some("default".into());
+            if let Err(e) = api_call("posting an event", recorder.publish(&event, &reference)).await
+            {
+                tracing::warn!(error = %e, "event not posted");
+            }
+        }
+        reported = round.failing.clone();
+        if let (Some(static_mode), Some(n)) = (&config.static_mode, &registered) {
+            let work = static_pvs::reconcile(&client, &n.spec, static_mode, &round.all);
+            if tokio::time::timeout(API_TIMEOUT * 4, work).await.is_err() {
+                tracing::warn!("static PVs: the API server did not answer in time");
+            }
+        }
+        tier_metrics.set(&round.capacity);
+        let status =
+            FusevolNodeStatus::from_tiers(round.capacity.clone(), Some(crate::VERSION.to_string()));
+        if published.as_ref() != Some(&status) {
+            match api_call(
+                "publishing capacity",
+                publish_status(&client, &node, &status),
+            )
+            .await
+            {
+                Ok(_) => published = Some(status),
+                Err(e) => tracing::warn!(error = %e, "capacity not published"),
+            }
+        }
+    }
+}
+
+/// Registers the node's `FusevolNode` (its hostname label read from the Node first).
+async fn register_node(client: &Client, config: &AgentConfig) -> Result<FusevolNode, String> {
+    let node = &config.node_name;
+    let hostname = tokio::time::timeout(API_TIMEOUT, node_hostname(client, node))
+        .await
+        .unwrap_or_else(|_| node.clone());
+    let spec = FusevolNodeSpec {
+        node_name: node.clone(),
+        hostname: (hostname != *node).then_some(hostname),
+        root: config.root.to_string_lossy().into_owned(),
+    };
+    let n = api_call("registering the FusevolNode", register(client, &spec)).await?;
+    tracing::info!(node, root = %spec.root, "registered FusevolNode");
+    Ok(n)
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -35,13 +35,21 @@ fn pv(name: &str, node: &str, phase: &str, policy: &str, deleting: bool) -> Pers
 }
 
 #[test]
-fn the_plan_serves_this_nodes_pvs_and_cleans_up_released_ones() {
+fn the_plan_serves_bound_pvs_even_when_deleted_and_cleans_up_only_unclaimed_ones() {
     let pvs = [
         pv("bound", "n1", "Bound", "Delete", false),
         pv("other-node", "n2", "Bound", "Delete", false),
         pv("released-delete", "n1", "Released", "Delete", false),
         pv("released-retain", "n1", "Released", "Retain", false),
         pv("deleted-retain", "n1", "Released", "Retain", true),
+        // `kubectl delete pv` of a PV whose claim still exists: pv-protection keeps it
+        // Bound and the pod keeps using it, so it stays served with its data.
+        pv("bound-deleting", "n1", "Bound", "Delete", true),
+        pv("bound-deleting-retain", "n1", "Bound", "Retain", true),
+        pv("pending-deleting", "n1", "Pending", "Delete", true),
+        pv("deleted-released", "n1", "Released", "Delete", true),
+        pv("failed-delete", "n1", "Failed", "Delete", false),
+        pv("available-deleting", "n1", "Available", "Delete", true),
     ];
     let Plan { wanted } = plan("n1", &pvs);
     let summary: Vec<String> = wanted
@@ -59,8 +67,18 @@ fn the_plan_serves_this_nodes_pvs_and_cleans_up_released_ones() {
             "cleanup released-delete delete=true",
             "serve released-retain",
             "cleanup deleted-retain delete=false",
+            "serve bound-deleting",
+            "serve bound-deleting-retain",
+            "serve pending-deleting",
+            "cleanup deleted-released delete=true",
+            "cleanup failed-delete delete=true",
+            "cleanup available-deleting delete=true",
         ]
     );
+    // Deleted, and our finalizer already gone: nothing left to do for it.
+    let mut done = pv("done", "n1", "Released", "Retain", true);
+    done.metadata.finalizers = Some(vec!["kubernetes.io/pv-protection".into()]);
+    assert_eq!(plan("n1", &[done]).wanted, []);
     let mut broken = pv("bad", "n1", "Bound", "Delete", false);
     broken
         .metadata
@@ -190,4 +208,179 @@ fn a_pv_is_served_as_a_live_mount_and_its_data_deleted_on_release() {
         0,
         "the volume is gone from the store"
     );
+}
+
+/// A "pod": the PV's local path bind-mounted elsewhere, as kubelet does. Unmounted on drop.
+struct PodMount {
+    dir: std::path::PathBuf,
+}
+
+impl PodMount {
+    fn new(local_path: &str, dir: std::path::PathBuf) -> PodMount {
+        std::fs::create_dir_all(&dir).unwrap();
+        nix::mount::mount(
+            Some(local_path),
+            &dir,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        PodMount { dir }
+    }
+}
+
+impl Drop for PodMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn one_disk_manager(tmp: &std::path::Path) -> (VolumeManager, std::path::PathBuf) {
+    let root = tmp.join("root");
+    let text = format!(
+        "node_name = \"n1\"\nroot = \"{}\"\nlisten = \"127.0.0.1:0\"\n[[tiers]]\nname = \"fast\"\ndisks = [\"{}\"]\ncapacity = \"1Gi\"\n",
+        root.display(),
+        tmp.join("disk").display()
+    );
+    let config = AgentConfig::parse(&text, None).unwrap();
+    let manager = VolumeManager::open(&config, Arc::new(crate::metrics::Metrics::new())).unwrap();
+    (manager, root)
+}
+
+#[test]
+fn a_bound_pv_being_deleted_stays_served_with_its_data_until_its_claim_goes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut manager, root) = one_disk_manager(tmp.path());
+    let paths = crate::k8s::layout::volume_paths(&root.to_string_lossy(), "pvc-1");
+    let out = manager.apply(&plan("n1", &[pv("pvc-1", "n1", "Bound", "Delete", false)]));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    std::fs::write(format!("{}/db", paths.local_path), b"rows").unwrap();
+
+    // `kubectl delete pv` while the claim exists: a deletionTimestamp, still Bound.
+    for _ in 0..3 {
+        let out = manager.apply(&plan("n1", &[pv("pvc-1", "n1", "Bound", "Delete", true)]));
+        assert!(out.errors.is_empty() && out.cleaned.is_empty(), "{out:?}");
+    }
+    assert_eq!(
+        std::fs::read(format!("{}/db", paths.local_path)).unwrap(),
+        b"rows",
+        "the data and the live mount stay"
+    );
+    assert_eq!(manager.served(), ["pvc-1"]);
+
+    // The claim is deleted: the PV controller releases the PV; now the data goes.
+    let out = manager.apply(&plan(
+        "n1",
+        &[pv("pvc-1", "n1", "Released", "Delete", true)],
+    ));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(out.cleaned, ["pvc-1"]);
+    assert_eq!(manager.capacity()[0].allocated_bytes, 0);
+}
+
+/// The kubelet's bind mount outlives the host mount: stopping a volume must end the FUSE
+/// connection itself, or the old pod keeps a live session on a key range that the store
+/// believes closed, and sees whatever volume is created next.
+#[test]
+fn a_pod_bind_mount_reaches_nothing_after_its_volume_is_deleted_not_even_the_next_volume() {
+    use std::io::{Read, Seek, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut manager, root) = one_disk_manager(tmp.path());
+    let p1 = crate::k8s::layout::volume_paths(&root.to_string_lossy(), "pvc-1");
+    let out = manager.apply(&plan("n1", &[pv("pvc-1", "n1", "Bound", "Delete", false)]));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let pod = PodMount::new(&p1.local_path, tmp.path().join("pod-1"));
+    // The pod holds a file open, as a database does.
+    let mut held = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(pod.dir.join("wal"))
+        .unwrap();
+    held.write_all(b"tenant one").unwrap();
+    held.sync_all().unwrap();
+
+    // Pod force-deleted, claim deleted, PV released: the agent deletes the volume.
+    let out = manager.apply(&plan(
+        "n1",
+        &[pv("pvc-1", "n1", "Released", "Delete", false)],
+    ));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(out.cleaned, ["pvc-1"]);
+
+    // A new tenant gets a volume on the same node and store.
+    let out = manager.apply(&plan("n1", &[pv("pvc-2", "n1", "Bound", "Delete", false)]));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let p2 = crate::k8s::layout::volume_paths(&root.to_string_lossy(), "pvc-2");
+    std::fs::write(format!("{}/secret", p2.local_path), b"tenant two").unwrap();
+    std::fs::write(format!("{}/wal", p2.local_path), b"tenant two's wal").unwrap();
+
+    // The old pod's bind mount and its open file reach nothing, never the new data.
+    let connected = |r: &std::io::Result<()>| {
+        !matches!(r, Err(e) if [libc::ENOTCONN, libc::ECONNABORTED, libc::EIO, libc::ENODEV]
+            .contains(&e.raw_os_error().unwrap_or(0)))
+    };
+    // The held file may be answered from the old pod's own page cache (the kernel keeps
+    // clean pages of an aborted connection), but only with tenant one's own bytes.
+    let mut buf = Vec::new();
+    let read_held = held
+        .seek(std::io::SeekFrom::Start(0))
+        .and_then(|_| held.read_to_end(&mut buf))
+        .map(|_| ());
+    assert!(
+        !connected(&read_held) || buf == b"tenant one",
+        "read of the held file: {read_held:?} {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    let write_held = held.write_all(b"more").and_then(|_| held.sync_all());
+    assert!(
+        !connected(&write_held),
+        "write of the held file: {write_held:?}"
+    );
+    for name in ["secret", "wal"] {
+        let r = std::fs::read(pod.dir.join(name)).map(|_| ());
+        assert!(!connected(&r), "{name} through the old bind mount: {r:?}");
+    }
+    let listing = std::fs::read_dir(&pod.dir).map(|_| ());
+    assert!(
+        !connected(&listing),
+        "readdir of the old bind mount: {listing:?}"
+    );
+    drop(held);
+    drop(pod);
+    assert_eq!(
+        std::fs::read(format!("{}/secret", p2.local_path)).unwrap(),
+        b"tenant two",
+        "the new volume is intact"
+    );
+}
+
+#[test]
+fn a_reissued_pv_of_the_same_name_is_never_served_the_previous_tenants_volume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut manager, _root) = one_disk_manager(tmp.path());
+    let with_uid = |uid: &str| {
+        let mut p = pv("static-n1-0", "n1", "Bound", "Retain", false);
+        p.metadata.uid = Some(uid.into());
+        p
+    };
+    let out = manager.apply(&plan("n1", &[with_uid("uid-old")]));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    // The old PV object goes (Retain: the data stays), and a new one takes its name.
+    let out = manager.apply(&plan("n1", &[]));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let out = manager.apply(&plan("n1", &[with_uid("uid-new")]));
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    assert!(
+        out.errors[0].to_string().contains("uid-old"),
+        "{}",
+        out.errors[0]
+    );
+    assert!(manager.served().is_empty(), "served for another tenant");
+    // The old object itself is still served.
+    let out = manager.apply(&plan("n1", &[with_uid("uid-old")]));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(manager.served(), ["static-n1-0"]);
 }

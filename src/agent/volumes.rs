@@ -46,6 +46,8 @@ pub enum VolumeError {
         tier: String,
         available: String,
     },
+    #[error("PV {pv}: mount point {path} is not empty on the host; refusing to mount over it (move its files away)")]
+    MountPointNotEmpty { pv: String, path: PathBuf },
     #[error("PV {pv}: bad volume spec annotation: {message}")]
     BadSpec { pv: String, message: String },
     #[error("PV {pv}: {message}")]
@@ -55,11 +57,17 @@ pub enum VolumeError {
 /// What should become of one PV of this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wanted {
-    /// Serve the volume at its mount point (creating it with `spec` if new).
-    Serve { pv: String, spec: VolumeSpec },
-    /// The PV is released with reclaim policy Delete, or being deleted: unmount and delete
-    /// the volume's data (`delete_data`), or only unmount (a Retain PV an administrator
-    /// deletes keeps its data in the store). Then its finalizer may go.
+    /// Serve the volume at its mount point (creating it with `spec` if new), for the PV
+    /// object with UID `uid` (the volume records it, and is never served for another).
+    Serve {
+        pv: String,
+        spec: VolumeSpec,
+        uid: Option<String>,
+    },
+    /// No claim uses the PV any more (Released or Failed with reclaim policy Delete, or an
+    /// unbound PV being deleted): unmount and delete the volume's data (`delete_data`), or
+    /// only unmount (a Retain PV an administrator deletes keeps its data in the store).
+    /// Then its finalizer may go. A Bound PV is never cleaned up, deleted or not.
     Cleanup { pv: String, delete_data: bool },
     /// A PV that names this node but that the agent cannot serve (bad annotation).
     Broken { pv: String, message: String },
@@ -69,6 +77,50 @@ pub enum Wanted {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub wanted: Vec<Wanted>,
+}
+
+/// What the agent may do with a PV's data, from its phase, reclaim policy and deletion.
+///
+/// Data is deleted only when Kubernetes says no claim uses the PV any more: the PV
+/// controller moves a PV to `Released` once its claim is gone (and to `Failed` when a
+/// reclaim failed). A deletionTimestamp alone proves nothing: `kubectl delete pv` on a
+/// Bound PV sets one at once, while `kubernetes.io/pv-protection` keeps the PV, its claim
+/// and the pod using it alive. Such a PV stays served until its claim is deleted (as
+/// kube-controller-manager's own volume plugins do: they reclaim only Released PVs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Bound, or a phase the PV controller has not settled yet: serve it.
+    Serve,
+    /// No claim uses it: unmount, and delete the data if `delete_data`.
+    Cleanup { delete_data: bool },
+    /// Deleted and cleaned up already (no finalizer of ours left): nothing to do.
+    Gone,
+}
+
+fn fate(pv: &PersistentVolume) -> Fate {
+    let policy = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+        .unwrap_or("Delete");
+    let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
+    let deleting = pv.metadata.deletion_timestamp.is_some();
+    let has_finalizer = pv
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == FINALIZER_DATA_CLEANUP);
+    let delete_data = policy == "Delete";
+    match phase {
+        // In use by a claim (or about to be): never touch the data, deleting or not.
+        Some("Bound") | Some("Pending") | None => Fate::Serve,
+        Some("Released") | Some("Failed") if delete_data => Fate::Cleanup { delete_data },
+        // Available (no claim) or Released with Retain: only a deletion ends the mount.
+        _ if deleting && has_finalizer => Fate::Cleanup { delete_data },
+        _ if deleting => Fate::Gone,
+        _ => Fate::Serve,
+    }
 }
 
 /// Computes the plan for `node` from all PVs the agent sees (pure).
@@ -81,32 +133,23 @@ pub fn plan(node: &str, pvs: &[PersistentVolume]) -> Plan {
         let Some(name) = pv.metadata.name.clone() else {
             continue;
         };
-        let policy = pv
-            .spec
-            .as_ref()
-            .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
-            .unwrap_or("Delete");
-        let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
-        let has_finalizer = pv
-            .metadata
-            .finalizers
-            .iter()
-            .flatten()
-            .any(|f| f == FINALIZER_DATA_CLEANUP);
-        let deleting = pv.metadata.deletion_timestamp.is_some();
-        let released_delete = phase == Some("Released") && policy == "Delete";
-        if deleting || released_delete {
-            // Without our finalizer the data was cleaned up already (or never ours to clean).
-            if has_finalizer || released_delete {
+        match fate(pv) {
+            Fate::Gone => continue,
+            Fate::Cleanup { delete_data } => {
                 wanted.push(Wanted::Cleanup {
                     pv: name,
-                    delete_data: policy == "Delete",
+                    delete_data,
                 });
+                continue;
             }
-            continue;
+            Fate::Serve => {}
         }
         match pv_volume_spec(pv) {
-            Some(Ok(spec)) => wanted.push(Wanted::Serve { pv: name, spec }),
+            Some(Ok(spec)) => wanted.push(Wanted::Serve {
+                pv: name,
+                spec,
+                uid: pv.metadata.uid.clone(),
+            }),
             Some(Err(e)) => wanted.push(Wanted::Broken {
                 pv: name,
                 message: format!("bad volume spec annotation: {e}"),
@@ -155,12 +198,14 @@ impl VolumeManager {
         let mut disks = Vec::new();
         for tier in &config.tiers {
             for path in &tier.disks {
+                let opts = StoreOptions {
+                    free_space_floor: tier.free_space_floor,
+                    ..Default::default()
+                };
                 let store =
-                    Store::open_or_create(path, &StoreOptions::default()).map_err(|source| {
-                        VolumeError::Store {
-                            disk: path.clone(),
-                            source,
-                        }
+                    Store::open_or_create(path, &opts).map_err(|source| VolumeError::Store {
+                        disk: path.clone(),
+                        source,
                     })?;
                 disks.push(Disk {
                     tier: tier.name.clone(),
@@ -199,9 +244,9 @@ impl VolumeManager {
         let mut keep = BTreeSet::new();
         for w in &plan.wanted {
             match w {
-                Wanted::Serve { pv, spec } => {
+                Wanted::Serve { pv, spec, uid } => {
                     keep.insert(pv.clone());
-                    match self.ensure_served(pv, spec) {
+                    match self.ensure_served(pv, spec, uid.as_deref()) {
                         Ok(true) => out.started.push(pv.clone()),
                         Ok(false) => {}
                         Err(e) => out.errors.push(e),
@@ -233,7 +278,12 @@ impl VolumeManager {
 
     /// Serves `pv`, creating its volume first if no store holds it. Returns whether it was
     /// (re)started in this call.
-    fn ensure_served(&mut self, pv: &str, spec: &VolumeSpec) -> Result<bool, VolumeError> {
+    fn ensure_served(
+        &mut self,
+        pv: &str,
+        spec: &VolumeSpec,
+        uid: Option<&str>,
+    ) -> Result<bool, VolumeError> {
         if let Some((s, applied)) = self.served.get(pv) {
             if !s.finished() {
                 if applied != spec {
@@ -263,6 +313,15 @@ impl VolumeManager {
             Some(i) => i,
             None => self.create_volume(pv, spec)?,
         };
+        if let Some(uid) = uid {
+            self.disks[disk]
+                .store
+                .claim_volume(pv, uid)
+                .map_err(|source| VolumeError::Volume {
+                    pv: pv.into(),
+                    source,
+                })?;
+        }
         self.ensure_quota(pv, spec)?;
         let paths = volume_paths(&self.root.to_string_lossy(), pv);
         let mount_point = PathBuf::from(&paths.mount_point);
@@ -271,11 +330,20 @@ impl VolumeManager {
             tracing::warn!(pv, "detaching the stale mount of a previous agent");
             let _ = mount::detach(&mount_point);
         }
-        std::fs::create_dir_all(&mount_point).map_err(|source| VolumeError::Io {
+        make_host_dirs(&paths).map_err(|source| VolumeError::Io {
             pv: pv.into(),
             path: mount_point.clone(),
             source,
         })?;
+        // The host-side mount point must stay empty (see k8s::layout): a file there would
+        // be hidden under the mount, and `mnt/data` existing on the host would let a pod
+        // start on the bare host disk whenever the volume is not served.
+        if !mount::is_mounted(&mount_point) && !dir_is_empty(&mount_point) {
+            return Err(VolumeError::MountPointNotEmpty {
+                pv: pv.into(),
+                path: mount_point,
+            });
+        }
         let served = mount::serve(
             &self.disks[disk].store,
             pv,
@@ -433,19 +501,26 @@ impl VolumeManager {
         Ok(())
     }
 
-    /// Capacity per tier: total (the configured cap, else the size of the disks'
-    /// filesystems) minus reserved, and allocated = the sum of the volumes' quotas.
+    /// Capacity per tier: total (the size of the disks' filesystems less each disk's
+    /// free-space floor, lowered to the configured cap) minus reserved, and allocated
+    /// = the sum of the quotas of every volume in the tier's stores, also those whose PV
+    /// is gone (Retain leftovers still take their space).
     pub fn capacity(&self) -> Vec<TierStatus> {
         self.tiers
             .iter()
             .map(|t| {
                 let disks: Vec<&Disk> = self.disks.iter().filter(|d| d.tier == t.name).collect();
-                let raw = t.capacity.unwrap_or_else(|| {
-                    disks
-                        .iter()
-                        .map(|d| fs_size(&d.path).unwrap_or(0))
-                        .fold(0, u64::saturating_add)
-                });
+                let size = disks
+                    .iter()
+                    .map(|d| fs_size(&d.path).unwrap_or(0))
+                    .fold(0, u64::saturating_add);
+                let floors = disks
+                    .iter()
+                    .map(|d| d.store.free_space_floor().0)
+                    .fold(0, u64::saturating_add);
+                // The disks can offer their size less the floors; a cap only lowers that.
+                let usable = size.saturating_sub(floors);
+                let raw = t.capacity.map_or(usable, |cap| cap.min(usable));
                 let allocated = disks
                     .iter()
                     .map(|d| allocated_in(&d.store))
@@ -463,11 +538,23 @@ impl VolumeManager {
             .collect()
     }
 
-    /// Unmounts everything (data stays). Used on shutdown.
+    /// Unmounts everything (data stays). Used on shutdown: every mount is unmounted first,
+    /// then the sessions get one shared grace period to end before the connections still
+    /// in use by pods are aborted (the process exit would end them anyway).
     pub fn shutdown(&mut self) {
-        let names: Vec<String> = self.served.keys().cloned().collect();
-        for pv in names {
-            if let Err(e) = self.unserve(&pv) {
+        let mut served: Vec<Served> = std::mem::take(&mut self.served)
+            .into_values()
+            .map(|(s, _)| s)
+            .collect();
+        for s in &mut served {
+            if let Err(e) = s.unmount() {
+                tracing::warn!(error = %e, "unmount on shutdown failed");
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for s in served {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if let Err(e) = s.stop(left) {
                 tracing::warn!(error = %e, "unmount on shutdown failed");
             }
         }
@@ -482,6 +569,7 @@ impl VolumeManager {
     pub fn flush_idle(&self) {
         for d in &self.disks {
             let _ = d.store.flush_if_idle(1 << 20);
+            d.store.reclaim_if_wanted();
         }
     }
 }
@@ -490,6 +578,34 @@ impl Drop for VolumeManager {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Creates `<root>/volumes/<pv>/mnt` with the PV's directories root-only (0700): pods
+/// reach a volume through kubelet's bind mount, never through the host path, so no other
+/// host user may walk into a tenant's volume (the `data` directory inside it is 0777).
+fn make_host_dirs(paths: &crate::k8s::layout::VolumePaths) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = Path::new(&paths.dir);
+    if let Some(volumes) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(volumes)?;
+        std::fs::set_permissions(volumes, std::fs::Permissions::from_mode(0o700))?;
+    }
+    for d in [dir, Path::new(&paths.mount_point)] {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Unreadable counts as empty: the mount that follows reports the real error.
+fn dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut it| it.next().is_none())
 }
 
 fn make_data_dir(data: &Path) -> std::io::Result<()> {
@@ -530,6 +646,7 @@ impl VolumeError {
             VolumeError::Volume { pv, .. }
             | VolumeError::Mount { pv, .. }
             | VolumeError::Io { pv, .. }
+            | VolumeError::MountPointNotEmpty { pv, .. }
             | VolumeError::UnknownTier { pv, .. }
             | VolumeError::BadSpec { pv, .. }
             | VolumeError::Unsupported { pv, .. } => pv,

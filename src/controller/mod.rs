@@ -10,7 +10,14 @@
 //! - Released PVs with reclaim policy Delete: [`reconcile_pv`] deletes the object; the node's
 //!   agent then deletes the data and removes the finalizer, and only then is the PV gone.
 //! - [`capacity`]: the CSIDriver and CSIStorageCapacity objects the scheduler reads.
-//! - [`leader`]: Lease-based leader election; only the leader runs the above.
+//! - [`leader`]: Lease-based leader election (client-go's semantics); only the leader runs
+//!   the above, and it stops them before its lease could run out in the others' view.
+//!
+//! No decision before the caches are synced: every path that decides from the reflector
+//! stores (claims, capacity publishing) first checks that each store it reads has seen its
+//! first complete list ([`Context::caches_ready`]) and otherwise requeues. A store that is
+//! still listing is empty or partial, and a decision on it would count a node's PVs as absent
+//! and over-commit the node, right after a start or a failover.
 //!
 //! Restart safety: a PV's name is a function of its claim's uid, so re-running a reconcile
 //! (after a restart, a missed event or a stale cache) finds the PV or gets `AlreadyExists`,
@@ -24,7 +31,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -149,7 +157,33 @@ pub struct Context {
     pub metrics: ControllerMetrics,
 }
 
+/// How soon a reconcile that found the caches still listing tries again (a sync also
+/// triggers every claim at once).
+pub const CACHE_SYNC_RETRY: Duration = Duration::from_secs(2);
+
+/// Whether `store` has seen its first complete list (its writer got the watcher's `InitDone`).
+fn store_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
+}
+
 impl Context {
+    /// Whether every store a decision reads (PVs, FusevolNodes, StorageClasses) is synced.
+    pub fn caches_ready(&self) -> bool {
+        store_ready(&self.pvs) && store_ready(&self.nodes) && store_ready(&self.classes)
+    }
+
+    /// Waits until [`caches_ready`](Self::caches_ready); an error means a store's writer is
+    /// gone and the store will never be synced.
+    pub async fn wait_for_caches(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.pvs.wait_until_ready().await?;
+        self.nodes.wait_until_ready().await?;
+        self.classes.wait_until_ready().await
+    }
+
     fn snapshot_pvs(&self) -> Vec<PersistentVolume> {
         self.pvs.state().iter().map(|p| (**p).clone()).collect()
     }
@@ -211,6 +245,11 @@ pub async fn reconcile(
     claim: Arc<PersistentVolumeClaim>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
+    if !ctx.caches_ready() {
+        // Every read below (class, PVs, nodes) would see a partial list.
+        tracing::debug!(claim = %claim.name_any(), "caches not synced yet; requeueing");
+        return Ok(Action::requeue(CACHE_SYNC_RETRY));
+    }
     let class_name = claim
         .spec
         .as_ref()
@@ -388,8 +427,9 @@ impl crate::http::Endpoints for Endpoints {
     }
 }
 
-/// Runs the controller: waits for leadership, then provisions until SIGTERM/SIGINT or until
-/// leadership is lost (an error: the process exits and restarts as a candidate).
+/// Runs the controller: waits for leadership, then provisions until SIGTERM/SIGINT (the Lease
+/// is then released); a replica that loses leadership stops provisioning and waits for it
+/// again. See [`leader`] for the timing.
 pub async fn run(settings: Settings) -> Result<(), Error> {
     let client = Client::try_default()
         .await
@@ -404,102 +444,150 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             addr: settings.listen,
             source,
         })?;
-    let election = leader::LeaderElection::new(
+    let timing = leader::Timing::for_lease(settings.lease_duration);
+    let mut election = leader::LeaderElection::new(
         client.clone(),
         &settings.namespace,
         &settings.lease,
         &settings.identity,
-        settings.lease_duration,
+        timing,
     );
+    // One SIGTERM listener for the whole run: a signal between the phases is not lost.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
-    tokio::select! {
-        _ = election.acquire() => {}
-        _ = sigterm.recv() => return Ok(()),
-        _ = tokio::signal::ctrl_c() => return Ok(()),
+    tracing::info!(
+        identity = %settings.identity,
+        lease = ?timing.lease_duration,
+        renew_deadline = ?timing.renew_deadline,
+        retry_period = ?timing.retry_period,
+        "waiting for leadership"
+    );
+    // A replica that loses leadership (its renewals failed, e.g. the API server hung)
+    // stops its work and becomes a candidate again in-process, as a restarted container
+    // would, without a restart that kubelet may delay by its crash-loop backoff.
+    loop {
+        let acquired = tokio::select! {
+            _ = election.acquire() => true,
+            _ = sigterm.recv() => false,
+            _ = tokio::signal::ctrl_c() => false,
+        };
+        if !acquired {
+            // An acquire cut short may have written the Lease already: hand it back if it
+            // names us.
+            if let Err(e) = election.release().await {
+                tracing::warn!(error = %e, "cannot check the lease on shutdown");
+            }
+            return Ok(());
+        }
+        tracing::info!(identity = %settings.identity, "leading");
+        *endpoints.leading.lock() = true;
+        // The caches start empty and unsynced with every leadership: a decision waits
+        // for them.
+        let (pvs, pv_stream) = reflect::<PersistentVolume>(&client);
+        let (nodes, node_stream) = reflect::<FusevolNode>(&client);
+        let (classes, class_stream) = reflect::<StorageClass>(&client);
+        let caches = Caches {
+            pvs: pv_stream,
+            nodes: node_stream,
+            classes: class_stream,
+        };
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: capacity::FIELD_MANAGER.into(),
+                    instance: Some(settings.identity.clone()),
+                },
+            ),
+            pvs,
+            nodes,
+            classes,
+            reservations: Mutex::new(Vec::new()),
+            metrics: ControllerMetrics::default(),
+        });
+        *endpoints.ctx.lock() = Some(ctx.clone());
+        let work = provision(ctx, caches, settings.namespace.clone());
+        let shutdown = async {
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        let ended = election.lead(work, shutdown).await;
+        *endpoints.leading.lock() = false;
+        match ended {
+            leader::Ended::Shutdown => return Ok(()),
+            leader::Ended::Lost(why) => {
+                let e = Error::LostLeadership(why);
+                tracing::error!(error = %e, "stopped provisioning; a candidate again");
+            }
+        }
     }
-    tracing::info!(identity = %settings.identity, "leading");
-    *endpoints.leading.lock() = true;
+}
 
-    if let Err(e) = capacity::ensure_csi_driver(&client).await {
-        tracing::warn!(error = %e, "cannot apply the CSIDriver object; the scheduler will not see fusevol's capacity");
+/// The reflectors behind the [`Context`]'s stores, as streams that must be polled to fill them.
+struct Caches {
+    pvs: BoxStream<'static, Result<PersistentVolume, watcher::Error>>,
+    nodes: BoxStream<'static, Result<FusevolNode, watcher::Error>>,
+    classes: BoxStream<'static, Result<StorageClass, watcher::Error>>,
+}
+
+/// A reflector for every `K` of the cluster: the store it fills, and the stream that fills it.
+fn reflect<K>(client: &Client) -> (Store<K>, BoxStream<'static, Result<K, watcher::Error>>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .boxed();
+    (store, stream)
+}
+
+/// Polls a reflector stream (which fills its store) until it ends, calling `touched` for each
+/// object it delivers.
+async fn drive<K>(
+    stream: impl Stream<Item = Result<K, watcher::Error>>,
+    what: &str,
+    touched: impl Fn(),
+) {
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(_) => touched(),
+            Err(e) => tracing::warn!(error = %e, watch = what, "watch failed; retrying"),
+        }
     }
+}
 
-    let (pvs, pv_writer) = reflector::store::<PersistentVolume>();
-    let (nodes, node_writer) = reflector::store::<FusevolNode>();
-    let (classes, class_writer) = reflector::store::<StorageClass>();
-    let pv_stream = reflector::reflector(
-        pv_writer,
-        watcher(
-            Api::<PersistentVolume>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
-    let node_stream = reflector::reflector(
-        node_writer,
-        watcher(
-            Api::<FusevolNode>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
-    let class_stream = reflector::reflector(
-        class_writer,
-        watcher(
-            Api::<StorageClass>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
-
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: capacity::FIELD_MANAGER.into(),
-                instance: Some(settings.identity.clone()),
-            },
-        ),
-        pvs: pvs.clone(),
-        nodes: nodes.clone(),
-        classes: classes.clone(),
-        reservations: Mutex::new(Vec::new()),
-        metrics: ControllerMetrics::default(),
-    });
-    *endpoints.ctx.lock() = Some(ctx.clone());
-
+/// Everything the leader does; dropped (cancelled) when leadership ends.
+async fn provision(ctx: Arc<Context>, caches: Caches, namespace: String) {
+    let client = ctx.client.clone();
     // A claim is reconciled when it changes, when a PV naming it changes, when its class
-    // changes, and when any node's capacity changes (a waiting claim may fit now).
+    // changes, when any node's capacity changes (a waiting claim may fit now), and once when
+    // the caches are first synced (claims seen before that were requeued).
     let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
     let controller = Controller::new(claims, watcher::Config::default());
     let claim_store = controller.store();
-    let (node_tx, node_rx) = futures::channel::mpsc::unbounded::<()>();
-    let class_claims = claim_store.clone();
-    for stream in [
-        pv_stream.map(|r| r.map(|_| ())).boxed(),
-        class_stream.map(|r| r.map(|_| ())).boxed(),
-    ] {
-        tokio::spawn(async move {
-            let mut s = stream;
-            while let Some(item) = s.next().await {
-                if let Err(e) = item {
-                    tracing::warn!(error = %e, "watch failed; retrying");
-                }
-            }
-        });
-    }
-    let pv_claims = controller
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<()>();
+    let claims = controller
         .watches(
             Api::<StorageClass>::all(client.clone()),
             watcher::Config::default(),
             move |class: StorageClass| {
                 let name = class.name_any();
-                class_claims
+                claim_store
                     .state()
                     .iter()
                     .filter(|c| {
@@ -521,91 +609,109 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                     .and_then(|r| Some(ObjectRef::new(&r.name?).within(&r.namespace?)))
             },
         )
-        .reconcile_all_on(node_rx)
-        .graceful_shutdown_on(shutdown_signal())
+        .reconcile_all_on(trigger_rx)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "claim reconcile");
             }
         });
-    tokio::spawn(async move {
-        let mut s = std::pin::pin!(node_stream);
-        while let Some(item) = s.next().await {
-            if item.is_ok() {
-                let _ = node_tx.unbounded_send(());
-            }
-        }
-    });
 
     let released = Controller::new(
         Api::<PersistentVolume>::all(client.clone()),
         watcher::Config::default(),
     )
-    .graceful_shutdown_on(shutdown_signal())
     .run(reconcile_pv, error_policy_pv, ctx.clone())
     .for_each(|_| async {});
 
-    let publisher = publish_capacity(ctx.clone(), settings.namespace.clone());
-
-    tokio::select! {
-        _ = pv_claims => Ok(()),
-        _ = released => Ok(()),
-        _ = publisher => Ok(()),
-        why = election.keep() => Err(Error::LostLeadership(why)),
-        _ = sigterm.recv() => Ok(()),
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(_) => return std::future::pending().await,
+    let node_trigger = trigger_tx.clone();
+    let synced = {
+        let ctx = ctx.clone();
+        async move {
+            match ctx.wait_for_caches().await {
+                Ok(()) => {
+                    tracing::info!("caches synced: deciding from now on");
+                    let _ = trigger_tx.unbounded_send(());
+                }
+                Err(e) => tracing::warn!(error = %e, "a cache will never sync; deciding nothing"),
+            }
+        }
     };
+    let csi_driver = async {
+        if let Err(e) = capacity::ensure_csi_driver(&client).await {
+            tracing::warn!(error = %e, "cannot apply the CSIDriver object; the scheduler will not see fusevol's capacity");
+        }
+    };
+    let background = futures::future::join5(
+        drive(caches.pvs, "PersistentVolumes", || {}),
+        drive(caches.nodes, "FusevolNodes", move || {
+            let _ = node_trigger.unbounded_send(());
+        }),
+        drive(caches.classes, "StorageClasses", || {}),
+        synced,
+        csi_driver,
+    );
+
     tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = claims => {}
+        _ = released => {}
+        _ = publish_capacity(ctx.clone(), namespace) => {}
+        _ = background => {}
     }
 }
 
 /// Keeps the CSIStorageCapacity objects in line with the caches, every few seconds.
 async fn publish_capacity(ctx: Arc<Context>, namespace: String) {
     let resource = capacity::discover(&ctx.client).await;
-    if resource.is_none() {
+    let Some(resource) = resource else {
         tracing::warn!("the API server serves no CSIStorageCapacity version (Kubernetes 1.20 needs --feature-gates=CSIStorageCapacity=true --runtime-config=storage.k8s.io/v1alpha1=true): the scheduler will not see fusevol's capacity; full nodes are still refused by rescheduling");
         return std::future::pending().await;
-    }
-    let Some(resource) = resource else { return };
+    };
     tracing::info!(version = %resource.version, "publishing CSIStorageCapacity");
+    if let Err(e) = ctx.wait_for_caches().await {
+        tracing::warn!(error = %e, "a cache will never sync; publishing no capacity");
+        return std::future::pending().await;
+    }
     let mut last = BTreeMap::new();
     loop {
-        let _ = ctx.pvs.wait_until_ready().await;
-        let _ = ctx.nodes.wait_until_ready().await;
-        let _ = ctx.classes.wait_until_ready().await;
-        let pvs = ctx.snapshot_pvs();
-        let nodes = ctx.snapshot_nodes();
-        let classes: Vec<StorageClass> =
-            ctx.classes.state().iter().map(|c| (**c).clone()).collect();
-        let want = {
-            let reservations = ctx.reservations.lock();
-            capacity::desired(
-                &classes,
-                &ClusterState {
-                    nodes: &nodes,
-                    pvs: &pvs,
-                    reservations: &reservations,
-                },
-            )
-        };
-        match capacity::publish(&ctx.client, &resource, &namespace, &want, &last).await {
-            Ok(now) => last = now,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot publish CSIStorageCapacity");
-                last.clear();
-            }
-        }
+        publish_capacity_round(&ctx, &resource, &namespace, &mut last).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// One round of [`publish_capacity`]; publishes nothing (and returns false) while a cache it
+/// reads is not synced, since free bytes from a partial PV list would overstate every node.
+async fn publish_capacity_round(
+    ctx: &Context,
+    resource: &kube::api::ApiResource,
+    namespace: &str,
+    last: &mut BTreeMap<String, capacity::CapacityEntry>,
+) -> bool {
+    if !ctx.caches_ready() {
+        return false;
+    }
+    let pvs = ctx.snapshot_pvs();
+    let nodes = ctx.snapshot_nodes();
+    let classes: Vec<StorageClass> = ctx.classes.state().iter().map(|c| (**c).clone()).collect();
+    let want = {
+        let reservations = ctx.reservations.lock();
+        capacity::desired(
+            &classes,
+            &ClusterState {
+                nodes: &nodes,
+                pvs: &pvs,
+                reservations: &reservations,
+            },
+        )
+    };
+    match capacity::publish(&ctx.client, resource, namespace, &want, last).await {
+        Ok(now) => *last = now,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot publish CSIStorageCapacity");
+            last.clear();
+        }
+    }
+    true
 }
 
 #[cfg(test)]

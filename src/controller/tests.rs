@@ -1,6 +1,7 @@
 //! The controller's API traffic against a scripted API server (kube-rs mock service): method,
-//! path and body of every call for provision, reschedule, restart idempotency, racing claims
-//! and deletion of released PVs.
+//! path and body of every call for provision, reschedule, restart idempotency, racing claims,
+//! deletion of released PVs, no decision before the caches are synced, and leader election
+//! (hung renewal, a holder's skewed clock, release on shutdown) under tokio's paused clock.
 
 use std::sync::Arc;
 
@@ -58,15 +59,28 @@ fn claim(name: &str, uid: &str, request: &str, selected: Option<&str>) -> Persis
     .unwrap()
 }
 
+/// A store as a reflector leaves it after its first complete list (synced).
 fn store_of<K>(objects: Vec<K>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
     let mut writer: Writer<K> = Default::default();
-    for o in objects {
-        writer.apply_watcher_event(&watcher::Event::Apply(o));
-    }
+    list_into(&mut writer, objects, true);
     writer.as_reader()
+}
+
+/// Feeds `writer` the watcher's initial list of `objects`; `done`: the list is complete.
+fn list_into<K>(writer: &mut Writer<K>, objects: Vec<K>, done: bool)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    if done {
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+    }
 }
 
 fn context(
@@ -383,4 +397,424 @@ async fn capacity_objects_are_applied_in_the_served_version_and_stale_ones_delet
         bodies[0].get("maximumVolumeSize").is_none(),
         "v1alpha1 has no maximumVolumeSize"
     );
+}
+
+// ---- No decision before the caches are synced ----
+
+/// A fusevol PV of `bytes` on node `node`, tier fast.
+fn existing_pv(name: &str, node: &str, bytes: &str) -> PersistentVolume {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": {
+            crate::k8s::ANNOTATION_PROVISIONED_BY: PROVISIONER,
+            crate::k8s::ANNOTATION_NODE: node,
+            crate::k8s::ANNOTATION_TIER: "fast",
+        }},
+        "spec": {"capacity": {"storage": bytes}},
+    }))
+    .unwrap()
+}
+
+/// A context whose stores are fed by the returned writers, as `run`'s reflectors feed them.
+struct Unsynced {
+    pvs: Writer<PersistentVolume>,
+    nodes: Writer<FusevolNode>,
+    classes: Writer<StorageClass>,
+}
+
+fn unsynced_context(client: Client) -> (Arc<Context>, Unsynced) {
+    let writers = Unsynced {
+        pvs: Default::default(),
+        nodes: Default::default(),
+        classes: Default::default(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "fusevol-controller".into(),
+                instance: Some("test".into()),
+            },
+        ),
+        client,
+        pvs: writers.pvs.as_reader(),
+        nodes: writers.nodes.as_reader(),
+        classes: writers.classes.as_reader(),
+        reservations: Mutex::new(Vec::new()),
+        metrics: ControllerMetrics::default(),
+    });
+    (ctx, writers)
+}
+
+#[tokio::test]
+async fn a_claim_arriving_before_the_caches_sync_is_not_provisioned_until_they_do() {
+    // Node n1 has room for 1.5Gi, of which an existing PV takes 1Gi: a 1Gi claim does not fit.
+    // Until the PV list is complete the store shows no PV, and a decision then would create a
+    // second PV on the node (over-commit).
+    let (client, server) = mock::client(vec![]);
+    let (ctx, mut w) = unsynced_context(client);
+    list_into(&mut w.nodes, vec![node("n1", 3 << 29)], true);
+    list_into(&mut w.classes, vec![class("WaitForFirstConsumer")], true);
+    list_into(&mut w.pvs, vec![existing_pv("pvc-old", "n1", "1Gi")], false);
+    assert!(ctx.pvs.state().is_empty(), "a partial list is not visible");
+    assert!(!ctx.caches_ready());
+    let pending = Arc::new(claim("data-0", "u1", "1Gi", Some("n1")));
+    for _ in 0..3 {
+        let action = reconcile(pending.clone(), ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(CACHE_SYNC_RETRY));
+    }
+    assert!(
+        server.await.unwrap().is_empty(),
+        "no event, no PV, no reschedule"
+    );
+    assert!(ctx.reservations.lock().is_empty(), "nothing reserved");
+
+    // The list completes: the same claim is now decided, seeing the existing PV.
+    let (client, server) = mock::client(vec![
+        Call::new("POST", EVENTS, 201, Value::Null),
+        Call::new(
+            "PATCH",
+            "/api/v1/namespaces/db/persistentvolumeclaims/data-0",
+            200,
+            serde_json::to_value(claim("data-0", "u1", "1Gi", None)).unwrap(),
+        ),
+    ]);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "fusevol-controller".into(),
+                instance: Some("test".into()),
+            },
+        ),
+        pvs: ctx.pvs.clone(),
+        nodes: ctx.nodes.clone(),
+        classes: ctx.classes.clone(),
+        reservations: Mutex::new(Vec::new()),
+        metrics: ControllerMetrics::default(),
+    });
+    w.pvs.apply_watcher_event(&watcher::Event::InitDone);
+    assert!(ctx.caches_ready());
+    let action = reconcile(pending, ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let bodies = server.await.unwrap();
+    let note = bodies[0]["note"].as_str().unwrap();
+    assert!(note.contains("requested 1Gi, free 512Mi"), "{note}");
+    assert_eq!(
+        bodies[1],
+        json!({"metadata": {"annotations": {ANNOTATION_SELECTED_NODE: null}}})
+    );
+}
+
+#[tokio::test]
+async fn each_unsynced_store_alone_holds_every_decision() {
+    for unsynced in ["pvs", "nodes", "classes"] {
+        let (client, server) = mock::client(vec![]);
+        let (ctx, mut w) = unsynced_context(client);
+        list_into(&mut w.pvs, vec![], unsynced != "pvs");
+        list_into(
+            &mut w.nodes,
+            vec![node("n1", 10 << 30)],
+            unsynced != "nodes",
+        );
+        list_into(
+            &mut w.classes,
+            vec![class("WaitForFirstConsumer")],
+            unsynced != "classes",
+        );
+        assert!(!ctx.caches_ready(), "{unsynced}");
+        let action = reconcile(
+            Arc::new(claim("data-0", "u1", "1Gi", Some("n1"))),
+            ctx.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(action, Action::requeue(CACHE_SYNC_RETRY), "{unsynced}");
+        assert!(server.await.unwrap().is_empty(), "{unsynced}");
+
+        // Capacity publishing waits too: free bytes from a partial PV list overstate nodes.
+        let (client, server) = mock::client(vec![]);
+        let ctx = Arc::new(Context {
+            client,
+            recorder: Recorder::new(
+                ctx.client.clone(),
+                Reporter {
+                    controller: "fusevol-controller".into(),
+                    instance: Some("test".into()),
+                },
+            ),
+            pvs: ctx.pvs.clone(),
+            nodes: ctx.nodes.clone(),
+            classes: ctx.classes.clone(),
+            reservations: Mutex::new(Vec::new()),
+            metrics: ControllerMetrics::default(),
+        });
+        let ar = kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("storage.k8s.io", "v1", "CSIStorageCapacity"),
+            "csistoragecapacities",
+        );
+        let mut last = Default::default();
+        assert!(!publish_capacity_round(&ctx, &ar, "fusevol-system", &mut last).await);
+        assert!(server.await.unwrap().is_empty(), "{unsynced}");
+    }
+}
+
+// ---- Leader election ----
+
+mod election {
+    use std::time::Duration;
+
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    use kube::Client;
+    use parking_lot::Mutex;
+    use serde_json::{json, Value};
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    use crate::controller::leader::{Attempt, Ended, LeaderElection, Timing};
+    use crate::k8s::mock::{self, Call};
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/fusevol-system/leases";
+    const LEASE: &str =
+        "/apis/coordination.k8s.io/v1/namespaces/fusevol-system/leases/fusevol-controller";
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn timing() -> Timing {
+        Timing::for_lease(Duration::from_secs(15))
+    }
+
+    fn election(client: Client, identity: &str) -> LeaderElection {
+        LeaderElection::new(
+            client,
+            "fusevol-system",
+            "fusevol-controller",
+            identity,
+            timing(),
+        )
+    }
+
+    /// The Lease as the API server returns it.
+    fn lease(holder: &str, rv: u32, renewed: Timestamp, transitions: i32) -> Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "fusevol-controller", "namespace": "fusevol-system",
+                         "resourceVersion": rv.to_string()},
+            "spec": {
+                "holderIdentity": holder,
+                "leaseDurationSeconds": 15,
+                "acquireTime": micro(renewed),
+                "renewTime": micro(renewed),
+                "leaseTransitions": transitions,
+            },
+        })
+    }
+
+    fn micro(t: Timestamp) -> String {
+        t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    }
+
+    fn not_found() -> Call {
+        Call::new("GET", LEASE, 404, mock::status(404, "NotFound"))
+    }
+
+    /// A future that never ends by itself and records when it was dropped (cancelled).
+    fn work(stopped: &Arc<Mutex<Option<Instant>>>) -> impl std::future::Future<Output = ()> {
+        struct Guard(Arc<Mutex<Option<Instant>>>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                *self.0.lock() = Some(Instant::now());
+            }
+        }
+        let guard = Guard(stopped.clone());
+        async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        }
+    }
+
+    #[test]
+    fn the_renew_deadline_is_shorter_than_the_lease_and_calls_shorter_than_the_deadline() {
+        let t = timing();
+        assert_eq!(t.renew_deadline, 10 * SECOND, "client-go's default");
+        assert_eq!(t.retry_period, 2 * SECOND, "client-go's default");
+        assert_eq!(t.call_timeout, 5 * SECOND, "client-go's renewDeadline / 2");
+        for seconds in 3..=300 {
+            let t = Timing::for_lease(Duration::from_secs(seconds));
+            assert!(t.renew_deadline < t.lease_duration, "{t:?}");
+            assert!(t.retry_period < t.renew_deadline, "{t:?}");
+            assert!(t.call_timeout < t.renew_deadline, "{t:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_renewal_stops_the_work_within_the_renew_deadline() {
+        let (client, server) = mock::client(vec![
+            not_found(),
+            Call::new("POST", LEASES, 201, Value::Null),
+            // The renewal at +2 s goes through ...
+            Call::new("GET", LEASE, 200, lease("a", 2, Timestamp::now(), 0)),
+            Call::new("PUT", LEASE, 200, Value::Null),
+            // ... then the API server takes requests and never answers.
+            Call::hang("GET", LEASE),
+            Call::hang("GET", LEASE),
+        ]);
+        let mut le = election(client, "a");
+        let t0 = Instant::now();
+        le.acquire().await;
+        let stopped = Arc::new(Mutex::new(None));
+        let ended =
+            tokio::time::timeout(60 * SECOND, le.lead(work(&stopped), std::future::pending()))
+                .await
+                .expect("lead must end by itself");
+        let Ended::Lost(why) = ended else {
+            panic!("{ended:?}")
+        };
+        assert!(why.contains("renew deadline"), "{why}");
+        // The last successful renewal started at +2 s; others, whose clocks start when they
+        // see that write, cannot take over before +17 s. The work stopped at +12 s.
+        let last_renewal = t0 + 2 * SECOND;
+        let stopped_at = stopped.lock().expect("the work was dropped");
+        assert_eq!(stopped_at - last_renewal, timing().renew_deadline);
+        assert!(stopped_at - last_renewal < timing().lease_duration);
+        assert_eq!(Instant::now(), stopped_at);
+        let bodies = server.await.unwrap();
+        assert_eq!(bodies.len(), 6);
+        assert_eq!(bodies[3]["spec"]["holderIdentity"], "a");
+        assert_eq!(bodies[3]["metadata"]["resourceVersion"], "2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_taken_over_by_another_stops_the_work_at_once() {
+        let (client, server) = mock::client(vec![
+            not_found(),
+            Call::new("POST", LEASES, 201, Value::Null),
+            Call::new("GET", LEASE, 200, lease("b", 3, Timestamp::now(), 1)),
+        ]);
+        let mut le = election(client, "a");
+        le.acquire().await;
+        let t0 = Instant::now();
+        let stopped = Arc::new(Mutex::new(None));
+        let ended = le.lead(work(&stopped), std::future::pending()).await;
+        assert_eq!(
+            ended,
+            Ended::Lost("lost the lease fusevol-controller to b".into())
+        );
+        assert_eq!(stopped.lock().expect("dropped") - t0, timing().retry_period);
+        assert_eq!(server.await.unwrap().len(), 3, "no write, no release");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_with_a_skewed_clock_keeps_its_lease_while_it_renews() {
+        // The holder's renewTime is an hour behind the candidate's wall clock (clock skew), and
+        // so a candidate comparing renewTime with its own clock would take over at once. By
+        // client-go's rule the candidate waits until the record has not changed for a lease
+        // duration of its own monotonic clock.
+        let skewed = Timestamp::now() - SignedDuration::from_hours(1);
+        let mut calls = Vec::new();
+        // Renewed (a new record) at every look for 30 s: never taken over.
+        for k in 0..=15u32 {
+            let renewed = skewed + SignedDuration::from_secs(2 * i64::from(k));
+            calls.push(Call::new("GET", LEASE, 200, lease("a", 10 + k, renewed, 4)));
+        }
+        // Then the holder stops renewing: the record seen at +30 s stays. The candidate looks
+        // every 2 s; at +44 s the lease still runs (30 + 15 > 44), at +46 s it does not.
+        let last = skewed + SignedDuration::from_secs(30);
+        for _ in 0..8 {
+            calls.push(Call::new("GET", LEASE, 200, lease("a", 25, last, 4)));
+        }
+        calls.push(Call::new("PUT", LEASE, 200, Value::Null));
+        let (client, server) = mock::client(calls);
+        let mut le = election(client, "b");
+        let t0 = Instant::now();
+        tokio::time::timeout(120 * SECOND, le.acquire())
+            .await
+            .expect("acquires once the lease goes unrenewed");
+        let acquired = Instant::now() - t0;
+        assert_eq!(acquired, 46 * SECOND);
+        assert!(acquired - 30 * SECOND > timing().lease_duration);
+        let bodies = server.await.unwrap();
+        let put = bodies.last().unwrap();
+        assert_eq!(
+            put["metadata"]["resourceVersion"], "25",
+            "the update is conditional"
+        );
+        assert_eq!(put["spec"]["holderIdentity"], "b");
+        assert_eq!(put["spec"]["leaseTransitions"], 5);
+        assert_eq!(put["spec"]["leaseDurationSeconds"], 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_stale_by_the_wall_clock_is_not_taken_over_before_a_lease_duration() {
+        // A candidate that has just started sees a record an hour old: it still waits a full
+        // lease duration of its own clock, since it cannot tell skew from death.
+        let stale = lease("a", 7, Timestamp::now() - SignedDuration::from_hours(1), 0);
+        let (client, server) = mock::client(vec![Call::new("GET", LEASE, 200, stale)]);
+        let mut le = election(client, "b");
+        assert_eq!(
+            le.try_acquire_or_renew().await.unwrap(),
+            Attempt::Following { holder: "a".into() }
+        );
+        assert_eq!(server.await.unwrap().len(), 1, "no write");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_the_work_then_releases_the_lease() {
+        let (client, server) = mock::client(vec![
+            not_found(),
+            Call::new("POST", LEASES, 201, Value::Null),
+            // Release: read for a current resourceVersion, then hand back.
+            Call::new("GET", LEASE, 200, lease("a", 4, Timestamp::now(), 3)),
+            Call::new("PUT", LEASE, 200, Value::Null),
+        ]);
+        let mut le = election(client, "a");
+        le.acquire().await;
+        let t0 = Instant::now();
+        let stopped = Arc::new(Mutex::new(None));
+        let ended = le.lead(work(&stopped), tokio::time::sleep(SECOND)).await;
+        assert_eq!(ended, Ended::Shutdown);
+        assert_eq!(stopped.lock().expect("dropped") - t0, SECOND);
+        let bodies = server.await.unwrap();
+        let released = &bodies[3];
+        assert_eq!(released["metadata"]["resourceVersion"], "4");
+        assert_eq!(released["spec"]["holderIdentity"], "");
+        assert_eq!(released["spec"]["leaseDurationSeconds"], 1);
+        assert_eq!(released["spec"]["leaseTransitions"], 3);
+        assert!(released["spec"]["renewTime"].is_string());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_lease_is_taken_over_at_the_first_try() {
+        let (client, server) = mock::client(vec![
+            Call::new("GET", LEASE, 200, lease("", 5, Timestamp::now(), 3)),
+            Call::new("PUT", LEASE, 200, Value::Null),
+        ]);
+        let mut le = election(client, "b");
+        assert_eq!(le.try_acquire_or_renew().await.unwrap(), Attempt::Leading);
+        let bodies = server.await.unwrap();
+        assert_eq!(bodies[1]["spec"]["holderIdentity"], "b");
+        assert_eq!(bodies[1]["spec"]["leaseTransitions"], 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_releases_nothing_and_a_hung_release_is_bounded() {
+        let (client, server) = mock::client(vec![Call::new(
+            "GET",
+            LEASE,
+            200,
+            lease("a", 4, Timestamp::now(), 0),
+        )]);
+        let mut le = election(client, "b");
+        assert!(
+            !le.release().await.unwrap(),
+            "the lease names another holder"
+        );
+        assert_eq!(server.await.unwrap().len(), 1, "no write");
+
+        let (client, server) = mock::client(vec![Call::hang("GET", LEASE)]);
+        let mut le = election(client, "a");
+        let t0 = Instant::now();
+        assert!(le.release().await.is_err());
+        assert_eq!(Instant::now() - t0, timing().call_timeout);
+        server.await.unwrap();
+    }
 }

@@ -1,6 +1,8 @@
 //! Test support: a scripted API server behind kube-rs's mock service (tower-test). Each test
 //! lists the calls it expects, in order, with the reply to give; the server asserts method,
 //! path and query of every request and returns the request bodies for the test to check.
+//! A call can also be scripted to hang (an API server that takes the request and never
+//! answers), for tests of timeouts; run those under tokio's paused clock.
 
 use http::{Request, Response};
 use kube::client::Body;
@@ -14,6 +16,8 @@ pub struct Call {
     pub query: Option<&'static str>,
     pub status: u16,
     pub reply: serde_json::Value,
+    /// Take the request and never answer it.
+    pub hang: bool,
 }
 
 impl Call {
@@ -29,6 +33,15 @@ impl Call {
             query: None,
             status,
             reply,
+            hang: false,
+        }
+    }
+
+    /// A call the server receives (and checks) but never answers.
+    pub fn hang(method: &'static str, path: impl Into<String>) -> Call {
+        Call {
+            hang: true,
+            ..Call::new(method, path, 0, serde_json::Value::Null)
         }
     }
 
@@ -40,11 +53,13 @@ impl Call {
 
 /// A client whose requests go to a scripted server answering `calls` in order. The handle
 /// resolves to the request bodies (JSON, `Null` when empty) once every call was answered;
-/// an unexpected request fails the test.
+/// an unexpected request fails the test. Hanging calls stay unanswered for as long as the
+/// runtime lives.
 pub fn client(calls: Vec<Call>) -> (Client, tokio::task::JoinHandle<Vec<serde_json::Value>>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(async move {
         let mut bodies = Vec::new();
+        let mut unanswered = Vec::new();
         for call in calls {
             let (request, send) = handle.next_request().await.unwrap_or_else(|| {
                 panic!("expected {} {}: no request came", call.method, call.path)
@@ -70,6 +85,10 @@ pub fn client(calls: Vec<Call>) -> (Client, tokio::task::JoinHandle<Vec<serde_js
             } else {
                 serde_json::from_slice(&bytes).unwrap()
             });
+            if call.hang {
+                unanswered.push(send);
+                continue;
+            }
             // A `Null` reply echoes the request body (what a create returns).
             let reply = if call.reply.is_null() {
                 bytes.to_vec()
@@ -81,6 +100,12 @@ pub fn client(calls: Vec<Call>) -> (Client, tokio::task::JoinHandle<Vec<serde_js
                 .body(Body::from(reply))
                 .unwrap();
             send.send_response(response);
+        }
+        if !unanswered.is_empty() {
+            tokio::spawn(async move {
+                let _unanswered = unanswered;
+                std::future::pending::<()>().await
+            });
         }
         bodies
     });

@@ -5,8 +5,10 @@ with the reason when an expectation fails, and `Skip` when it cannot run here. S
 share a `shared` key run one after another in one cluster; the others get a fresh cluster each.
 """
 
+import errno
 import os
 import random
+import subprocess
 import signal
 import threading
 import json
@@ -283,6 +285,51 @@ def wait_kubelet_view(c, ns, pod_name, timeout=30):
     """kubelet_view once the agent has caught up (mounts can lag the PV's binding)."""
     return wait_for(lambda: kubelet_view(c, ns, pod_name), timeout,
                     f"pod {ns}/{pod_name}'s volumes to be served on its node", interval=0.5)
+
+
+class PodMount:
+    """The kubelet's part for one pod volume: `local.path` bind-mounted into the pod's own
+    directory (what the container sees), optionally with a file held open there as a database
+    holds its WAL. Unmounting the host path does not end this mount; only `release` does
+    (the cluster's cleanup also detaches whatever is left under its temp dir)."""
+
+    def __init__(self, c, pod_name, view, hold=None):
+        self.dir = c.tmp / "pods" / pod_name / view.claim
+        self.dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--bind", view.path, str(self.dir)], check=True,
+                       capture_output=True, stdin=subprocess.DEVNULL)
+        self.fd = None
+        if hold:
+            self.fd = os.open(self.dir / hold, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def write_sync(self, data):
+        """Appends to the held file and fsyncs it; raises OSError as the container would see."""
+        os.write(self.fd, data)
+        os.fsync(self.fd)
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        subprocess.run(["umount", "-l", str(self.dir)], capture_output=True,
+                       stdin=subprocess.DEVNULL)
+
+
+DISCONNECTED = {errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENODEV}
+
+
+def disconnected(fn):
+    """True if `fn()` fails as on an ended FUSE connection; False if it succeeds."""
+    try:
+        fn()
+        return False
+    except OSError as e:
+        if e.errno in DISCONNECTED:
+            return True
+        raise E2EError(f"expected a disconnected error, got {e!r}")
 
 
 def write_file(path, data):
@@ -1030,6 +1077,141 @@ def observability(c):
         return metric
     used = wait_for(used_matches, 20, f"fusevol_volume_used_bytes of {v.pv_name} to match df")
     check(used >= 3 * MiB, f"used bytes {used} < the 3 MiB written")
+    check_alive(c)
+
+
+@scenario("delete-bound-pv")
+def delete_bound_pv(c):
+    """Issue 12 §1: `kubectl delete pv` of a Bound PV keeps its data and live mount until the claim goes."""
+    ns = "e2e-delpv"
+    start_fusevol(c, {n: [Tier("fast", "4Gi")] for n in c.node_names})
+    c.ensure_namespace(ns)
+    c.create(*claim_with_pod("db", ns, "fusevol-fast", "1Gi"))
+    wait_bound(c, ns, ["db"], 90)
+    wait_pods_bound(c, ns, ["db"], 60)
+    (v,) = wait_kubelet_view(c, ns, "db")
+    pod = PodMount(c, "db", v, hold="wal")
+    pod.write_sync(b"committed before the delete\n")
+    vol_dir = os.path.dirname(v.mnt)
+
+    c.kubectl("delete", "pv", v.pv_name, "--wait=false")
+    p = pv(c, v.pv_name)
+    check(p and p["metadata"].get("deletionTimestamp"), f"PV {v.pv_name} has no deletionTimestamp: {p}")
+    # 30 s of a database writing through the pod's bind mount, every write fsync'd.
+    written = 1
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        pod.write_sync(b"row %d\n" % written)
+        written += 1
+        time.sleep(0.25)
+    p = pv(c, v.pv_name)
+    check(p is not None and p.get("status", {}).get("phase") == "Bound",
+          f"PV {v.pv_name} after 30 s: {p and p.get('status')}")
+    check(is_live_fuse_mount(v.mnt), f"{v.mnt} is not served any more after the PV delete")
+    text = read_file(pod.dir / "wal")
+    lines = text.count(b"\n")
+    check(text.startswith(b"committed before the delete\n") and lines == written,
+          f"the pod's file has {lines} lines, {written} were fsync'd")
+
+    # The claim goes: Kubernetes releases the PV, and now the data goes, then the PV object.
+    force_delete_pods(c, ns, ["db"])
+    c.kubectl("delete", "pvc", "-n", ns, "db", "--wait=false")
+    wait_for(lambda: pv(c, v.pv_name) is None and not os.path.exists(vol_dir), 90,
+             f"PV {v.pv_name} and its data {vol_dir} to be deleted after the claim", interval=0.25)
+    check(disconnected(lambda: pod.write_sync(b"after")),
+          "the force-deleted pod's bind mount still writes after its volume was deleted")
+    pod.release()
+    check_alive(c)
+
+
+@scenario("tenant-isolation", nodes=1)
+def tenant_isolation(c):
+    """Issue 12 §2: a force-deleted pod's bind mount reaches nothing once its volume is gone, never the next tenant's."""
+    ns = "e2e-tenants"
+    node = c.node_names[0]
+    start_fusevol(c, {node: [Tier("fast", "4Gi")]})
+    c.ensure_namespace(ns)
+    c.create(*claim_with_pod("one", ns, "fusevol-fast", "1Gi"))
+    wait_bound(c, ns, ["one"], 90)
+    wait_pods_bound(c, ns, ["one"], 60)
+    (v1,) = wait_kubelet_view(c, ns, "one")
+    old = PodMount(c, "one", v1, hold="wal")
+    old.write_sync(b"tenant one\n")
+    write_file(os.path.join(v1.path, "secret"), b"tenant one's secret")
+
+    # The pod is force-deleted (its container, and bind mount, live on), the claim deleted.
+    force_delete_pods(c, ns, ["one"])
+    c.kubectl("delete", "pvc", "-n", ns, "one", "--wait=false")
+    wait_for(lambda: pv(c, v1.pv_name) is None, 90, f"PV {v1.pv_name} to be deleted")
+
+    # The next tenant gets a volume on the same node, from the same store.
+    c.create(*claim_with_pod("two", ns, "fusevol-fast", "1Gi"))
+    wait_bound(c, ns, ["two"], 90)
+    wait_pods_bound(c, ns, ["two"], 60)
+    (v2,) = wait_kubelet_view(c, ns, "two")
+    check(v2.node == node, f"claim two landed on {v2.node}")
+    write_file(os.path.join(v2.path, "secret"), b"tenant two's secret")
+    write_file(os.path.join(v2.path, "wal"), b"tenant two's wal")
+
+    # Everything the old pod can still try reaches nothing of tenant two.
+    # The held file may still be answered from the old pod's own page cache (the kernel keeps
+    # clean pages of an aborted connection), but only with tenant one's own bytes.
+    try:
+        os.lseek(old.fd, 0, os.SEEK_SET)
+        got = os.read(old.fd, 4096)
+        check(got == b"tenant one\n", f"the old pod's open file reads {got!r}")
+    except OSError as e:
+        check(e.errno in DISCONNECTED, f"reading the old pod's open file: {e!r}")
+    check(disconnected(lambda: old.write_sync(b"more")), "the old pod's open file still writes")
+    for name in ["secret", "wal"]:
+        check(disconnected(lambda: read_file(old.dir / name)),
+              f"the old pod's bind mount still reads {name}")
+    check(disconnected(lambda: os.listdir(old.dir)), "the old pod's bind mount still lists")
+    old.release()
+    check(read_file(os.path.join(v2.path, "secret")) == b"tenant two's secret", "tenant two's data differs")
+    check_alive(c)
+
+
+@scenario("api-freeze")
+def api_freeze(c):
+    """Issue 12 §5: a frozen API server (SIGSTOP, 90 s) is no storage outage; claims work again after."""
+    ns = "e2e-freeze"
+    start_fusevol(c, {n: [Tier("fast", "4Gi")] for n in c.node_names})
+    c.ensure_namespace(ns)
+    c.create(*claim_with_pod("w", ns, "fusevol-fast", "1Gi"))
+    wait_bound(c, ns, ["w"], 90)
+    wait_pods_bound(c, ns, ["w"], 60)
+    (v,) = wait_kubelet_view(c, ns, "w")
+    pod = PodMount(c, "w", v, hold="log")
+    agent = c.agents[v.node]
+    apiserver = next(p for p in c.procs if p.name == "kube-apiserver")
+    apiserver.send(signal.SIGSTOP)
+    writes, unhealthy = 0, []
+    try:
+        deadline = time.time() + 90
+        next_probe = 0
+        while time.time() < deadline:
+            pod.write_sync(b"write %d\n" % writes)
+            writes += 1
+            if time.time() >= next_probe:
+                status, body = http_get(agent.url + "/healthz", timeout=5)
+                if status != 200:
+                    unhealthy.append((round(90 - (deadline - time.time())), status, body))
+                next_probe = time.time() + 2
+            time.sleep(0.2)
+    finally:
+        apiserver.send(signal.SIGCONT)
+    check(not unhealthy, f"agent /healthz failed while the API server was frozen: {unhealthy[:5]}")
+    check(agent.proc.alive(), "the agent died while the API server was frozen")
+    lines = read_file(pod.dir / "log").count(b"\n")
+    check(lines == writes, f"{writes} fsync'd writes, {lines} in the file")
+    check(is_live_fuse_mount(v.mnt), f"{v.mnt} is not served after the freeze")
+    # The API is back: new claims are provisioned and served again.
+    c.create(*claim_with_pod("after", ns, "fusevol-fast", "1Gi"))
+    wait_bound(c, ns, ["after"], 180)
+    wait_pods_bound(c, ns, ["after"], 60)
+    wait_kubelet_view(c, ns, "after", timeout=60)
+    pod.release()
     check_alive(c)
 
 
