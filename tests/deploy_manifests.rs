@@ -488,7 +488,17 @@ fn controller_deployment_runs_two_replicas_with_leader_election_and_health() {
 }
 
 /// Every rule granted to a ServiceAccount, through any binding in deploy/.
+/// What the kustomize base grants `service_account` (not `static/`, applied only for
+/// agents in static mode).
 fn rules_of(m: &Manifests, service_account: &str) -> Vec<PolicyRule> {
+    rules_in(m, service_account, |file| !file.starts_with("static/"))
+}
+
+fn rules_in(
+    m: &Manifests,
+    service_account: &str,
+    include: impl Fn(&str) -> bool,
+) -> Vec<PolicyRule> {
     let is_subject = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
         subjects.iter().flatten().any(|s| {
             s.kind == "ServiceAccount"
@@ -497,7 +507,12 @@ fn rules_of(m: &Manifests, service_account: &str) -> Vec<PolicyRule> {
         })
     };
     let mut rules = Vec::new();
-    for binding in m.cluster_role_bindings.iter().map(|i| &i.object) {
+    for binding in m
+        .cluster_role_bindings
+        .iter()
+        .filter(|i| include(&i.file))
+        .map(|i| &i.object)
+    {
         if is_subject(&binding.subjects) {
             assert_eq!(binding.role_ref.kind, "ClusterRole");
             let role = find(&m.cluster_roles, &binding.role_ref.name, |r| {
@@ -506,7 +521,12 @@ fn rules_of(m: &Manifests, service_account: &str) -> Vec<PolicyRule> {
             rules.extend(role.rules.clone().unwrap_or_default());
         }
     }
-    for binding in m.role_bindings.iter().map(|i| &i.object) {
+    for binding in m
+        .role_bindings
+        .iter()
+        .filter(|i| include(&i.file))
+        .map(|i| &i.object)
+    {
         if is_subject(&binding.subjects) {
             let role_rules = match binding.role_ref.kind.as_str() {
                 "Role" => find(&m.roles, &binding.role_ref.name, |r| {
@@ -616,18 +636,14 @@ fn agent_rules_grant_what_the_agent_needs() {
         (
             "",
             "persistentvolumes",
-            &["get", "list", "watch", "create", "update", "patch"][..],
+            &["get", "list", "watch", "patch"][..],
         ),
         (
             "local.fusevol.io",
             "fusevolnodes",
-            &["get", "list", "watch", "create", "update", "patch"],
+            &["get", "list", "watch", "create", "patch"],
         ),
-        (
-            "local.fusevol.io",
-            "fusevolnodes/status",
-            &["get", "update", "patch"],
-        ),
+        ("local.fusevol.io", "fusevolnodes/status", &["get", "patch"]),
         ("", "events", &["create", "patch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
         ("", "nodes", &["get"]),
@@ -643,6 +659,26 @@ fn agent_rules_grant_what_the_agent_needs() {
     assert!(
         !grants(&rules, "", "persistentvolumes", "delete"),
         "the controller deletes PVs, not the agent"
+    );
+    // Least privilege: the agent only patches; only static mode creates PVs.
+    for (group, resource) in [
+        ("", "persistentvolumes"),
+        ("local.fusevol.io", "fusevolnodes"),
+        ("local.fusevol.io", "fusevolnodes/status"),
+    ] {
+        assert!(
+            !grants(&rules, group, resource, "update"),
+            "the agent never updates {group}/{resource}"
+        );
+    }
+    assert!(
+        !grants(&rules, "", "persistentvolumes", "create"),
+        "an agent of the default (dynamic) mode must not create PVs"
+    );
+    let static_rules = rules_in(&m, AGENT_SA, |_| true);
+    assert!(
+        grants(&static_rules, "", "persistentvolumes", "create"),
+        "static/rbac-agent-static.yaml grants the static mode's PV create"
     );
 }
 
@@ -827,7 +863,9 @@ fn kustomization_lists_exactly_the_manifests_of_the_base() {
     let manifests: BTreeSet<String> = files
         .iter()
         .map(|p| relative(p))
-        .filter(|f| f != "kustomization.yaml" && !f.starts_with("examples/"))
+        .filter(|f| {
+            f != "kustomization.yaml" && !f.starts_with("examples/") && !f.starts_with("static/")
+        })
         .collect();
     assert_eq!(
         listed, manifests,

@@ -31,7 +31,7 @@ use serde_json::json;
 use self::config::AgentConfig;
 use self::volumes::{plan, VolumeManager};
 use crate::k8s::crd::{FusevolNode, FusevolNodeSpec, FusevolNodeStatus};
-use crate::k8s::{FINALIZER_DATA_CLEANUP, LABEL_HOSTNAME};
+use crate::k8s::{ANNOTATION_NODE, FINALIZER_DATA_CLEANUP, LABEL_HOSTNAME};
 use crate::metrics::Metrics;
 
 /// The field manager of everything the agent writes.
@@ -221,6 +221,19 @@ async fn client() -> Result<Client, AgentError> {
     Client::try_from(config).map_err(|e| AgentError::Config(e.to_string()))
 }
 
+/// The agent watches only the PVs of its own node: those carry the label
+/// `local.fusevol.io/node=<node>` (set by the controller and the static mode). A node whose
+/// name is no valid label value (longer than 63 characters) has no such label: its agent
+/// watches every PV and the plan picks its own by annotation.
+fn pv_watch_config(node: &str) -> watcher::Config {
+    let config = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
+    if crate::k8s::is_label_value(node) {
+        config.labels(&format!("{ANNOTATION_NODE}={node}"))
+    } else {
+        config
+    }
+}
+
 /// What one round of the volume loop hands to the API side.
 #[derive(Clone, Default)]
 struct Round {
@@ -283,12 +296,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let (reader, writer) = reflector::store::<PersistentVolume>();
     let changed = Arc::new(tokio::sync::Notify::new());
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let watch = reflector(
-        writer,
-        watcher(pvs, watcher::Config::default().timeout(WATCH_TIMEOUT_SECS)),
-    )
-    .default_backoff()
-    .touched_objects();
+    let watch = reflector(writer, watcher(pvs, pv_watch_config(&node)))
+        .default_backoff()
+        .touched_objects();
     {
         let changed = changed.clone();
         tokio::spawn(async move {

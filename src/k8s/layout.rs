@@ -51,6 +51,45 @@ pub fn volume_paths(root: &str, pv_name: &str) -> VolumePaths {
     }
 }
 
+/// Host directories an agent root may never be or lie under: a PV path built there would
+/// hand a pod the host's system files.
+const FORBIDDEN_ROOTS: [&str; 8] = [
+    "/proc", "/sys", "/dev", "/etc", "/boot", "/root", "/run", "/usr",
+];
+
+/// Checks a node's published root as the agent's own config does (an absolute path) and
+/// more: normalized (no `.`, `..` or empty components; one trailing slash is fine), printable ASCII without
+/// spaces, at most 255 bytes, not `/` and not inside a system directory. The controller
+/// builds every PV path of the node under it.
+pub fn validate_root(root: &str) -> Result<(), String> {
+    if !root.starts_with('/') {
+        return Err("not an absolute path".into());
+    }
+    if root.len() > 255 {
+        return Err("longer than 255 bytes".into());
+    }
+    if !root.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("only printable ASCII without spaces is allowed".into());
+    }
+    // One trailing slash is harmless (volume_paths trims it).
+    let root = root.strip_suffix('/').unwrap_or(root);
+    let parts: Vec<&str> = root.get(1..).unwrap_or_default().split('/').collect();
+    if root.is_empty()
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return Err("not a normalized path below /".into());
+    }
+    if let Some(sys) = FORBIDDEN_ROOTS
+        .iter()
+        .find(|f| root == **f || root.starts_with(&format!("{f}/")))
+    {
+        return Err(format!("inside the system directory {sys}"));
+    }
+    Ok(())
+}
+
 /// The PV name encoded in a `spec.local.path` under `root`, if the path has fusevol's layout.
 /// The agent uses it to check that a PV it is asked to serve really is one of its own.
 pub fn pv_name_from_local_path<'a>(root: &str, local_path: &'a str) -> Option<&'a str> {
@@ -78,6 +117,39 @@ mod tests {
         assert!(paths
             .local_path
             .starts_with(&format!("{}/", paths.mount_point)));
+    }
+
+    #[test]
+    fn a_published_root_is_used_only_when_it_is_a_plain_directory_below_slash() {
+        for good in [
+            "/var/lib/fusevol",
+            "/srv/fv/",
+            "/tmp/e2e-1/nodes/node-a/root",
+            "/data",
+        ] {
+            assert_eq!(validate_root(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "relative",
+            "/",
+            "//",
+            "/var/lib/../../etc",
+            "/var//lib",
+            "/a/./b",
+            "/etc",
+            "/etc/kubernetes",
+            "/proc/1",
+            "/sys",
+            "/dev/shm",
+            "/root",
+            "/usr/lib",
+            "/with space",
+            "/tab\there",
+        ] {
+            assert!(validate_root(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_root(&format!("/{}", "a".repeat(300))).is_err());
     }
 
     #[test]

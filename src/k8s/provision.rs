@@ -32,7 +32,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::crd::FusevolNode;
-use super::layout::volume_paths;
+use super::layout::{validate_root, volume_paths};
 use super::params::{BindingMode, VolumeRequest, VolumeSpec};
 use super::{
     display_bytes, is_label_value, ANNOTATION_NODE, ANNOTATION_PROVISIONED_BY,
@@ -105,6 +105,12 @@ impl TierUsage {
 pub enum PlacementError {
     #[error("node {node} has no fusevol agent (no FusevolNode {node:?})")]
     NoAgent { node: String },
+    #[error("node {node}: FusevolNode spec.root {root:?} is refused ({why}); PV paths are built under it")]
+    BadRoot {
+        node: String,
+        root: String,
+        why: String,
+    },
     #[error("node {node}: the fusevol agent has not published its capacity yet")]
     NoCapacityPublished { node: String },
     #[error("node {node} has no tier {tier:?} (its tiers: {available})")]
@@ -398,6 +404,13 @@ fn check_fits(
     cluster: &ClusterState<'_>,
 ) -> Result<u64, PlacementError> {
     let node_name = &node.spec.node_name;
+    // A FusevolNode is written by its node's agent: never trust its root into a host path
+    // of a PV that kubelet will bind-mount without checking it first.
+    validate_root(&node.spec.root).map_err(|why| PlacementError::BadRoot {
+        node: node_name.clone(),
+        root: node.spec.root.clone(),
+        why,
+    })?;
     let tier = &request.spec.tier;
     let Some(status) = node.status.as_ref() else {
         return Err(PlacementError::NoCapacityPublished {

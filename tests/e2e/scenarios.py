@@ -541,8 +541,13 @@ def rbac(c):
         {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
          "metadata": {"name": "e2e-agent-lease", "namespace": NAMESPACE}, "spec": {}}))
 
-    # The agent: PVs, its FusevolNode (object and status), its Node, events.
+    # The agent: PVs, its FusevolNode (object and status), its Node, events; no PV create
+    # (static mode's deploy/static/rbac-agent-static.yaml is not applied here).
     expect_allowed(c, agent, "get", "pv")
+    expect_forbidden(c, agent, "create", "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "e2e-agent-pv"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                  "hostPath": {"path": "/etc"}}}))
     expect_allowed(c, agent, "get", "node", c.node_names[0])
     fvn = {"apiVersion": "local.fusevol.io/v1alpha1", "kind": "FusevolNode",
            "metadata": {"name": "e2e-rbac-node"},
@@ -922,6 +927,8 @@ def static(c):
     ns = "e2e-static"
     a = c.node_names[0]
     pools = {"storage_class": "fusevol-static", "pools": [{"tier": "standard", "count": 2, "size": "1Gi"}]}
+    # Static mode's extra permission (creating PVs) is not in the base.
+    c.kubectl("apply", "-f", str(c.deploy_dir / "static" / "rbac-agent-static.yaml"))
     start_fusevol(c, {a: [Tier("standard", "10Gi")]}, static={a: pools})
     c.ensure_namespace(ns)
 

@@ -248,6 +248,28 @@ fn pv_path_is_under_the_chosen_nodes_own_root() {
 }
 
 #[test]
+fn a_node_publishing_a_root_in_a_system_directory_gets_no_pv() {
+    // A compromised agent rewrites its FusevolNode: no PV path is ever built under /etc.
+    let nodes = [node_with_root("n1", "/etc/../etc", &[("fast", 20 * GI)])];
+    let message = rescheduled(decide(
+        &claim("u1", "1Gi", Some("n1")),
+        &wffc(),
+        &state(&nodes, &[], &[]),
+    ));
+    assert!(
+        message.contains("spec.root") && message.contains("refused"),
+        "{message}"
+    );
+    let nodes = [node_with_root("n1", "/etc", &[("fast", 20 * GI)])];
+    let message = rescheduled(decide(
+        &claim("u1", "1Gi", Some("n1")),
+        &wffc(),
+        &state(&nodes, &[], &[]),
+    ));
+    assert!(message.contains("system directory /etc"), "{message}");
+}
+
+#[test]
 fn capacity_exhausted_on_selected_node_reschedules_saying_requested_and_free() {
     let nodes = [node("n1", &[("fast", 20 * GI)])];
     let pvs = [existing_pv("n1", "fast", 17 * GI, "old")];
