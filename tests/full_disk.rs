@@ -144,3 +144,70 @@ fn a_full_disk_gives_enospc_at_the_floor_and_deletes_give_the_space_back() {
     }
     m.stop();
 }
+
+/// The floor turned off and the disk filled anyway (as another process on the node would
+/// fill it): RocksDB runs out of room itself. Callers still see ENOSPC, not EIO, and the
+/// store resumes once space is freed on the disk, without a remount.
+#[test]
+fn rocksdb_out_of_space_answers_enospc_and_resumes_when_space_comes_back() {
+    let mut dirs = Dirs::new();
+    let disk = small_disk(&dirs);
+    dirs.data = disk.join("store");
+    let mut opts = Opts::new();
+    opts.extra_args = vec!["--free-space-floor".into(), "0".into()];
+    let m = Mount::start_in(dirs, opts.clone());
+    // Another tenant of the disk takes 100 MiB.
+    let ballast = disk.join("ballast");
+    let out = Command::new("fallocate")
+        .args(["-l", "100M"])
+        .arg(&ballast)
+        .output()
+        .expect("fallocate");
+    assert!(out.status.success(), "fallocate: {out:?}");
+    let mut done = Vec::new();
+    let err = loop {
+        match write_synced(m.mnt(), done.len()) {
+            Ok(()) => done.push(done.len()),
+            Err(e) => break e,
+        }
+        assert!(done.len() < 100, "a {DISK_MIB} MiB disk took 400 MiB");
+    };
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOSPC),
+        "RocksDB out of space must answer ENOSPC, not {err}"
+    );
+    fs::remove_file(&ballast).unwrap();
+    let start = Instant::now();
+    let resumed = loop {
+        match write_synced(m.mnt(), 900) {
+            Ok(()) => break true,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {}
+            Err(e) => panic!("after space came back: {e}"),
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        resumed,
+        "the store did not resume within 60 s after space was freed"
+    );
+    eprintln!(
+        "RocksDB resumed {:.1} s after space was freed",
+        start.elapsed().as_secs_f64()
+    );
+    for &i in &done {
+        assert!(
+            fs::read(m.path(&format!("f{i}"))).unwrap() == content(i),
+            "f{i}"
+        );
+    }
+    let dirs = m.stop();
+    let out = fsck(&dirs.data, &[]);
+    assert!(
+        out.success(),
+        "fsck after RocksDB ran out of space: {out:?}"
+    );
+}

@@ -79,6 +79,7 @@ impl FsError {
             FsError::Perm => libc::EPERM,
             FsError::TooManyLinks => libc::EMLINK,
             FsError::NoDataPastOffset => libc::ENXIO,
+            FsError::Store(e) if e.is_out_of_space() => libc::ENOSPC,
             FsError::Store(_) => libc::EIO,
         }
     }

@@ -89,6 +89,17 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// RocksDB itself ran out of disk space (the disk filled below the free-space floor,
+    /// e.g. by another process). RocksDB then refuses writes until its error handler sees
+    /// free space again and resumes by itself (seen: ~6 s after space was freed); callers
+    /// see ENOSPC, as on a full disk, not EIO.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, Error::Db(e) if e.kind() == rocksdb::ErrorKind::IOError
+            && e.to_string().contains("No space left on device"))
+    }
+}
+
 impl From<key_codec::KeyError> for Error {
     fn from(e: key_codec::KeyError) -> Self {
         Error::Corrupt(e.to_string())
