@@ -322,6 +322,15 @@ impl Served {
             if let Err(e) = session.join() {
                 tracing::warn!(error = %e, "FUSE session ended with an error");
             }
+            // fuser's session thread ends early when a worker panicked, while the other
+            // workers go on serving: the volume is closed only when all of them are gone.
+            if self.store.is_open(&self.volume) {
+                self.abort_workers();
+            }
+            if self.store.is_open(&self.volume) {
+                tracing::error!(volume = %self.volume, "FUSE workers still serve after abort; the volume stays open");
+                result = Err(MountError::SessionLive(self.volume.clone()));
+            }
         } else {
             // The threads keep the volume open (they own it): it cannot be deleted.
             tracing::error!(volume = %self.volume, "FUSE session still live after abort; the volume stays open");
@@ -349,6 +358,25 @@ impl Served {
             return;
         }
         wait_finished(session, Duration::from_secs(10));
+    }
+}
+
+impl Served {
+    /// Aborts the connection of workers that outlived their session thread, and waits
+    /// (10 s at most) for them to drop the volume.
+    fn abort_workers(&self) {
+        let Some(conn) = self.connection else {
+            return;
+        };
+        tracing::warn!(volume = %self.volume, conn, "FUSE workers outlived their session; aborting the connection");
+        if let Err(e) = abort_connection(conn) {
+            tracing::error!(volume = %self.volume, conn, error = %e, "cannot abort the FUSE connection");
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.store.is_open(&self.volume) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

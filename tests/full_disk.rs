@@ -106,8 +106,37 @@ fn a_full_disk_gives_enospc_at_the_floor_and_deletes_give_the_space_back() {
         );
     }
 
-    // Deleting files frees space (once compaction drops them): writes work again.
+    // Overwrites at the floor: an LSM store writes a new copy of every chunk it
+    // overwrites, so they are refused with ENOSPC too, and RocksDB never runs out itself.
     let removed: Vec<usize> = done.iter().copied().filter(|i| i % 2 == 0).collect();
+    let mut refused = 0;
+    'rounds: for _ in 0..4 {
+        for &i in &removed {
+            let r = fs::OpenOptions::new()
+                .write(true)
+                .open(m.path(&format!("f{i}")))
+                .and_then(|mut f| {
+                    f.write_all(&content(i + 7))?;
+                    f.sync_all()
+                });
+            match r {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    refused += 1;
+                    break 'rounds;
+                }
+                Err(e) => panic!("overwrite at the floor: {e}"),
+            }
+        }
+    }
+    assert!(refused > 0, "overwrites at the floor were never refused");
+    let free = avail(&disk);
+    assert!(
+        free > floor / 2,
+        "overwrites ate the floor: {free} bytes left"
+    );
+
+    // Deleting files frees space (once compaction drops them): writes work again.
     for i in &removed {
         fs::remove_file(m.path(&format!("f{i}"))).unwrap();
     }

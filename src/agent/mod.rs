@@ -167,6 +167,8 @@ const STUCK_AFTER: Duration = Duration::from_secs(300);
 
 impl crate::http::Endpoints for Health {
     fn health(&self) -> Result<(), String> {
+        // A long round (unmounts waiting for pods, a large delete, a recount) is work, not
+        // a hang: healthy until it has run for STUCK_AFTER.
         if let Some(t) = *self.busy_since.lock() {
             if t.elapsed() > STUCK_AFTER {
                 return Err(format!(
@@ -174,6 +176,7 @@ impl crate::http::Endpoints for Health {
                     t.elapsed().as_secs()
                 ));
             }
+            return Ok(());
         }
         match *self.last_tick.lock() {
             Some(t) if t.elapsed() < RESYNC * 6 => Ok(()),
@@ -267,9 +270,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             .map_err(|source| AgentError::Control { disk, source })?;
     }
     let manager = Arc::new(Mutex::new(manager));
+    // Starting counts as busy: serving the last run's volumes may take a while.
     let health = Arc::new(Health {
         last_tick: Mutex::new(None),
-        busy_since: Mutex::new(None),
+        busy_since: Mutex::new(Some(Instant::now())),
         metrics: metrics.clone(),
     });
     crate::http::serve(config.listen, health.clone())
@@ -286,12 +290,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             count = saved.volumes.len(),
             "serving the volumes of the last run"
         );
+        manager
+            .lock()
+            .remember_served(saved.volumes.keys().cloned());
         let outcome = apply_blocking(&manager, &health, saved.plan()).await?;
         for e in &outcome.errors {
             tracing::warn!(error = %e, "volume of the last run not served");
         }
     }
 
+    *health.last_tick.lock() = Some(Instant::now());
+    *health.busy_since.lock() = None;
     let client = client().await?;
     let (reader, writer) = reflector::store::<PersistentVolume>();
     let changed = Arc::new(tokio::sync::Notify::new());
@@ -339,8 +348,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         let all: Arc<Vec<PersistentVolume>> =
             Arc::new(reader.state().iter().map(|pv| (**pv).clone()).collect());
         let plan = plan(&node, &all);
-        let served = local_state::Served::from_plan(&plan);
+        let mut served = local_state::Served::from_plan(&plan);
         let outcome = apply_blocking(&manager, &health, plan).await?;
+        // Only what really is served now (a volume that failed to start is not "known").
+        let now_served: std::collections::BTreeSet<String> =
+            manager.lock().served().into_iter().collect();
+        served.volumes.retain(|pv, _| now_served.contains(pv));
         if served != saved {
             let (root, s) = (config.root.clone(), served.clone());
             match tokio::task::spawn_blocking(move || local_state::save(&root, &s)).await {

@@ -384,3 +384,56 @@ fn a_reissued_pv_of_the_same_name_is_never_served_the_previous_tenants_volume() 
     assert!(out.errors.is_empty(), "{:?}", out.errors);
     assert_eq!(manager.served(), ["static-n1-0"]);
 }
+
+#[test]
+fn a_served_pv_that_turns_broken_or_vanishes_keeps_its_pod_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut manager, root) = one_disk_manager(tmp.path());
+    let paths = crate::k8s::layout::volume_paths(&root.to_string_lossy(), "pvc-1");
+    let good = pv("pvc-1", "n1", "Bound", "Delete", false);
+    assert!(manager
+        .apply(&plan("n1", std::slice::from_ref(&good)))
+        .errors
+        .is_empty());
+    std::fs::write(format!("{}/f", paths.local_path), b"in use").unwrap();
+    let mut broken = good.clone();
+    broken
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(ANNOTATION_VOLUME_SPEC.into(), "{".into());
+    let out = manager.apply(&plan("n1", &[broken]));
+    assert_eq!(out.errors.len(), 1, "the bad annotation is reported");
+    assert_eq!(manager.served(), ["pvc-1"], "still served");
+    // Gone from the PVs the agent sees (label removed, finalizer stripped by hand...).
+    assert!(manager.apply(&plan("n1", &[])).errors.is_empty());
+    assert_eq!(manager.served(), ["pvc-1"], "still served");
+    assert_eq!(
+        std::fs::read(format!("{}/f", paths.local_path)).unwrap(),
+        b"in use"
+    );
+}
+
+#[test]
+fn a_pv_served_before_whose_volume_is_gone_is_reported_not_recreated_empty() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The node's disk did not mount: the disk directory is empty (a fresh store).
+    let (mut manager, _root) = one_disk_manager(tmp.path());
+    manager.remember_served(["pvc-1".to_string()]);
+    let out = manager.apply(&plan("n1", &[pv("pvc-1", "n1", "Bound", "Delete", false)]));
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    assert!(
+        out.errors[0]
+            .to_string()
+            .contains("no disk of this node holds"),
+        "{}",
+        out.errors[0]
+    );
+    assert!(manager.served().is_empty());
+    assert_eq!(
+        manager.capacity()[0].allocated_bytes,
+        0,
+        "no empty volume made"
+    );
+}

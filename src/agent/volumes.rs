@@ -48,6 +48,8 @@ pub enum VolumeError {
     },
     #[error("PV {pv}: mount point {path} is not empty on the host; refusing to mount over it (move its files away)")]
     MountPointNotEmpty { pv: String, path: PathBuf },
+    #[error("PV {pv}: was served before, but no disk of this node holds its volume (a disk not mounted?); not creating it empty")]
+    VolumeMissing { pv: String },
     #[error("PV {pv}: bad volume spec annotation: {message}")]
     BadSpec { pv: String, message: String },
     #[error("PV {pv}: {message}")]
@@ -187,7 +189,11 @@ pub struct VolumeManager {
     disks: Vec<Disk>,
     /// The mounts being served, with the spec last applied to each (so the store is asked
     /// about limits only when the PV's spec changes, not on every round).
-    served: BTreeMap<String, (Served, VolumeSpec)>,
+    served: BTreeMap<String, (Served, VolumeSpec, Option<String>)>,
+    /// Served PVs that no PV of the plan names any more (warned about once).
+    orphaned: BTreeSet<String>,
+    /// PVs served before (see [`VolumeManager::remember_served`]).
+    known: BTreeSet<String>,
     metrics: Arc<Metrics>,
     serve_options: ServeOptions,
 }
@@ -219,6 +225,8 @@ impl VolumeManager {
             tiers: config.tiers.clone(),
             disks,
             served: BTreeMap::new(),
+            orphaned: BTreeSet::new(),
+            known: BTreeSet::new(),
             metrics,
             serve_options: ServeOptions {
                 allow_other: true,
@@ -256,24 +264,35 @@ impl VolumeManager {
                     Ok(()) => out.cleaned.push(pv.clone()),
                     Err(e) => out.errors.push(e),
                 },
-                Wanted::Broken { pv, message } => out.errors.push(VolumeError::BadSpec {
-                    pv: pv.clone(),
-                    message: message.clone(),
-                }),
+                Wanted::Broken { pv, message } => {
+                    // Served already: a bad annotation does not cut off the pod using it.
+                    keep.insert(pv.clone());
+                    out.errors.push(VolumeError::BadSpec {
+                        pv: pv.clone(),
+                        message: message.clone(),
+                    })
+                }
             }
         }
-        let gone: Vec<String> = self
-            .served
-            .keys()
-            .filter(|pv| !keep.contains(*pv))
-            .cloned()
-            .collect();
-        for pv in gone {
-            if let Err(e) = self.unserve(&pv) {
-                out.errors.push(e);
+        // A served PV the plan no longer names (its PV object vanished without our cleanup,
+        // lost its node label, or turned Broken) keeps being served: a pod may still use it,
+        // and only a cleanup (its claim released) or a shutdown may end a pod's access.
+        // A new PV of the same name is checked against the volume's owner (ensure_served).
+        for pv in self.served.keys() {
+            if !keep.contains(pv) && self.orphaned.insert(pv.clone()) {
+                tracing::warn!(pv, "served volume no longer named by any PV of this node; kept serving until its PV is cleaned up");
             }
         }
+        self.orphaned
+            .retain(|pv| self.served.contains_key(pv) && !keep.contains(pv));
         out
+    }
+
+    /// PVs that were served at some point: by this process, or by the last run (local
+    /// state). Such a PV whose volume no store holds lost its data (a disk not mounted,
+    /// a store deleted by hand): it is reported, never recreated empty.
+    pub fn remember_served(&mut self, pvs: impl IntoIterator<Item = String>) {
+        self.known.extend(pvs);
     }
 
     /// Serves `pv`, creating its volume first if no store holds it. Returns whether it was
@@ -284,19 +303,26 @@ impl VolumeManager {
         spec: &VolumeSpec,
         uid: Option<&str>,
     ) -> Result<bool, VolumeError> {
-        if let Some((s, applied)) = self.served.get(pv) {
+        if let Some((s, applied, owner)) = self.served.get(pv) {
             if !s.finished() {
-                if applied != spec {
+                let new_owner = uid.is_some() && owner.as_deref() != uid;
+                let new_spec = applied != spec;
+                if new_owner {
+                    // Another PV object of the same name: the volume must belong to it.
+                    self.check_owner(pv, uid)?;
+                }
+                if new_spec {
                     self.ensure_quota(pv, spec)?;
-                    if let Some((_, applied)) = self.served.get_mut(pv) {
-                        *applied = spec.clone();
-                    }
+                }
+                if let Some((_, applied, owner)) = self.served.get_mut(pv) {
+                    *applied = spec.clone();
+                    *owner = uid.map(str::to_string);
                 }
                 return Ok(false);
             }
             // Someone unmounted it (or the session died): serve it again.
             tracing::warn!(pv, "mount ended unexpectedly; serving it again");
-            if let Some((s, _)) = self.served.remove(pv) {
+            if let Some((s, _, _)) = self.served.remove(pv) {
                 let _ = s.stop(Duration::from_secs(1));
             }
         }
@@ -311,6 +337,9 @@ impl VolumeManager {
         }
         let disk = match self.disk_holding(pv)? {
             Some(i) => i,
+            None if self.known.contains(pv) => {
+                return Err(VolumeError::VolumeMissing { pv: pv.into() })
+            }
             None => self.create_volume(pv, spec)?,
         };
         if let Some(uid) = uid {
@@ -365,9 +394,30 @@ impl VolumeManager {
                 source: e,
             });
         }
-        self.served.insert(pv.to_string(), (served, spec.clone()));
+        self.served.insert(
+            pv.to_string(),
+            (served, spec.clone(), uid.map(str::to_string)),
+        );
+        self.known.insert(pv.to_string());
         tracing::info!(pv, disk = %self.disks[disk].path.display(), "serving volume");
         Ok(true)
+    }
+
+    /// Makes sure the served volume `pv` belongs to the PV object `uid`; if it belongs to
+    /// another (a PV deleted and made again under the same name), stops serving it: the
+    /// new object's pod must never reach the previous tenant's data.
+    fn check_owner(&mut self, pv: &str, uid: Option<&str>) -> Result<(), VolumeError> {
+        let (Some(uid), Some(i)) = (uid, self.disk_holding(pv)?) else {
+            return Ok(());
+        };
+        if let Err(source) = self.disks[i].store.claim_volume(pv, uid) {
+            self.unserve(pv)?;
+            return Err(VolumeError::Volume {
+                pv: pv.into(),
+                source,
+            });
+        }
+        Ok(())
     }
 
     /// Applies the spec's quota and inode limit to an existing volume (volume expansion).
@@ -451,7 +501,7 @@ impl VolumeManager {
     }
 
     fn unserve(&mut self, pv: &str) -> Result<(), VolumeError> {
-        if let Some((s, _)) = self.served.remove(pv) {
+        if let Some((s, _, _)) = self.served.remove(pv) {
             tracing::info!(pv, "unmounting");
             s.stop(Duration::from_secs(10))
                 .map_err(|source| VolumeError::Mount {
@@ -484,6 +534,7 @@ impl VolumeManager {
                 })?;
             tracing::info!(pv, "deleted volume data");
         }
+        self.known.remove(pv);
         // Only empty directories: never follow into anything a mount might expose.
         for dir in [paths.mount_point.as_str(), paths.dir.as_str()] {
             match std::fs::remove_dir(dir) {
@@ -544,7 +595,7 @@ impl VolumeManager {
     pub fn shutdown(&mut self) {
         let mut served: Vec<Served> = std::mem::take(&mut self.served)
             .into_values()
-            .map(|(s, _)| s)
+            .map(|(s, _, _)| s)
             .collect();
         for s in &mut served {
             if let Err(e) = s.unmount() {
@@ -647,6 +698,7 @@ impl VolumeError {
             | VolumeError::Mount { pv, .. }
             | VolumeError::Io { pv, .. }
             | VolumeError::MountPointNotEmpty { pv, .. }
+            | VolumeError::VolumeMissing { pv }
             | VolumeError::UnknownTier { pv, .. }
             | VolumeError::BadSpec { pv, .. }
             | VolumeError::Unsupported { pv, .. } => pv,

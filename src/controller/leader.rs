@@ -234,8 +234,12 @@ impl LeaderElection {
         let spec = lease.spec.get_or_insert_with(Default::default);
         let record = Record::of(spec);
         let ours = record.holder == self.identity;
-        self.observe(record.clone(), started);
-        if !ours && !record.holder.is_empty() && self.observed_valid(started) {
+        // Another holder's record may have been written while the GET was in flight: its
+        // expiry clock starts when the answer arrived (client-go's observedTime), never
+        // earlier. Our own record keeps the earlier start, so we give up sooner, not later.
+        let seen = Instant::now();
+        self.observe(record.clone(), if ours { started } else { seen });
+        if !ours && !record.holder.is_empty() && self.observed_valid(seen) {
             return Ok(Attempt::Following {
                 holder: record.holder,
             });

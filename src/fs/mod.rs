@@ -415,9 +415,13 @@ impl Fs {
                 c.usage.encode(),
             );
         }
-        let reservation = self.vol.reserve(c.usage).map_err(|e| match e {
-            Exhausted::Bytes | Exhausted::Inodes | Exhausted::Disk => FsError::NoSpace,
-        })?;
+        let physical = c.batch.size_in_bytes() as u64;
+        let reservation = self
+            .vol
+            .reserve_write(c.usage, physical)
+            .map_err(|e| match e {
+                Exhausted::Bytes | Exhausted::Inodes | Exhausted::Disk => FsError::NoSpace,
+            })?;
         match self.store.write(c.batch) {
             Ok(()) => {
                 self.vol.settle(reservation);

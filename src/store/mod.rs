@@ -177,10 +177,47 @@ impl Volume {
             .is_ok()
     }
 
-    /// Admits a usage change before it is written. Growth is checked against the quota
-    /// and inode limit atomically; shrinkage is applied by [`Volume::settle`] after the
-    /// write succeeds. Returns the reservation to settle or release.
+    /// Below this many bytes, a batch that does not grow usage (a chmod, a timestamp) is
+    /// admitted even at the free-space floor; the floor's room covers such updates.
+    pub const SMALL_WRITE: u64 = 4096;
+
+    /// [`Volume::reserve`] for a batch of `physical` bytes. The quota judges the usage
+    /// change; the disk's free-space floor judges what the batch really writes: an
+    /// overwrite changes no usage yet writes a new copy of its chunks (an LSM store frees
+    /// the old one only at compaction), so at the floor it is refused like growth. Changes
+    /// that free usage (deletes, truncates) and small metadata updates always pass.
+    pub fn reserve_write(&self, delta: Usage, physical: u64) -> Result<Reservation, Exhausted> {
+        let r = self.reserve_usage(delta)?;
+        let frees = delta.bytes < 0;
+        let small = delta.bytes <= 0 && physical < Self::SMALL_WRITE;
+        let cost = if delta.bytes > 0 {
+            physical.max(delta.bytes as u64)
+        } else {
+            physical
+        };
+        if !frees && !small && !self.disk.admit(cost) {
+            self.release(r);
+            return Err(Exhausted::Disk);
+        }
+        Ok(r)
+    }
+
+    /// Admits a usage change (quota and inode limit, and the disk's floor for the bytes it
+    /// adds). See [`Volume::reserve_write`] for a write batch.
     pub fn reserve(&self, delta: Usage) -> Result<Reservation, Exhausted> {
+        let grow = delta.bytes.max(0) as u64;
+        let r = self.reserve_usage(delta)?;
+        if !self.disk.admit(grow) {
+            self.release(r);
+            return Err(Exhausted::Disk);
+        }
+        Ok(r)
+    }
+
+    /// Growth is checked against the quota and inode limit atomically; shrinkage is
+    /// applied by [`Volume::settle`] after the write succeeds. Returns the reservation to
+    /// settle or release.
+    fn reserve_usage(&self, delta: Usage) -> Result<Reservation, Exhausted> {
         let grow_bytes = delta.bytes.max(0) as u64;
         let grow_inodes = delta.inodes.max(0) as u64;
         if grow_bytes > 0 && !Self::reserve_one(&self.used_bytes, self.quota(), grow_bytes) {
@@ -189,11 +226,6 @@ impl Volume {
         if grow_inodes > 0 && !Self::reserve_one(&self.inodes, self.inode_limit(), grow_inodes) {
             self.used_bytes.fetch_sub(grow_bytes, Ordering::AcqRel);
             return Err(Exhausted::Inodes);
-        }
-        if !self.disk.admit(grow_bytes) {
-            self.used_bytes.fetch_sub(grow_bytes, Ordering::AcqRel);
-            self.inodes.fetch_sub(grow_inodes, Ordering::AcqRel);
-            return Err(Exhausted::Disk);
         }
         Ok(Reservation { delta })
     }
@@ -266,6 +298,10 @@ struct DiskSpace {
     reclaimed_ms: AtomicU64,
     /// Bytes credited back (deletes, truncates) since that compaction: what it can free.
     freed_since_reclaim: AtomicU64,
+    /// That compaction is running (on its own thread).
+    reclaiming: std::sync::atomic::AtomicBool,
+    /// Blob garbage collection is turned off (near the floor).
+    gc_off: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for DiskSpace {
@@ -293,6 +329,8 @@ impl DiskSpace {
             reclaim_wanted: std::sync::atomic::AtomicBool::new(false),
             reclaimed_ms: AtomicU64::new(0),
             freed_since_reclaim: AtomicU64::new(0),
+            reclaiming: std::sync::atomic::AtomicBool::new(false),
+            gc_off: std::sync::atomic::AtomicBool::new(false),
         };
         d.measure();
         d
@@ -323,7 +361,29 @@ impl DiskSpace {
             - i64::try_from(self.floor).unwrap_or(i64::MAX);
         self.headroom.store(h, Ordering::Release);
         self.measured_ms.store(self.now_ms(), Ordering::Release);
+        if self.gc_off.load(Ordering::Acquire) && h > i64::try_from(self.floor).unwrap_or(i64::MAX)
+        {
+            self.set_blob_gc(true);
+        }
         h
+    }
+
+    /// Turns blob garbage collection of the chunks on or off (a dynamic RocksDB option).
+    fn set_blob_gc(&self, on: bool) {
+        let Some(cf) = self.db.cf_handle(CF_CHUNKS) else {
+            return;
+        };
+        let value = if on { "true" } else { "false" };
+        match self
+            .db
+            .set_options_cf(cf, &[("enable_blob_garbage_collection", value)])
+        {
+            Ok(()) => {
+                self.gc_off.store(!on, Ordering::Release);
+                tracing::info!(dir = %self.dir.display(), on, "blob garbage collection");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot change blob garbage collection"),
+        }
     }
 
     /// Admits `bytes` more stored bytes, or refuses them (the floor would be crossed).
@@ -788,13 +848,45 @@ impl Store {
         if last != 0 && disk.now_ms().saturating_sub(last) < wait_ms {
             return;
         }
+        if disk.reclaiming.swap(true, Ordering::AcqRel) {
+            return;
+        }
         disk.freed_since_reclaim.store(0, Ordering::Release);
         disk.reclaim_wanted.store(false, Ordering::Release);
         disk.reclaimed_ms
             .store(disk.now_ms().max(1), Ordering::Release);
-        tracing::warn!(dir = %self.inner.dir.display(), floor = disk.floor, "disk at its free-space floor; compacting to give deleted data's space back");
-        if let Err(e) = self.reclaim_range(&[], &[0xff; 8]) {
-            tracing::error!(error = %e, "compaction at the free-space floor failed");
+        tracing::warn!(dir = %self.inner.dir.display(), floor = disk.floor, "disk at its free-space floor; compacting (blob GC off) to give deleted data's space back");
+        // Off the caller's thread (the agent's volume loop, the mount's signal loop).
+        let store = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fusevol-reclaim".into())
+            .spawn(move || {
+                store.reclaim_at_floor();
+                store.inner.disk.reclaiming.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the compaction at the free-space floor");
+            disk.reclaiming.store(false, Ordering::Release);
+        }
+    }
+
+    /// The compaction at the floor: blob GC off first (it relocates live blobs, writing
+    /// new files before old ones go, which a full disk cannot take), then every level
+    /// compacted down, except the bottommost level on its own, so deleted keys meet their
+    /// tombstones and blob files that only they referenced are deleted. GC comes back on
+    /// once the disk has twice its floor free (see `DiskSpace::measure`).
+    fn reclaim_at_floor(&self) {
+        let disk = &self.inner.disk;
+        disk.set_blob_gc(false);
+        let db = &self.inner.db;
+        let mut co = CompactOptions::default();
+        co.set_bottommost_level_compaction(BottommostLevelCompaction::Skip);
+        co.set_exclusive_manual_compaction(false);
+        for cf in [self.meta(), self.chunks()] {
+            if let Err(e) = db.flush_cf(cf) {
+                tracing::error!(error = %e, "flush at the free-space floor failed");
+            }
+            db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &co);
         }
         disk.measure();
     }
