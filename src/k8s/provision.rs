@@ -242,11 +242,14 @@ pub fn tier_usage(
     claim_uid: &str,
     cluster: &ClusterState<'_>,
 ) -> Option<TierUsage> {
-    let total = node.tier(tier)?.total_bytes;
+    let published = node.tier(tier)?;
     let name = &node.spec.node_name;
+    // The agent's own count covers volumes whose PV is gone (Retain leftovers still take
+    // their space); the PVs cover what the agent has not published yet. Take the larger.
+    let allocated = allocated_on(name, tier, cluster.pvs).max(published.allocated_bytes);
     Some(TierUsage {
-        total,
-        allocated: allocated_on(name, tier, cluster.pvs),
+        total: published.total_bytes,
+        allocated,
         reserved: reserved_on(name, tier, claim_uid, cluster.reservations, cluster.pvs),
     })
 }

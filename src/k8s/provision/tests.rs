@@ -285,6 +285,23 @@ fn capacity_exhausted_on_selected_node_reschedules_saying_requested_and_free() {
 }
 
 #[test]
+fn space_the_agent_reports_allocated_without_a_pv_is_not_offered_again() {
+    // A Retain PV was deleted: its volume stays on the node and the agent counts it.
+    let mut n = node("n1", &[("fast", 20 * GI)]);
+    n.status = Some(FusevolNodeStatus::from_tiers(
+        vec![TierStatus::new("fast", 20 * GI, 15 * GI, vec![])],
+        None,
+    ));
+    let nodes = [n];
+    let message = rescheduled(decide(
+        &claim("u1", "10Gi", Some("n1")),
+        &wffc(),
+        &state(&nodes, &[], &[]),
+    ));
+    assert!(message.contains("free 5Gi"), "{message}");
+}
+
+#[test]
 fn a_claim_that_exactly_fills_the_tier_is_accepted() {
     let nodes = [node("n1", &[("fast", 20 * GI)])];
     let pvs = [existing_pv("n1", "fast", 17 * GI, "old")];
