@@ -86,7 +86,7 @@ pub fn load(root: &Path) -> Served {
 
 /// Replaces the file atomically and durably (temp file, fsync, rename, fsync of the root).
 pub fn save(root: &Path, served: &Served) -> std::io::Result<()> {
-    std::fs::create_dir_all(root)?;
+    crate::store::create_dir_all_durable(root)?;
     let tmp = root.join(format!(".{FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec_pretty(served).map_err(std::io::Error::other)?)?;

@@ -568,6 +568,34 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// `create_dir_all` whose result survives a power cut: each directory it creates is
+/// made durable in its parent (an fsync of the parent after the mkdir; an fsync inside
+/// the new directory does not make its own name durable).
+pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d);
+        cur = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        let parent = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Volume names: what a Kubernetes PV name can hold, and safe as a path component.
 pub fn validate_volume_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -688,7 +716,7 @@ impl Store {
                 if !empty {
                     return Err(Error::NotAStore(dir.into()));
                 }
-                std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+                create_dir_all_durable(dir).map_err(io_err(dir))?;
                 let format = Format {
                     version: FORMAT_VERSION,
                     chunk_size: opts.chunk_size,
