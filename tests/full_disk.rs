@@ -59,6 +59,19 @@ fn write_synced(dir: &Path, i: usize) -> io::Result<()> {
     f.sync_all()
 }
 
+/// Writes files f0, f1, ... (each fsync'd) until one fails: the acknowledged ones, and
+/// the error the application saw.
+fn fill(dir: &Path) -> (Vec<usize>, io::Error) {
+    let mut done = Vec::new();
+    loop {
+        match write_synced(dir, done.len()) {
+            Ok(()) => done.push(done.len()),
+            Err(e) => return (done, e),
+        }
+        assert!(done.len() < 100, "a {DISK_MIB} MiB disk took 400 MiB");
+    }
+}
+
 fn avail(path: &Path) -> u64 {
     let s = statvfs(path);
     s.f_bavail * s.f_frsize
@@ -75,14 +88,7 @@ fn a_full_disk_gives_enospc_at_the_floor_and_deletes_give_the_space_back() {
     let m = Mount::start_in(dirs, opts.clone());
 
     // Fill: every file that fsync acknowledged must survive; the first refusal is ENOSPC.
-    let mut done = Vec::new();
-    let err = loop {
-        match write_synced(m.mnt(), done.len()) {
-            Ok(()) => done.push(done.len()),
-            Err(e) => break e,
-        }
-        assert!(done.len() < 100, "a {DISK_MIB} MiB disk took 400 MiB");
-    };
+    let (done, err) = fill(m.mnt());
     assert_eq!(
         err.raw_os_error(),
         Some(libc::ENOSPC),
@@ -193,14 +199,7 @@ fn rocksdb_out_of_space_answers_enospc_and_resumes_when_space_comes_back() {
         .output()
         .expect("fallocate");
     assert!(out.status.success(), "fallocate: {out:?}");
-    let mut done = Vec::new();
-    let err = loop {
-        match write_synced(m.mnt(), done.len()) {
-            Ok(()) => done.push(done.len()),
-            Err(e) => break e,
-        }
-        assert!(done.len() < 100, "a {DISK_MIB} MiB disk took 400 MiB");
-    };
+    let (done, err) = fill(m.mnt());
     assert_eq!(
         err.raw_os_error(),
         Some(libc::ENOSPC),

@@ -596,6 +596,11 @@ pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A volume's configuration as stored under its config key (JSON).
+fn encode_config(cfg: &VolumeConfig) -> Result<Vec<u8>> {
+    serde_json::to_vec(cfg).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
 /// Volume names: what a Kubernetes PV name can hold, and safe as a path component.
 pub fn validate_volume_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -947,6 +952,12 @@ impl Store {
         }
     }
 
+    /// The id of volume `name`, which must exist.
+    fn existing_id(&self, name: &str) -> Result<VolumeId> {
+        self.volume_id(name)?
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))
+    }
+
     fn config(&self, id: VolumeId) -> Result<VolumeConfig> {
         let raw = self
             .get_meta(&key_codec::config_key(id))?
@@ -1054,11 +1065,7 @@ impl Store {
             key_codec::next_volume_id_key(),
             id.checked_add(1).unwrap_or(id).to_be_bytes(),
         );
-        b.put_cf(
-            meta,
-            key_codec::config_key(id),
-            serde_json::to_vec(&cfg).map_err(|e| Error::Corrupt(e.to_string()))?,
-        );
+        b.put_cf(meta, key_codec::config_key(id), encode_config(&cfg)?);
         b.put_cf(meta, key_codec::usage_key(id), usage.encode());
         b.put_cf(meta, key_codec::inode_key(id, ROOT_INO), root.encode());
         self.write(b)?;
@@ -1105,9 +1112,7 @@ impl Store {
         if open.contains_key(name) {
             return Err(Error::VolumeBusy(name.to_string()));
         }
-        let id = self
-            .volume_id(name)?
-            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let id = self.existing_id(name)?;
         let cfg = self.config(id)?;
         let usage = self.usage(id)?;
         if usage.bytes < 0 || usage.inodes < 0 || usage.chunks < 0 {
@@ -1137,9 +1142,7 @@ impl Store {
     }
 
     pub fn inspect_volume(&self, name: &str) -> Result<VolumeInfo> {
-        let id = self
-            .volume_id(name)?
-            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let id = self.existing_id(name)?;
         let cfg = self.config(id)?;
         let open = self.inner.open_volumes.lock().get(name).cloned();
         let (used, inodes, chunks) = match &open {
@@ -1180,9 +1183,7 @@ impl Store {
         inode_limit: Option<Option<u64>>,
     ) -> Result<VolumeInfo> {
         let _g = self.inner.registry.lock();
-        let id = self
-            .volume_id(name)?
-            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let id = self.existing_id(name)?;
         let mut cfg = self.config(id)?;
         let open = self.inner.open_volumes.lock().get(name).cloned();
         let current = self.inspect_volume(name)?;
@@ -1226,11 +1227,7 @@ impl Store {
                 .store(cfg.inode_limit.unwrap_or(UNLIMITED), Ordering::Release);
         }
         let mut b = WriteBatch::default();
-        b.put_cf(
-            self.meta(),
-            key_codec::config_key(id),
-            serde_json::to_vec(&cfg).map_err(|e| Error::Corrupt(e.to_string()))?,
-        );
+        b.put_cf(self.meta(), key_codec::config_key(id), encode_config(&cfg)?);
         self.write(b)?;
         self.sync()?;
         drop(_g);
@@ -1240,9 +1237,7 @@ impl Store {
     /// Whether volume `name` counts usage by an older rule and must be recounted (with
     /// [`Store::set_recounted_usage`]) before it is served.
     pub fn needs_recount(&self, name: &str) -> Result<bool> {
-        let id = self
-            .volume_id(name)?
-            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let id = self.existing_id(name)?;
         Ok(self.config(id)?.accounting < records::ACCOUNTING_VERSION)
     }
 
@@ -1253,18 +1248,12 @@ impl Store {
         if self.is_open(name) {
             return Err(Error::VolumeBusy(name.to_string()));
         }
-        let id = self
-            .volume_id(name)?
-            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let id = self.existing_id(name)?;
         let mut cfg = self.config(id)?;
         cfg.accounting = records::ACCOUNTING_VERSION;
         let mut b = WriteBatch::default();
         b.put_cf(self.meta(), key_codec::usage_key(id), usage.encode());
-        b.put_cf(
-            self.meta(),
-            key_codec::config_key(id),
-            serde_json::to_vec(&cfg).map_err(|e| Error::Corrupt(e.to_string()))?,
-        );
+        b.put_cf(self.meta(), key_codec::config_key(id), encode_config(&cfg)?);
         self.write(b)?;
         self.sync()
     }
@@ -1275,9 +1264,7 @@ impl Store {
     /// reaches the data that an earlier object of that name left behind.
     pub fn claim_volume(&self, name: &str, owner: &str) -> Result<()> {
         let _g = self.inner.registry.lock();
-        let id = self
-            .volume_id(name)?
-            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let id = self.existing_id(name)?;
         let mut cfg = self.config(id)?;
         match &cfg.owner {
             Some(o) if o == owner => return Ok(()),
@@ -1291,11 +1278,7 @@ impl Store {
             None => cfg.owner = Some(owner.to_string()),
         }
         let mut b = WriteBatch::default();
-        b.put_cf(
-            self.meta(),
-            key_codec::config_key(id),
-            serde_json::to_vec(&cfg).map_err(|e| Error::Corrupt(e.to_string()))?,
-        );
+        b.put_cf(self.meta(), key_codec::config_key(id), encode_config(&cfg)?);
         self.write(b)?;
         self.sync()
     }
@@ -1307,9 +1290,7 @@ impl Store {
         if self.is_open(name) {
             return Err(Error::VolumeBusy(name.to_string()));
         }
-        let id = self
-            .volume_id(name)?
-            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let id = self.existing_id(name)?;
         let (lo, hi) = (key_codec::volume_start(id), key_codec::volume_end(id));
         let mut b = WriteBatch::default();
         b.delete_cf(self.meta(), key_codec::volume_name_key(name));
