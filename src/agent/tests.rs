@@ -160,16 +160,7 @@ async fn the_finalizer_is_removed_by_a_guarded_json_patch() {
 #[test]
 fn a_pv_is_served_as_a_live_mount_and_its_data_deleted_on_release() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let disk = tmp.path().join("disk");
-    let text = format!(
-        "node_name = \"n1\"\nroot = \"{}\"\nlisten = \"127.0.0.1:0\"\n[[tiers]]\nname = \"fast\"\ndisks = [\"{}\"]\ncapacity = \"1Gi\"\n",
-        root.display(),
-        disk.display()
-    );
-    let config = AgentConfig::parse(&text, None).unwrap();
-    let mut manager =
-        VolumeManager::open(&config, Arc::new(crate::metrics::Metrics::new())).unwrap();
+    let (mut manager, root) = one_disk_manager(tmp.path());
     let bound = pv("pvc-1", "n1", "Bound", "Delete", false);
     let outcome = manager.apply(&plan("n1", std::slice::from_ref(&bound)));
     assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);

@@ -318,6 +318,16 @@ class PodMount:
                        stdin=subprocess.DEVNULL)
 
 
+def pod_with_volume(c, ns, name, hold, size="1Gi", cls="fusevol-fast"):
+    """A claim `name` and its pod, Bound and served; the pod's bind mount holds file `hold`
+    open. Returns (VolumeView, PodMount)."""
+    c.create(*claim_with_pod(name, ns, cls, size))
+    wait_bound(c, ns, [name], 90)
+    wait_pods_bound(c, ns, [name], 60)
+    (v,) = wait_kubelet_view(c, ns, name)
+    return v, PodMount(c, name, v, hold=hold)
+
+
 DISCONNECTED = {errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENODEV}
 
 
@@ -1093,11 +1103,7 @@ def delete_bound_pv(c):
     ns = "e2e-delpv"
     start_fusevol(c, {n: [Tier("fast", "4Gi")] for n in c.node_names})
     c.ensure_namespace(ns)
-    c.create(*claim_with_pod("db", ns, "fusevol-fast", "1Gi"))
-    wait_bound(c, ns, ["db"], 90)
-    wait_pods_bound(c, ns, ["db"], 60)
-    (v,) = wait_kubelet_view(c, ns, "db")
-    pod = PodMount(c, "db", v, hold="wal")
+    v, pod = pod_with_volume(c, ns, "db", hold="wal")
     pod.write_sync(b"committed before the delete\n")
     vol_dir = os.path.dirname(v.mnt)
 
@@ -1138,11 +1144,7 @@ def tenant_isolation(c):
     node = c.node_names[0]
     start_fusevol(c, {node: [Tier("fast", "4Gi")]})
     c.ensure_namespace(ns)
-    c.create(*claim_with_pod("one", ns, "fusevol-fast", "1Gi"))
-    wait_bound(c, ns, ["one"], 90)
-    wait_pods_bound(c, ns, ["one"], 60)
-    (v1,) = wait_kubelet_view(c, ns, "one")
-    old = PodMount(c, "one", v1, hold="wal")
+    v1, old = pod_with_volume(c, ns, "one", hold="wal")
     old.write_sync(b"tenant one\n")
     write_file(os.path.join(v1.path, "secret"), b"tenant one's secret")
 
@@ -1185,11 +1187,7 @@ def api_freeze(c):
     ns = "e2e-freeze"
     start_fusevol(c, {n: [Tier("fast", "4Gi")] for n in c.node_names})
     c.ensure_namespace(ns)
-    c.create(*claim_with_pod("w", ns, "fusevol-fast", "1Gi"))
-    wait_bound(c, ns, ["w"], 90)
-    wait_pods_bound(c, ns, ["w"], 60)
-    (v,) = wait_kubelet_view(c, ns, "w")
-    pod = PodMount(c, "w", v, hold="log")
+    v, pod = pod_with_volume(c, ns, "w", hold="log")
     agent = c.agents[v.node]
     apiserver = next(p for p in c.procs if p.name == "kube-apiserver")
     apiserver.send(signal.SIGSTOP)
