@@ -36,6 +36,18 @@ pub enum Command {
     Agent(AgentArgs),
     /// Run the provisioning controller (Kubernetes Deployment, leader-elected).
     Controller(ControllerArgs),
+    /// Hold the FUSE connections of the servers that use SOCKET (`mount --fdstore`,
+    /// `agent --fdstore`), so that their mounts outlive a crash, a restart or an upgrade
+    /// of the server: the next server takes them over. Runs until killed; killing it
+    /// ends no mount while their servers live.
+    Fdstore(FdstoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FdstoreArgs {
+    /// The unix socket to listen on (created; a stale one is replaced).
+    #[arg(long, value_name = "SOCKET")]
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -43,6 +55,10 @@ pub struct AgentArgs {
     /// The agent's TOML configuration (see deploy/agent-config.yaml).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+    /// The FUSE connection holder (`fusevol fdstore --socket`): volumes stay mounted
+    /// when the agent exits (crash, restart, upgrade) and the next agent serves them on.
+    #[arg(long, value_name = "SOCKET")]
+    pub fdstore: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +111,11 @@ pub struct MountArgs {
     /// disk, at least 8Mi and at most 256Mi; 0 turns it off.
     #[arg(long, value_name = "SIZE")]
     pub free_space_floor: Option<ByteSize>,
+    /// The FUSE connection holder (`fusevol fdstore --socket`): the mount outlives this
+    /// process. SIGTERM, or another `fusevol mount` of the same mount point, leaves it to
+    /// the next server; a crash too. Ctrl-C (SIGINT) unmounts.
+    #[arg(long, value_name = "SOCKET")]
+    pub fdstore: Option<PathBuf>,
     /// Where to mount (an existing directory).
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: PathBuf,
@@ -220,6 +241,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 serve: ServeOptions {
                     allow_other: a.allow_other,
                     threads: usize::from(a.threads),
+                    fdstore: a.fdstore.map(crate::fdstore::FdStore::new),
+                    ..ServeOptions::default()
                 },
             };
             store::validate_volume_name(&req.volume)?;
@@ -227,13 +250,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Volume(v) => volume(v),
+        Command::Fdstore(a) => {
+            crate::fdstore::run(&a.socket)?;
+            Ok(0)
+        }
         Command::Fsck(a) => fsck_cmd(a),
         Command::Agent(a) => {
             let config = crate::agent::config::AgentConfig::load(
                 &a.config,
                 std::env::var("NODE_NAME").ok(),
             )?;
-            runtime()?.block_on(crate::agent::run(config))?;
+            let fdstore = a.fdstore.map(crate::fdstore::FdStore::new);
+            runtime()?.block_on(crate::agent::run(config, fdstore))?;
             Ok(0)
         }
         Command::Controller(a) => {

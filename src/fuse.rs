@@ -342,6 +342,15 @@ impl Filesystem for FuseFs {
         ))
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        let _t = self.metrics.start("forget");
+        if let Err(e) = self.fs.forget(ino.0) {
+            _t.failed();
+            // No reply to a FORGET: log it; the orphan stays for the next fresh mount.
+            tracing::warn!(ino = ino.0, error = %e, "forget: cannot delete an unlinked inode");
+        }
+    }
+
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         op!(self, "open", reply, self.fs.open(ino.0), |_v| reply
             .opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE))

@@ -4,6 +4,7 @@
 //! - [`cli`]: the `fusevol` command line.
 //! - [`mount`]: serving a volume at a mount point (signals, stale mounts).
 //! - [`control`]: the control socket through which `fusevol volume` reaches a running server.
+//! - [`fdstore`]: the FUSE connection holder that keeps mounts alive across server restarts.
 //! - [`fuse`]: the thin FUSE adapter (fuser types in, errno out).
 //! - [`fs`]: POSIX semantics, quota admission and the chunked data path of one volume.
 //! - [`store`]: the RocksDB chunk store holding many volumes; [`store::key_codec`] is the key layout.
@@ -18,6 +19,7 @@ pub mod agent;
 pub mod cli;
 pub mod control;
 pub mod controller;
+pub mod fdstore;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;

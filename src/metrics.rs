@@ -34,6 +34,7 @@ pub const OPS: &[&str] = &[
     "read",
     "write",
     "release",
+    "forget",
     "fsync",
     "readdir",
     "readdirplus",

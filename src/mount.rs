@@ -3,6 +3,7 @@
 //! SIGINT/SIGTERM or when someone unmounts the volume. Used by `fusevol mount` and by
 //! the node agent (which serves many volumes from one store).
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::fdstore::{FdStore, Held};
 use crate::fs::Fs;
 use crate::fuse::FuseFs;
 use crate::metrics::Metrics;
@@ -139,6 +141,11 @@ pub fn prepare_mount_point(path: &Path) -> Result<(), MountError> {
 pub struct ServeOptions {
     pub allow_other: bool,
     pub threads: usize,
+    /// The FUSE connection holder: mounts outlive this process and the next server
+    /// takes their connections over (see [`crate::fdstore`]).
+    pub fdstore: Option<FdStore>,
+    /// Serve as on a kernel without `FUSE_NOTIFY_RESEND` even if this one has it (tests).
+    pub no_resend: bool,
 }
 
 impl Default for ServeOptions {
@@ -146,6 +153,8 @@ impl Default for ServeOptions {
         ServeOptions {
             allow_other: false,
             threads: 4,
+            fdstore: None,
+            no_resend: std::env::var_os("FUSEVOL_NO_RESEND").is_some(),
         }
     }
 }
@@ -162,6 +171,10 @@ pub struct Served {
     session: Option<fuser::BackgroundSession>,
     store: Store,
     metrics: Arc<Metrics>,
+    /// The holder keeping this connection, and the key it is held under.
+    held: Option<(FdStore, String)>,
+    /// Taken over from a previous server rather than mounted here.
+    pub adopted: bool,
 }
 
 /// Mounts volume `name` of `store` at `mountpoint` and serves it on background threads.
@@ -176,11 +189,48 @@ pub fn serve(
     opts: &ServeOptions,
     metrics: Arc<Metrics>,
 ) -> Result<Served, MountError> {
+    if let Some(holder) = &opts.fdstore {
+        if let Some(served) = take_over(store, name, mountpoint, opts, holder, &metrics)? {
+            return Ok(served);
+        }
+    }
     prepare_mount_point(mountpoint)?;
     crate::fsck::recount_if_needed(store, name)?;
     let vol = store.open_volume(name)?;
     let ops = metrics.volume_ops(vol.volume());
     let fs = Arc::new(Fs::new(store.clone(), vol)?);
+    let config = session_config(name, opts);
+    let mount_err = |source| {
+        metrics.forget_volume(name);
+        MountError::Mount {
+            path: mountpoint.into(),
+            source,
+        }
+    };
+    let mut session =
+        fuser::Session::new(FuseFs::new(fs, ops), mountpoint, &config).map_err(mount_err)?;
+    // Mounted now (Session::new mounts): the connection number is in mountinfo.
+    let connection = fuse_connection(mountpoint);
+    let held = opts
+        .fdstore
+        .as_ref()
+        .and_then(|h| hold(h, &mut session, store, name, mountpoint, connection, opts));
+    let session = session.spawn().map_err(mount_err)?;
+    tracing::info!(volume = name, mountpoint = %mountpoint.display(), ?connection, held = held.is_some(), "serving");
+    Ok(Served {
+        volume: name.to_string(),
+        mountpoint: mountpoint.to_path_buf(),
+        connection,
+        unmounted: false,
+        session: Some(session),
+        store: store.clone(),
+        metrics,
+        held,
+        adopted: false,
+    })
+}
+
+fn session_config(name: &str, opts: &ServeOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("fusevol:{name}")),
@@ -196,39 +246,155 @@ pub fn serve(
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let session =
-        fuser::Session::new(FuseFs::new(fs, ops), mountpoint, &config).map_err(|source| {
-            metrics.forget_volume(name);
-            MountError::Mount {
-                path: mountpoint.into(),
-                source,
-            }
-        })?;
-    // Mounted now (Session::new mounts): the connection number is in mountinfo.
-    let connection = fuse_connection(mountpoint);
-    let session = session.spawn().map_err(|source| {
+    config
+}
+
+/// The key a connection is held under: the mount point as an absolute path, made without
+/// touching the file system (a stat of a mount point whose server is gone would wait).
+fn holder_key(mountpoint: &Path) -> String {
+    std::path::absolute(mountpoint)
+        .unwrap_or_else(|_| mountpoint.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Does the holder of `opts` keep a connection for `mountpoint` (then the mount is live
+/// and its callers wait for a server: a stat of it would wait too)?
+pub fn is_held(opts: &ServeOptions, mountpoint: &Path) -> bool {
+    opts.fdstore.as_ref().is_some_and(|holder| {
+        holder
+            .list()
+            .is_ok_and(|keys| keys.contains(&holder_key(mountpoint)))
+    })
+}
+
+/// Does the kernel offer `FUSE_NOTIFY_RESEND` on this connection (and may we use it)?
+fn resend_usable(init: fuser::InitState, opts: &ServeOptions) -> bool {
+    !opts.no_resend && init.kernel_has(fuser::InitFlags::FUSE_HAS_RESEND)
+}
+
+/// Hands copies of a fresh session's device fds to the holder. With `FUSE_NOTIFY_RESEND`
+/// it holds every fd the workers read from (so requests a dying server had read can be
+/// resent); without, only the device fd, which the workers never read from (so those
+/// requests fail with ECONNABORTED when the server dies, instead of waiting forever).
+/// A failure is logged and the volume served without the holder.
+fn hold(
+    holder: &FdStore,
+    session: &mut fuser::Session<FuseFs>,
+    store: &Store,
+    name: &str,
+    mountpoint: &Path,
+    conn: Option<u32>,
+    opts: &ServeOptions,
+) -> Option<(FdStore, String)> {
+    let init = session.init_state()?;
+    let fds = if resend_usable(init, opts) {
+        session.device_fds()
+    } else {
+        session.read_through_clones();
+        session.device_fd().map(|fd| vec![fd])
+    };
+    let key = holder_key(mountpoint);
+    let record = Held {
+        volume: name.to_string(),
+        store: store.dir().to_path_buf(),
+        conn,
+        init: init.into(),
+    };
+    let result = fds.map_err(|e| e.to_string()).and_then(|fds| {
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        holder
+            .put(&key, &record, &borrowed)
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => Some((holder.clone(), key)),
+        Err(error) => {
+            tracing::error!(volume = name, %error, "cannot hand the FUSE connection to the holder: a restart of this server will end the mount");
+            None
+        }
+    }
+}
+
+/// Serves `name` on the live connection the holder keeps for `mountpoint`, if it has
+/// one that is still mounted there: no INIT, no mount; requests the previous server had
+/// read but not answered are queued again (`FUSE_NOTIFY_RESEND`). `None` if there is
+/// nothing to take over (a stale record is dropped).
+fn take_over(
+    store: &Store,
+    name: &str,
+    mountpoint: &Path,
+    opts: &ServeOptions,
+    holder: &FdStore,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Served>, MountError> {
+    let key = holder_key(mountpoint);
+    let (record, fds) = match holder.get(&key) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Ok(None),
+        Err(error) => {
+            tracing::error!(volume = name, %error, "fd holder unreachable: mounting afresh");
+            return Ok(None);
+        }
+    };
+    let mounted = fuse_connection_at(Path::new(&key));
+    if record.volume != name || record.conn.is_none() || mounted != record.conn {
+        tracing::warn!(volume = name, held = ?record, ?mounted, "held connection is not this volume's live mount; dropping it");
+        if let Err(error) = holder.remove(&key) {
+            tracing::warn!(%error, "cannot drop the stale held connection");
+        }
+        return Ok(None);
+    }
+    let init: fuser::InitState = record.init.into();
+    let vol = store.open_volume(name)?;
+    let ops = metrics.volume_ops(vol.volume());
+    let fs = Arc::new(Fs::adopt(store.clone(), vol)?);
+    let mount_err = |source| {
         metrics.forget_volume(name);
         MountError::Mount {
             path: mountpoint.into(),
             source,
         }
-    })?;
-    tracing::info!(volume = name, mountpoint = %mountpoint.display(), ?connection, "serving");
-    Ok(Served {
+    };
+    let config = session_config(name, opts);
+    let resend = resend_usable(init, opts);
+    let mut session =
+        fuser::Session::from_initialized(FuseFs::new(fs, ops), fds, config.acl, config, init)
+            .map_err(mount_err)?;
+    if !resend {
+        session.read_through_clones();
+    }
+    let notifier = session.notifier();
+    let session = session.spawn().map_err(mount_err)?;
+    if resend {
+        if let Err(error) = notifier.resend() {
+            tracing::error!(volume = name, %error, "FUSE_NOTIFY_RESEND failed: requests the previous server had read stay unanswered");
+        }
+    }
+    tracing::info!(volume = name, mountpoint = %mountpoint.display(), conn = ?record.conn, resend, "took over the live FUSE connection");
+    Ok(Some(Served {
         volume: name.to_string(),
         mountpoint: mountpoint.to_path_buf(),
-        connection,
+        connection: record.conn,
         unmounted: false,
         session: Some(session),
         store: store.clone(),
-        metrics,
-    })
+        metrics: metrics.clone(),
+        held: Some((holder.clone(), key)),
+        adopted: true,
+    }))
 }
 
 /// The FUSE connection number of the fuse mount at `path` (its device minor), from
 /// /proc/self/mountinfo.
 pub fn fuse_connection(path: &Path) -> Option<u32> {
     let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    fuse_connection_at(&canon)
+}
+
+/// [`fuse_connection`] of an absolute path taken as is (no stat: safe on a mount point
+/// whose server is gone).
+fn fuse_connection_at(canon: &Path) -> Option<u32> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     text.lines().rev().find_map(|l| {
         let fields: Vec<&str> = l.split(' ').collect();
@@ -310,7 +476,31 @@ impl Served {
         Ok(())
     }
 
+    /// Leaves the mount and its connection to the next server, for a process about to
+    /// exit (a restart or an upgrade): nothing is unmounted, the holder keeps the
+    /// connection, and requests wait in the kernel until the next server takes it over.
+    /// Without a holder, hands `self` back: the caller must stop it instead.
+    #[must_use]
+    pub fn leave_to_next_server(mut self) -> Option<Self> {
+        if self.held.is_none() {
+            return Some(self);
+        }
+        if let Some(session) = self.session.as_mut() {
+            session.disown_mount();
+        }
+        tracing::info!(volume = %self.volume, "left to the next server");
+        // No stop and no unmount: the workers serve on until this process exits.
+        std::mem::forget(self);
+        None
+    }
+
     fn stop_inner(&mut self, grace: Duration) -> Result<(), MountError> {
+        // First the holder's copy: then an unmount (or an abort) ends the connection.
+        if let Some((holder, key)) = self.held.take() {
+            if let Err(error) = holder.remove(&key) {
+                tracing::warn!(volume = %self.volume, %error, "cannot drop the held connection");
+            }
+        }
         let mut result = self.unmount();
         let Some(session) = self.session.take() else {
             return result;
@@ -394,6 +584,24 @@ impl Drop for Served {
     }
 }
 
+/// Registers this process with the holder and, if a live server still serves
+/// `mountpoint`, asks it to hand over and waits until it has exited (the store can be
+/// opened only then). Returns whether the holder keeps a connection for `mountpoint`.
+/// Problems with the holder are logged: the volume is then served without it.
+fn claim_from_holder(holder: &mut FdStore, mountpoint: &Path, handover: Arc<AtomicBool>) -> bool {
+    if let Err(error) = holder.register(move || handover.store(true, Ordering::Release)) {
+        tracing::error!(%error, "fd holder unreachable: serving without it (a restart will end the mount)");
+        return false;
+    }
+    let key = holder_key(mountpoint);
+    match holder.takeover(std::slice::from_ref(&key)) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(servers = n, "the live server handed over"),
+        Err(error) => tracing::error!(%error, "take-over failed"),
+    }
+    holder.list().is_ok_and(|keys| keys.contains(&key))
+}
+
 /// How often an idle store is checked for memtables to give back.
 pub const IDLE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -415,8 +623,17 @@ pub struct MountRequest {
 /// `fusevol mount`: opens (or creates) the store and volume, serves it, and returns after
 /// SIGINT/SIGTERM or an external unmount, with everything flushed.
 pub fn run(req: &MountRequest) -> Result<(), MountError> {
-    // Check the mount point before touching the store, so a typo changes nothing.
-    prepare_mount_point(&req.mountpoint)?;
+    let handover = Arc::new(AtomicBool::new(false));
+    let mut serve_opts = req.serve.clone();
+    let held_here = match &mut serve_opts.fdstore {
+        Some(holder) => claim_from_holder(holder, &req.mountpoint, handover.clone()),
+        None => false,
+    };
+    // Check the mount point before touching the store, so a typo changes nothing (not a
+    // held one: its server may be gone, and a stat would wait for the next).
+    if !held_here {
+        prepare_mount_point(&req.mountpoint)?;
+    }
     let mut sopts = store::StoreOptions {
         free_space_floor: req.free_space_floor,
         ..Default::default()
@@ -452,7 +669,7 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     if let Err(e) = crate::control::serve(store.clone(), metrics.clone()) {
         tracing::warn!(error = %e, "control socket unavailable: volume commands will not reach this process");
     }
-    let served = serve(&store, &req.volume, &req.mountpoint, &req.serve, metrics)?;
+    let served = serve(&store, &req.volume, &req.mountpoint, &serve_opts, metrics)?;
     eprintln!(
         "fusevol: serving volume {:?} of {} at {} (Ctrl-C to unmount)",
         req.volume,
@@ -460,7 +677,14 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         req.mountpoint.display()
     );
     let mut last_idle_check = Instant::now();
-    while !term.load(Ordering::Acquire) && !served.finished() {
+    let sigterm = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, sigterm.clone()).map_err(
+        |source| MountError::Io {
+            path: req.mountpoint.clone(),
+            source,
+        },
+    )?;
+    while !term.load(Ordering::Acquire) && !served.finished() && !handover.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
         store.reclaim_if_wanted();
         if last_idle_check.elapsed() >= IDLE_FLUSH_INTERVAL {
@@ -470,6 +694,24 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
             }
         }
     }
+    // SIGTERM or a take-over with a holder: leave the mount to the next server.
+    let served = if handover.load(Ordering::Acquire) || sigterm.load(Ordering::Acquire) {
+        store.sync()?;
+        match served.leave_to_next_server() {
+            None => {
+                eprintln!(
+                    "fusevol: left {} to the next server",
+                    req.mountpoint.display()
+                );
+                let _ = std::fs::remove_file(crate::control::socket_path(&req.data));
+                // Exit now: no destructor may unmount or close what the next server takes.
+                std::process::exit(0);
+            }
+            Some(served) => served,
+        }
+    } else {
+        served
+    };
     let external = served.finished() && !term.load(Ordering::Acquire);
     served.stop(Duration::from_secs(10))?;
     let _ = std::fs::remove_file(crate::control::socket_path(&req.data));

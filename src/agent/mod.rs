@@ -30,6 +30,7 @@ use serde_json::json;
 
 use self::config::AgentConfig;
 use self::volumes::{plan, VolumeManager};
+use crate::fdstore::FdStore;
 use crate::k8s::crd::{FusevolNode, FusevolNodeSpec, FusevolNodeStatus};
 use crate::k8s::{ANNOTATION_NODE, FINALIZER_DATA_CLEANUP, LABEL_HOSTNAME};
 use crate::metrics::Metrics;
@@ -254,15 +255,29 @@ struct Round {
 /// registers the node, removes finalizers, posts events and publishes capacity, each call
 /// with a timeout. At start, before the API is reached, the volumes of the last run are
 /// served again from local state.
-pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     let tier_metrics = TierMetrics::register(&metrics);
     let node = config.node_name.clone();
+    let handover = Arc::new(tokio::sync::Notify::new());
+    let fdstore = match fdstore {
+        Some(holder) => {
+            let (root, handover) = (config.root.clone(), handover.clone());
+            tokio::task::spawn_blocking(move || claim_from_holder(holder, &root, handover))
+                .await
+                .map_err(|e| AgentError::Join(e.to_string()))?
+        }
+        None => None,
+    };
     let manager = {
         let (config, metrics) = (config.clone(), metrics.clone());
-        tokio::task::spawn_blocking(move || VolumeManager::open(&config, metrics))
-            .await
-            .map_err(|e| AgentError::Join(e.to_string()))??
+        tokio::task::spawn_blocking(move || {
+            let mut m = VolumeManager::open(&config, metrics)?;
+            m.set_fdstore(fdstore);
+            Ok::<_, volumes::VolumeError>(m)
+        })
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))??
     };
     for store in manager.stores() {
         let disk = store.dir().display().to_string();
@@ -327,12 +342,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .map_err(|e| AgentError::Config(format!("cannot handle SIGTERM: {e}")))?;
     *health.last_tick.lock() = Some(Instant::now());
     let mut synced = false;
+    let mut first_round = false;
     loop {
         tokio::select! {
             _ = changed.notified() => {}
             _ = tokio::time::sleep(RESYNC) => {}
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = handover.notified() => {
+                tracing::info!("another agent takes over: handing the volumes over");
+                break;
+            }
         }
         *health.last_tick.lock() = Some(Instant::now());
         if !synced {
@@ -344,12 +364,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 continue;
             }
             synced = true;
+            first_round = true;
         }
         let all: Arc<Vec<PersistentVolume>> =
             Arc::new(reader.state().iter().map(|pv| (**pv).clone()).collect());
         let plan = plan(&node, &all);
         let mut served = local_state::Served::from_plan(&plan);
         let outcome = apply_blocking(&manager, &health, plan).await?;
+        if std::mem::take(&mut first_round) {
+            let m = manager.clone();
+            let _ = tokio::task::spawn_blocking(move || m.lock().release_unserved_held()).await;
+        }
         // Only what really is served now (a volume that failed to start is not "known").
         let now_served: std::collections::BTreeSet<String> =
             manager.lock().served().into_iter().collect();
@@ -382,11 +407,43 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         });
     }
     api_side.abort();
-    tracing::info!("stopping: unmounting volumes (their data stays)");
+    tracing::info!("stopping: leaving held volumes to the next agent, unmounting the others (their data stays)");
     tokio::task::spawn_blocking(move || manager.lock().shutdown())
         .await
         .map_err(|e| AgentError::Join(e.to_string()))?;
     Ok(())
+}
+
+/// Registers with the FUSE connection holder and, if a live agent still serves this
+/// node's volumes, asks it to hand over and waits until it has exited (its stores can be
+/// opened only then). A holder that cannot be reached is logged and not used.
+fn claim_from_holder(
+    mut holder: FdStore,
+    root: &std::path::Path,
+    handover: Arc<tokio::sync::Notify>,
+) -> Option<FdStore> {
+    if let Err(error) = holder.register(move || handover.notify_one()) {
+        tracing::error!(%error, "fd holder unreachable: serving without it (an agent restart will end every mount)");
+        return None;
+    }
+    let prefix = format!("{}/", root.join("volumes").display());
+    let keys: Vec<String> = match holder.list() {
+        Ok(keys) => keys
+            .into_iter()
+            .filter(|k| k.starts_with(&prefix))
+            .collect(),
+        Err(error) => {
+            tracing::error!(%error, "fd holder unreachable");
+            return None;
+        }
+    };
+    tracing::info!(held = keys.len(), "fd holder connected");
+    match holder.takeover(&keys) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(agents = n, "the live agent handed over"),
+        Err(error) => tracing::error!(%error, "take-over from the live agent failed"),
+    }
+    Some(holder)
 }
 
 /// Applies `plan` on a blocking thread, marking the agent busy meanwhile.

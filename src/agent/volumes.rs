@@ -16,6 +16,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::PersistentVolume;
 
 use super::config::{AgentConfig, TierConfig};
+use crate::fdstore::FdStore;
 use crate::k8s::crd::TierStatus;
 use crate::k8s::layout::{volume_paths, DATA_DIR};
 use crate::k8s::params::VolumeSpec;
@@ -231,8 +232,44 @@ impl VolumeManager {
             serve_options: ServeOptions {
                 allow_other: true,
                 threads: 4,
+                ..ServeOptions::default()
             },
         })
+    }
+
+    /// Serves through the FUSE connection holder: mounts outlive this agent, and the next
+    /// agent takes them over (see [`crate::fdstore`]).
+    pub fn set_fdstore(&mut self, fdstore: Option<FdStore>) {
+        self.serve_options.fdstore = fdstore;
+    }
+
+    /// Drops the held connections of this node's volumes that no volume is served on
+    /// (a volume the last run served and this one does not: its mount ends, instead of
+    /// keeping its callers waiting for a server that will not come).
+    pub fn release_unserved_held(&self) {
+        let Some(holder) = &self.serve_options.fdstore else {
+            return;
+        };
+        let prefix = format!("{}/", self.root.join("volumes").display());
+        let served: BTreeSet<String> = self
+            .served
+            .values()
+            .map(|(s, _, _)| s.mountpoint.display().to_string())
+            .collect();
+        let Ok(keys) = holder.list() else {
+            return;
+        };
+        for key in keys {
+            if key.starts_with(&prefix) && !served.contains(&key) {
+                tracing::warn!(
+                    mountpoint = key,
+                    "a held connection no served volume uses; ending it"
+                );
+                if let Err(e) = holder.remove(&key) {
+                    tracing::warn!(error = %e, "cannot drop a held connection");
+                }
+            }
+        }
     }
 
     /// The stores, for the control sockets.
@@ -354,8 +391,10 @@ impl VolumeManager {
         self.ensure_quota(pv, spec)?;
         let paths = volume_paths(&self.root.to_string_lossy(), pv);
         let mount_point = PathBuf::from(&paths.mount_point);
+        // Held: the mount is live and waits for this server (a stat would wait too).
+        let held = mount::is_held(&self.serve_options, &mount_point);
         // A mount left by a killed agent: stat fails with ENOTCONN, so detach it first.
-        if mount::is_stale(&mount_point) {
+        if !held && mount::is_stale(&mount_point) {
             tracing::warn!(pv, "detaching the stale mount of a previous agent");
             let _ = mount::detach(&mount_point);
         }
@@ -367,7 +406,7 @@ impl VolumeManager {
         // The host-side mount point must stay empty (see k8s::layout): a file there would
         // be hidden under the mount, and `mnt/data` existing on the host would let a pod
         // start on the bare host disk whenever the volume is not served.
-        if !mount::is_mounted(&mount_point) && !dir_is_empty(&mount_point) {
+        if !held && !mount::is_mounted(&mount_point) && !dir_is_empty(&mount_point) {
             return Err(VolumeError::MountPointNotEmpty {
                 pv: pv.into(),
                 path: mount_point,
@@ -593,10 +632,11 @@ impl VolumeManager {
     /// then the sessions get one shared grace period to end before the connections still
     /// in use by pods are aborted (the process exit would end them anyway).
     pub fn shutdown(&mut self) {
-        let mut served: Vec<Served> = std::mem::take(&mut self.served)
+        let served: Vec<Served> = std::mem::take(&mut self.served)
             .into_values()
             .map(|(s, _, _)| s)
             .collect();
+        let mut served = self.leave_to_next_agent(served);
         for s in &mut served {
             if let Err(e) = s.unmount() {
                 tracing::warn!(error = %e, "unmount on shutdown failed");
@@ -614,6 +654,25 @@ impl VolumeManager {
                 tracing::warn!(disk = %d.path.display(), error = %e, "sync on shutdown failed");
             }
         }
+    }
+
+    /// With the holder: makes every store durable and leaves every held mount to the
+    /// next agent (the process must exit right after). Returns the mounts not held.
+    fn leave_to_next_agent(&self, served: Vec<Served>) -> Vec<Served> {
+        if self.serve_options.fdstore.is_none() || served.is_empty() {
+            return served;
+        }
+        for d in &self.disks {
+            if let Err(e) = d.store.sync() {
+                tracing::error!(disk = %d.path.display(), error = %e, "sync before the hand-over failed");
+            }
+        }
+        let left: Vec<Served> = served
+            .into_iter()
+            .filter_map(Served::leave_to_next_server)
+            .collect();
+        tracing::info!(unheld = left.len(), "volumes left to the next agent");
+        left
     }
 
     /// Gives back idle memtables of every store (called periodically).

@@ -179,6 +179,9 @@ pub struct Fs {
     /// the inode's lock.
     open: Mutex<HashMap<Ino, u32>>,
     next_ino: AtomicU64,
+    /// This server took over a live FUSE connection from one that died or handed it over
+    /// ([`Fs::adopt`]): files opened before that are open in the kernel but not in `open`.
+    adopted: bool,
 }
 
 impl std::fmt::Debug for Fs {
@@ -222,6 +225,22 @@ impl Fs {
     /// Serves volume `vol` of `store`. Reclaims the inodes of files that were unlinked
     /// while open when the previous server stopped.
     pub fn new(store: Store, vol: OpenVolume) -> Result<Fs> {
+        let fs = Self::with(store, vol, false)?;
+        fs.reclaim_orphans()?;
+        Ok(fs)
+    }
+
+    /// Serves volume `vol` on a live FUSE connection taken over from a previous server
+    /// (which died or handed it over): the kernel's node ids, lookup counts and open files
+    /// carry on, but which inodes are open is unknown here. So nothing unlinked is deleted
+    /// on the strength of this server's own open count: an inode whose last link goes
+    /// stays (as an orphan) until the kernel forgets it ([`Fs::forget`]: no dentry and no
+    /// open file refers to it any more), or until the next fresh mount reclaims it.
+    pub fn adopt(store: Store, vol: OpenVolume) -> Result<Fs> {
+        Self::with(store, vol, true)
+    }
+
+    fn with(store: Store, vol: OpenVolume, adopted: bool) -> Result<Fs> {
         let chunk_size = u64::from(store.chunk_size());
         let fs = Fs {
             store,
@@ -231,9 +250,9 @@ impl Fs {
             locks: InodeLocks::new(),
             open: Mutex::new(HashMap::new()),
             next_ino: AtomicU64::new(ROOT_INO + 1),
+            adopted,
         };
         fs.next_ino.store(fs.max_ino()? + 1, Ordering::Release);
-        fs.reclaim_orphans()?;
         Ok(fs)
     }
 
@@ -676,7 +695,8 @@ impl Fs {
             return Ok(());
         }
         let open = self.open.lock().get(&ino).copied().unwrap_or(0);
-        if open > 0 {
+        // Taken over: the kernel may hold it open from before; it goes at `forget`.
+        if open > 0 || self.adopted {
             self.stage_inode(c, ino, r);
             c.batch
                 .put_cf(self.store.meta(), keys::orphan_key(self.vid(), ino), []);
@@ -962,8 +982,9 @@ impl Fs {
         let _g = self.locks.lock(&[ino]);
         let r = self.load(ino)?;
         let mut open = self.open.lock();
-        if r.nlink == 0 && !open.contains_key(&ino) {
-            // Unlinked and no longer open: its deletion is committed or under way.
+        // Unlinked and no longer open: its deletion is committed or under way. (Taken
+        // over, an unlinked inode still exists only while the kernel refers to it.)
+        if r.nlink == 0 && !open.contains_key(&ino) && !self.adopted {
             return Err(FsError::NotFound);
         }
         *open.entry(ino).or_insert(0) += 1;
@@ -986,6 +1007,29 @@ impl Fs {
                 None => return Ok(()),
             }
         }
+        if self.adopted {
+            // Other handles may be open from before the take-over: `forget` decides.
+            return Ok(());
+        }
+        self.delete_if_unlinked(ino)
+    }
+
+    /// The kernel dropped its last reference to `ino` (no dentry, no open file). Taken
+    /// over, this is when an unlinked inode goes (see [`Fs::adopt`]); otherwise the last
+    /// release did that already.
+    pub fn forget(&self, ino: Ino) -> Result<()> {
+        if !self.adopted || ino == ROOT_INO {
+            return Ok(());
+        }
+        let _g = self.locks.lock(&[ino]);
+        if self.open.lock().get(&ino).is_some_and(|n| *n > 0) {
+            return Ok(());
+        }
+        self.delete_if_unlinked(ino)
+    }
+
+    /// Deletes `ino` and its orphan marker if it has no link left. Under its lock.
+    fn delete_if_unlinked(&self, ino: Ino) -> Result<()> {
         match self.load_opt(ino)? {
             Some(r) if r.nlink == 0 => {
                 let mut c = Change::new();

@@ -57,6 +57,19 @@ impl Notifier {
         Self(cs)
     }
 
+    /// fusevol patch: asks the kernel to queue again every request of this connection
+    /// that was read but never answered (`FUSE_NOTIFY_RESEND`, Linux 6.9+, announced by
+    /// `InitFlags::FUSE_HAS_RESEND` in INIT). The kernel sets bit 63 of each resent
+    /// request's `unique`; replies echo it. Older kernels answer EINVAL.
+    /// # Errors
+    /// Returns an error if the kernel rejects the notification.
+    pub fn resend(&self) -> io::Result<()> {
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&16u32.to_ne_bytes());
+        header[4..8].copy_from_slice(&(notify_code::FUSE_NOTIFY_RESEND as i32).to_ne_bytes());
+        self.0.send(&[io::IoSlice::new(&header)])
+    }
+
     /// Notify poll clients of I/O readiness
     /// # Errors
     /// Returns an error if the kernel rejects the notification.

@@ -121,6 +121,29 @@ impl Drop for UmountOnDrop {
     }
 }
 
+/// fusevol patch: what INIT negotiated on a connection, enough to serve it again from
+/// another process without a new INIT (the kernel sends INIT once per connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitState {
+    /// Protocol version the kernel announced.
+    pub major: u32,
+    /// Protocol minor the kernel announced.
+    pub minor: u32,
+    /// Every capability the kernel offered (`flags2` included).
+    pub kernel_flags: u64,
+    /// The capabilities the reply granted.
+    pub granted: u64,
+    /// `max_write` of the reply.
+    pub max_write: u32,
+}
+
+impl InitState {
+    /// Did the kernel offer `flag`?
+    pub fn kernel_has(&self, flag: InitFlags) -> bool {
+        InitFlags::from_bits_retain(self.kernel_flags).contains(flag)
+    }
+}
+
 /// The session data structure
 #[derive(Debug)]
 pub struct Session<FS: Filesystem> {
@@ -139,6 +162,15 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// fusevol patch: what INIT negotiated (set by the handshake or given to
+    /// [`Session::from_initialized`]).
+    init_state: Option<InitState>,
+    /// fusevol patch: the channels the workers will read from, made ahead of
+    /// [`Session::run`] by [`Session::device_fds`] or given to [`Session::from_initialized`].
+    channels: Vec<Channel>,
+    /// fusevol patch: workers read only through clones of the device fd, never through
+    /// the fd itself (see [`Session::read_through_clones`]).
+    read_through_clones: bool,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +218,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            init_state: None,
+            channels: Vec::new(),
+            read_through_clones: false,
         };
 
         session.handshake()?;
@@ -214,11 +249,121 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            init_state: None,
+            channels: Vec::new(),
+            read_through_clones: false,
         };
 
         session.handshake()?;
 
         Ok(session)
+    }
+
+    /// fusevol patch: serves a connection whose INIT another process answered, through
+    /// `fds` (one worker per fd: the connection's device fd and its clones, as
+    /// [`Session::device_fds`] returned them). No handshake, no mount.
+    /// # Errors
+    /// Returns an error if `fds` is empty.
+    pub fn from_initialized(
+        filesystem: FS,
+        fds: Vec<OwnedFd>,
+        acl: SessionACL,
+        config: Config,
+        init: InitState,
+    ) -> io::Result<Self> {
+        let channels: Vec<Channel> = fds
+            .into_iter()
+            .map(|fd| Channel::new(Arc::new(DevFuse(File::from(fd)))))
+            .collect();
+        let Some(ch) = channels.first().cloned() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no /dev/fuse fd to serve",
+            ));
+        };
+        Ok(Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch,
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: Some(Version(init.major, init.minor)),
+            config,
+            init_state: Some(init),
+            channels,
+            read_through_clones: false,
+        })
+    }
+
+    /// fusevol patch: what INIT negotiated (None before the handshake).
+    pub fn init_state(&self) -> Option<InitState> {
+        self.init_state
+    }
+
+    /// fusevol patch: makes the channels the workers will read from (the device fd and,
+    /// with `clone_fd`, one clone per further worker) and returns a duplicate of each, for
+    /// a process that keeps the connection alive when this one dies. Requests read through
+    /// a clone that no other process holds are aborted when this process dies, so a holder
+    /// needs all of them.
+    /// # Errors
+    /// Returns an error if cloning or duplicating an fd fails.
+    pub fn device_fds(&mut self) -> io::Result<Vec<OwnedFd>> {
+        if self.channels.is_empty() {
+            self.channels = self.make_channels()?;
+        }
+        self.channels
+            .iter()
+            .map(|ch| ch.as_fd().try_clone_to_owned())
+            .collect()
+    }
+
+    /// fusevol patch: makes every worker read through a clone of the device fd (made at
+    /// [`Session::run`]), and none through the fd itself; replaces channels given to
+    /// [`Session::from_initialized`] by clones of the first. A holder that keeps only the
+    /// device fd then keeps the connection alive when this process dies, while the
+    /// requests this process had read fail (ECONNABORTED) instead of waiting forever: the
+    /// choice for kernels without `FUSE_NOTIFY_RESEND`.
+    pub fn read_through_clones(&mut self) {
+        self.read_through_clones = true;
+        if let Some(first) = self.channels.first().cloned() {
+            self.ch = first;
+        }
+        self.channels.clear();
+    }
+
+    /// fusevol patch: a duplicate of the device fd.
+    /// # Errors
+    /// Returns an error if duplicating fails.
+    pub fn device_fd(&self) -> io::Result<OwnedFd> {
+        self.ch.as_fd().try_clone_to_owned()
+    }
+
+    fn make_channels(&self) -> io::Result<Vec<Channel>> {
+        let n_threads = self.config.n_threads.unwrap_or(1).max(1);
+        let mut channels = Vec::with_capacity(n_threads);
+        if !self.read_through_clones {
+            channels.push(self.ch.clone());
+        }
+        while channels.len() < n_threads {
+            if self.config.clone_fd || self.read_through_clones {
+                #[cfg(target_os = "linux")]
+                {
+                    channels.push(self.ch.clone_fd()?);
+                    continue;
+                }
+                #[cfg(not(target_os = "linux"))]
+                {
+                    return Err(io::Error::other("clone_fd is only supported on Linux"));
+                }
+            } else {
+                channels.push(self.ch.clone());
+            }
+        }
+        Ok(channels)
     }
 
     /// Run the session loop in a background thread. If the returned handle is dropped,
@@ -243,18 +388,8 @@ impl<FS: Filesystem> Session<FS> {
     /// may run concurrent by spawning threads.
     /// # Errors
     /// Returns any final error when the session comes to an end.
-    pub fn run(self) -> io::Result<()> {
-        let Session {
-            filesystem,
-            ch,
-            mount: _do_not_umount_yet,
-            allowed,
-            session_owner,
-            proto_version: _,
-            config,
-        } = self;
-
-        let n_threads = config.n_threads.unwrap_or(1);
+    pub fn run(mut self) -> io::Result<()> {
+        let n_threads = self.config.n_threads.unwrap_or(1);
 
         if !cfg!(target_os = "linux") && n_threads != 1 {
             // TODO: check whether it works on macOS/FreeBSD and enable if it works.
@@ -262,31 +397,24 @@ impl<FS: Filesystem> Session<FS> {
                 "n_threads != 1 is only supported on Linux",
             ));
         }
-
-        let Some(n_threads_minus_one) = n_threads.checked_sub(1) else {
-            return Err(io::Error::other("n_threads"));
-        };
+        // fusevol patch: the channels may have been made already (see `device_fds`).
+        if self.channels.is_empty() {
+            self.channels = self.make_channels()?;
+        }
+        let Session {
+            filesystem,
+            ch: _,
+            mount: _do_not_umount_yet,
+            allowed,
+            session_owner,
+            proto_version: _,
+            config: _,
+            init_state: _,
+            channels,
+            read_through_clones: _,
+        } = self;
 
         let mut filesystem = Arc::new(filesystem);
-
-        let mut channels = Vec::with_capacity(n_threads);
-
-        for _ in 0..n_threads_minus_one {
-            if config.clone_fd {
-                #[cfg(target_os = "linux")]
-                {
-                    channels.push(ch.clone_fd()?);
-                    continue;
-                }
-                #[cfg(not(target_os = "linux"))]
-                {
-                    return Err(io::Error::other("clone_fd is only supported on Linux"));
-                }
-            } else {
-                channels.push(ch.clone());
-            }
-        }
-        channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
 
@@ -472,6 +600,15 @@ impl<FS: Filesystem> Session<FS> {
             let response = init.reply(&config);
             <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
                 .send_ll(&response);
+            // fusevol patch: remember what was negotiated.
+            self.init_state = Some(InitState {
+                major: v.0,
+                minor: v.1,
+                kernel_flags: init.capabilities().bits(),
+                granted: ((config.requested | InitFlags::FUSE_INIT_EXT) & init.capabilities())
+                    .bits(),
+                max_write: config.max_write,
+            });
 
             return Ok(());
         }
@@ -578,6 +715,15 @@ impl BackgroundSession {
     /// Returns an object that can be used to send notifications to the kernel
     pub fn notifier(&self) -> Notifier {
         Notifier::new(self.sender.clone())
+    }
+
+    /// fusevol patch: gives up the mount without unmounting it: dropping this session no
+    /// longer unmounts, so a process that hands the connection over (its fds kept by
+    /// another process) leaves the mount in place for the next server.
+    pub fn disown_mount(&mut self) {
+        if let Some(mount) = self.mount.take() {
+            std::mem::forget(mount);
+        }
     }
 
     /// Join the filesystem thread.

@@ -1,0 +1,733 @@
+//! The FUSE connection holder (`fusevol fdstore`) and its client.
+//!
+//! A FUSE connection lives as long as any open file description of its `/dev/fuse` device
+//! (the server's fd and each of its clones). The holder is a small process that keeps a
+//! copy of every fd of every volume a server serves, received over a unix socket
+//! (SOCK_SEQPACKET, SCM_RIGHTS), together with what INIT negotiated. When the server
+//! dies, the connections stay up: the kernel keeps queueing requests (callers wait), and
+//! the next server takes the fds back, sends `FUSE_NOTIFY_RESEND` for the requests the
+//! dead one had read but not answered, and serves on, without INIT and without remounting.
+//!
+//! Owns: the wire protocol (one JSON message per packet, fds as ancillary data), the
+//! holder's table (key -> fds + the server's record of them), the ownership sessions that
+//! let a new server ask the live one to hand over ([`FdStore::takeover`]), and dropping
+//! the fds of connections that ended (unmounted or aborted: the device polls POLLERR).
+//! It knows nothing of volumes beyond the record the server stores ([`Held`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, UnixAddr,
+};
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Largest message (JSON) of the protocol.
+const MAX_MSG: usize = 64 * 1024;
+/// Most fds in one message (one volume's device fd and its clones).
+pub const MAX_FDS: usize = 64;
+/// How long a take-over waits for the live server to hand over.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the holder looks for connections that ended.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FdStoreError {
+    #[error("fd holder socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fd holder at {0} is already running")]
+    Running(PathBuf),
+    #[error("fd holder protocol: {0}")]
+    Protocol(String),
+    #[error("fd holder refused: {0}")]
+    Refused(String),
+}
+
+pub type Result<T, E = FdStoreError> = std::result::Result<T, E>;
+
+/// What INIT negotiated on a connection (fuser's [`fuser::InitState`], serializable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitRecord {
+    pub major: u32,
+    pub minor: u32,
+    pub kernel_flags: u64,
+    pub granted: u64,
+    pub max_write: u32,
+}
+
+impl From<fuser::InitState> for InitRecord {
+    fn from(s: fuser::InitState) -> Self {
+        InitRecord {
+            major: s.major,
+            minor: s.minor,
+            kernel_flags: s.kernel_flags,
+            granted: s.granted,
+            max_write: s.max_write,
+        }
+    }
+}
+
+impl From<InitRecord> for fuser::InitState {
+    fn from(r: InitRecord) -> Self {
+        fuser::InitState {
+            major: r.major,
+            minor: r.minor,
+            kernel_flags: r.kernel_flags,
+            granted: r.granted,
+            max_write: r.max_write,
+        }
+    }
+}
+
+/// The server's record of one held connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// The volume served on it.
+    pub volume: String,
+    /// The store directory of the volume.
+    pub store: PathBuf,
+    /// The connection's number under /sys/fs/fuse/connections (the mount's device minor).
+    pub conn: Option<u32>,
+    pub init: InitRecord,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    /// Opens an ownership session on this connection (kept open for the server's life).
+    Hello {
+        pid: u32,
+    },
+    Put {
+        key: String,
+        meta: Value,
+        owner: Option<u64>,
+    },
+    Get {
+        key: String,
+        owner: Option<u64>,
+    },
+    Remove {
+        key: String,
+    },
+    List,
+    /// Asks the live owners of `keys` to hand over, and waits until they have exited.
+    Takeover {
+        keys: Vec<String>,
+        owner: Option<u64>,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Response {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    meta: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keys: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    released: Option<usize>,
+}
+
+impl Response {
+    fn ok() -> Self {
+        Response {
+            ok: true,
+            ..Default::default()
+        }
+    }
+
+    fn error(e: impl std::fmt::Display) -> Self {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+/// The event the holder sends on an ownership session.
+const RELEASE_EVENT: &[u8] = br#"{"event":"release"}"#;
+
+// ----- wire -----
+
+fn send(sock: BorrowedFd<'_>, msg: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
+    socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(msg)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Receives one message and its fds; `None` at end of stream.
+fn recv(sock: BorrowedFd<'_>) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (len, fds, truncated) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = socket::recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel installed `fd` in our fd table for this message
+                    // (SCM_RIGHTS); nothing else refers to it, so we take ownership.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        let truncated = msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        (msg.bytes, fds, truncated)
+    };
+    if truncated {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "message or fds truncated",
+        ));
+    }
+    if len == 0 {
+        return Ok(None);
+    }
+    buf.truncate(len);
+    Ok(Some((buf, fds)))
+}
+
+fn seqpacket() -> std::io::Result<OwnedFd> {
+    Ok(socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
+}
+
+fn connect(path: &Path) -> std::io::Result<OwnedFd> {
+    let sock = seqpacket()?;
+    socket::connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(sock)
+}
+
+// ----- client -----
+
+/// A server's handle on the holder at a socket path.
+#[derive(Debug, Clone)]
+pub struct FdStore {
+    path: PathBuf,
+    /// This process's ownership session, once [`FdStore::register`]ed.
+    owner: Option<u64>,
+}
+
+impl FdStore {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FdStore {
+            path: path.into(),
+            owner: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: std::io::Error) -> FdStoreError {
+        FdStoreError::Socket {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>)> {
+        let sock = connect(&self.path).map_err(|e| self.err(e))?;
+        self.exchange(sock.as_fd(), req, fds)
+    }
+
+    fn exchange(
+        &self,
+        sock: BorrowedFd<'_>,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Response, Vec<OwnedFd>)> {
+        let msg = serde_json::to_vec(req).map_err(|e| FdStoreError::Protocol(e.to_string()))?;
+        send(sock, &msg, fds).map_err(|e| self.err(e))?;
+        let Some((raw, fds)) = recv(sock).map_err(|e| self.err(e))? else {
+            return Err(FdStoreError::Protocol(
+                "holder closed the connection".into(),
+            ));
+        };
+        let resp: Response =
+            serde_json::from_slice(&raw).map_err(|e| FdStoreError::Protocol(e.to_string()))?;
+        if !resp.ok {
+            return Err(FdStoreError::Refused(resp.error.unwrap_or_default()));
+        }
+        Ok((resp, fds))
+    }
+
+    /// Opens this process's ownership session: what it puts or gets is its own until it
+    /// exits, and `on_release` runs (on a thread of its own) when another server asks to
+    /// take over ([`FdStore::takeover`]); the holder then waits for this process to exit.
+    pub fn register(&mut self, on_release: impl Fn() + Send + 'static) -> Result<()> {
+        let sock = connect(&self.path).map_err(|e| self.err(e))?;
+        let hello = Request::Hello {
+            pid: std::process::id(),
+        };
+        let (resp, _) = self.exchange(sock.as_fd(), &hello, &[])?;
+        let owner = resp
+            .owner
+            .ok_or_else(|| FdStoreError::Protocol("no owner id".into()))?;
+        self.owner = Some(owner);
+        std::thread::Builder::new()
+            .name("fdstore-owner".into())
+            .spawn(move || {
+                // The session lives as long as this thread (the process): the socket is
+                // never closed before exit.
+                while let Ok(Some((msg, _))) = recv(sock.as_fd()) {
+                    if msg == RELEASE_EVENT {
+                        on_release();
+                    }
+                }
+                tracing::warn!("fd holder session ended (the holder exited?)");
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Hands the holder copies of `fds` (a connection's device fd and its clones) under
+    /// `key`, replacing what it held there.
+    pub fn put(&self, key: &str, held: &Held, fds: &[BorrowedFd<'_>]) -> Result<()> {
+        if fds.is_empty() || fds.len() > MAX_FDS {
+            return Err(FdStoreError::Protocol(format!("{} fds", fds.len())));
+        }
+        let meta = serde_json::to_value(held).map_err(|e| FdStoreError::Protocol(e.to_string()))?;
+        let req = Request::Put {
+            key: key.to_string(),
+            meta,
+            owner: self.owner,
+        };
+        self.call(&req, fds).map(|_| ())
+    }
+
+    /// Copies of the fds held under `key` and their record; `None` if nothing is held.
+    pub fn get(&self, key: &str) -> Result<Option<(Held, Vec<OwnedFd>)>> {
+        let req = Request::Get {
+            key: key.to_string(),
+            owner: self.owner,
+        };
+        let (resp, fds) = self.call(&req, &[])?;
+        let Some(meta) = resp.meta else {
+            return Ok(None);
+        };
+        let held: Held =
+            serde_json::from_value(meta).map_err(|e| FdStoreError::Protocol(e.to_string()))?;
+        if fds.is_empty() {
+            return Err(FdStoreError::Protocol(format!("{key}: no fds")));
+        }
+        Ok(Some((held, fds)))
+    }
+
+    /// Drops what is held under `key` (the connection ends once no server has it either).
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let req = Request::Remove {
+            key: key.to_string(),
+        };
+        self.call(&req, &[]).map(|_| ())
+    }
+
+    /// Keys held now.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let (resp, _) = self.call(&Request::List, &[])?;
+        Ok(resp.keys.unwrap_or_default())
+    }
+
+    /// Asks the live servers that own any of `keys` to hand over, and returns once they
+    /// have exited (how many did). Zero if no live server owns them.
+    pub fn takeover(&self, keys: &[String]) -> Result<usize> {
+        let req = Request::Takeover {
+            keys: keys.to_vec(),
+            owner: self.owner,
+        };
+        let (resp, _) = self.call(&req, &[])?;
+        Ok(resp.released.unwrap_or(0))
+    }
+}
+
+// ----- holder -----
+
+struct Entry {
+    fds: Vec<OwnedFd>,
+    meta: Value,
+    owner: Option<u64>,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: BTreeMap<String, Entry>,
+    /// Live ownership sessions: owner id -> the session's socket (for events).
+    owners: HashMap<u64, Arc<OwnedFd>>,
+}
+
+#[derive(Default)]
+struct Holder {
+    table: Mutex<Table>,
+    /// Signalled when an ownership session ends.
+    owner_gone: Condvar,
+    next_owner: AtomicU64,
+}
+
+/// `fusevol fdstore`: holds FUSE connections at socket `path` until killed. Refuses to
+/// start if another holder answers there; replaces a stale socket file.
+pub fn run(path: &Path) -> Result<()> {
+    let err = |source| FdStoreError::Socket {
+        path: path.into(),
+        source,
+    };
+    if connect(path).is_ok() {
+        return Err(FdStoreError::Running(path.into()));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let listener = seqpacket().map_err(err)?;
+    let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
+    socket::bind(listener.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
+    // Only root (the agent) may hand over or take connections.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(err)?;
+    let backlog = Backlog::new(64).map_err(|e| err(e.into()))?;
+    socket::listen(&listener, backlog).map_err(|e| err(e.into()))?;
+    let holder = Arc::new(Holder::default());
+    let pruner = holder.clone();
+    std::thread::Builder::new()
+        .name("fdstore-prune".into())
+        .spawn(move || loop {
+            std::thread::sleep(PRUNE_INTERVAL);
+            pruner.prune();
+        })
+        .map_err(err)?;
+    tracing::info!(socket = %path.display(), "holding FUSE connections");
+    loop {
+        let conn = match socket::accept(listener.as_raw_fd()) {
+            Ok(fd) => {
+                // SAFETY: accept returned a new fd that nothing else owns.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            }
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+            Err(e) => return Err(err(e.into())),
+        };
+        let h = holder.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fdstore-conn".into())
+            .spawn(move || h.serve_connection(conn));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot serve a connection");
+        }
+    }
+}
+
+impl Holder {
+    fn serve_connection(&self, conn: OwnedFd) {
+        let conn = Arc::new(conn);
+        let mut session = None;
+        loop {
+            let (raw, fds) = match recv(conn.as_fd()) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fd holder connection failed");
+                    break;
+                }
+            };
+            let (resp, out) = match serde_json::from_slice::<Request>(&raw) {
+                Ok(Request::Hello { pid }) => {
+                    let id = self.next_owner.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.table.lock().owners.insert(id, conn.clone());
+                    session = Some(id);
+                    tracing::info!(owner = id, pid, "server registered");
+                    let resp = Response {
+                        owner: Some(id),
+                        ..Response::ok()
+                    };
+                    (resp, Vec::new())
+                }
+                Ok(req) => self.handle(req, fds),
+                Err(e) => (Response::error(format!("bad request: {e}")), Vec::new()),
+            };
+            let msg = serde_json::to_vec(&resp).unwrap_or_default();
+            let borrowed: Vec<BorrowedFd<'_>> = out.iter().map(|f| f.as_fd()).collect();
+            if let Err(e) = send(conn.as_fd(), &msg, &borrowed) {
+                tracing::warn!(error = %e, "cannot answer");
+                break;
+            }
+        }
+        if let Some(id) = session {
+            let mut t = self.table.lock();
+            t.owners.remove(&id);
+            for e in t.entries.values_mut() {
+                if e.owner == Some(id) {
+                    e.owner = None;
+                }
+            }
+            drop(t);
+            tracing::info!(owner = id, "server gone; its connections stay held");
+            self.owner_gone.notify_all();
+        }
+    }
+
+    /// Answers one request; the fds of the answer (for `get`) are copies.
+    fn handle(&self, req: Request, fds: Vec<OwnedFd>) -> (Response, Vec<OwnedFd>) {
+        match req {
+            Request::Hello { .. } => (Response::error("hello twice"), Vec::new()),
+            Request::Put { key, meta, owner } => {
+                if fds.is_empty() {
+                    return (Response::error("put without fds"), Vec::new());
+                }
+                tracing::info!(key, fds = fds.len(), "holding");
+                let entry = Entry { fds, meta, owner };
+                self.table.lock().entries.insert(key, entry);
+                (Response::ok(), Vec::new())
+            }
+            Request::Get { key, owner } => self.get(&key, owner),
+            Request::Remove { key } => {
+                if self.table.lock().entries.remove(&key).is_some() {
+                    tracing::info!(key, "released");
+                }
+                (Response::ok(), Vec::new())
+            }
+            Request::List => {
+                let keys = self.table.lock().entries.keys().cloned().collect();
+                let resp = Response {
+                    keys: Some(keys),
+                    ..Response::ok()
+                };
+                (resp, Vec::new())
+            }
+            Request::Takeover { keys, owner } => (self.takeover(&keys, owner), Vec::new()),
+        }
+    }
+
+    fn get(&self, key: &str, owner: Option<u64>) -> (Response, Vec<OwnedFd>) {
+        let mut t = self.table.lock();
+        let Some(e) = t.entries.get_mut(key) else {
+            return (Response::ok(), Vec::new());
+        };
+        let copies: std::io::Result<Vec<OwnedFd>> = e.fds.iter().map(|f| f.try_clone()).collect();
+        match copies {
+            Ok(fds) => {
+                if owner.is_some() {
+                    e.owner = owner;
+                }
+                let resp = Response {
+                    meta: Some(e.meta.clone()),
+                    ..Response::ok()
+                };
+                (resp, fds)
+            }
+            Err(err) => (Response::error(err), Vec::new()),
+        }
+    }
+
+    /// Sends a release event to every other live owner of `keys` and waits for them to
+    /// exit (their ownership sessions to close).
+    fn takeover(&self, keys: &[String], owner: Option<u64>) -> Response {
+        let mut t = self.table.lock();
+        let mut owners: Vec<u64> = keys
+            .iter()
+            .filter_map(|k| t.entries.get(k).and_then(|e| e.owner))
+            .filter(|o| Some(*o) != owner && t.owners.contains_key(o))
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        for o in &owners {
+            if let Some(sock) = t.owners.get(o) {
+                tracing::info!(owner = o, ?owner, "asking the live server to hand over");
+                if let Err(e) = send(sock.as_fd(), RELEASE_EVENT, &[]) {
+                    tracing::warn!(owner = o, error = %e, "cannot reach the live server");
+                }
+            }
+        }
+        let deadline = Instant::now() + TAKEOVER_TIMEOUT;
+        while owners.iter().any(|o| t.owners.contains_key(o)) {
+            if self.owner_gone.wait_until(&mut t, deadline).timed_out() {
+                return Response::error("the live server did not hand over in time");
+            }
+        }
+        Response {
+            released: Some(owners.len()),
+            ..Response::ok()
+        }
+    }
+
+    /// Drops the fds of connections that ended (unmounted or aborted).
+    fn prune(&self) {
+        let mut t = self.table.lock();
+        let ended: Vec<String> = t
+            .entries
+            .iter()
+            .filter(|(_, e)| e.fds.first().is_none_or(|fd| connection_ended(fd.as_fd())))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in ended {
+            t.entries.remove(&k);
+            tracing::info!(key = k, "connection ended (unmounted or aborted); dropped");
+        }
+    }
+}
+
+/// Does `/dev/fuse` fd report its connection gone (POLLERR once aborted or unmounted)?
+fn connection_ended(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0].revents().is_some_and(|r| {
+            r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL)
+        }),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fdstore.sock");
+        let p = path.clone();
+        std::thread::spawn(move || run(&p));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while connect(&path).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (dir, path)
+    }
+
+    fn held() -> Held {
+        Held {
+            volume: "v".into(),
+            store: "/data".into(),
+            conn: Some(42),
+            init: InitRecord {
+                major: 7,
+                minor: 40,
+                kernel_flags: 1 << 39,
+                granted: 1,
+                max_write: 1 << 20,
+            },
+        }
+    }
+
+    #[test]
+    fn holds_fds_and_hands_out_copies_that_refer_to_the_same_file() {
+        let (_d, path) = start();
+        let store = FdStore::new(&path);
+        let (r, w) = nix::unistd::pipe().unwrap();
+        store.put("/mnt/a", &held(), &[w.as_fd()]).unwrap();
+        drop(w);
+        let (got, fds) = store.get("/mnt/a").unwrap().unwrap();
+        assert_eq!(got, held());
+        assert_eq!(fds.len(), 1);
+        nix::unistd::write(&fds[0], b"x").unwrap();
+        let mut buf = [0u8; 1];
+        nix::unistd::read(r.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf, b"x");
+        assert_eq!(store.list().unwrap(), vec!["/mnt/a".to_string()]);
+        // A get leaves the entry in place (a crash after a get must not lose it).
+        assert!(store.get("/mnt/a").unwrap().is_some());
+        store.remove("/mnt/a").unwrap();
+        assert!(store.get("/mnt/a").unwrap().is_none());
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_second_holder_on_a_live_socket_is_refused() {
+        let (_d, path) = start();
+        assert!(matches!(run(&path), Err(FdStoreError::Running(_))));
+    }
+
+    #[test]
+    fn takeover_waits_for_the_live_owner_to_hand_over() {
+        let (_d, path) = start();
+        // The "old server": its session is a raw connection we close on release.
+        let sock = connect(&path).unwrap();
+        let client = FdStore::new(&path);
+        let (resp, _) = client
+            .exchange(sock.as_fd(), &Request::Hello { pid: 1 }, &[])
+            .unwrap();
+        let old = FdStore {
+            path: path.clone(),
+            owner: resp.owner,
+        };
+        let (_r, w) = nix::unistd::pipe().unwrap();
+        old.put("/mnt/a", &held(), &[w.as_fd()]).unwrap();
+        let releaser = std::thread::spawn(move || {
+            let (msg, _) = recv(sock.as_fd()).unwrap().unwrap();
+            assert_eq!(msg, RELEASE_EVENT);
+            std::thread::sleep(Duration::from_millis(200));
+            drop(sock); // "exits"
+        });
+        let mut new = FdStore::new(&path);
+        new.register(|| {}).unwrap();
+        let start = Instant::now();
+        assert_eq!(new.takeover(&["/mnt/a".to_string()]).unwrap(), 1);
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        releaser.join().unwrap();
+        // Nobody live owns it now: a second take-over has nothing to wait for.
+        assert_eq!(new.takeover(&["/mnt/a".to_string()]).unwrap(), 0);
+        assert!(new.get("/mnt/a").unwrap().is_some());
+    }
+
+    #[test]
+    fn bad_requests_get_an_error_not_a_crash() {
+        let (_d, path) = start();
+        let sock = connect(&path).unwrap();
+        send(sock.as_fd(), b"not json", &[]).unwrap();
+        let (raw, _) = recv(sock.as_fd()).unwrap().unwrap();
+        let resp: Response = serde_json::from_slice(&raw).unwrap();
+        assert!(!resp.ok);
+        let store = FdStore::new(&path);
+        assert!(matches!(
+            store.call(
+                &Request::Put {
+                    key: "k".into(),
+                    meta: Value::Null,
+                    owner: None
+                },
+                &[]
+            ),
+            Err(FdStoreError::Refused(_))
+        ));
+        assert!(store.list().unwrap().is_empty());
+    }
+}
