@@ -80,6 +80,11 @@ pub struct ControllerArgs {
     /// Address of /healthz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9809", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
+    /// Seconds a Node object must stay deleted before the controller cleans up after it (its
+    /// FusevolNode, the finalizers of its deleted PVs, opted-in claims). A kubelet that
+    /// re-registers the node within it cancels the cleanup. NotReady nodes are never cleaned up.
+    #[arg(long, default_value_t = crate::controller::nodes::DEFAULT_GRACE.as_secs(), value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub node_loss_grace: u64,
 }
 
 #[derive(Debug, Args)]
@@ -280,6 +285,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 }),
                 listen: a.listen,
                 lease_duration: std::time::Duration::from_secs(a.lease_duration),
+                node_loss_grace: std::time::Duration::from_secs(a.node_loss_grace),
             };
             runtime()?.block_on(crate::controller::run(settings))?;
             Ok(0)

@@ -690,13 +690,14 @@ fn controller_rules_grant_what_the_controller_needs() {
         (
             "",
             "persistentvolumeclaims",
-            &["get", "list", "watch", "patch"][..],
+            &["get", "list", "watch", "patch", "delete"][..],
         ),
         (
             "",
             "persistentvolumes",
-            &["get", "list", "watch", "create", "delete"],
+            &["get", "list", "watch", "create", "delete", "patch"],
         ),
+        ("", "nodes", &["get", "list", "watch"]),
         (
             "storage.k8s.io",
             "storageclasses",
@@ -705,7 +706,7 @@ fn controller_rules_grant_what_the_controller_needs() {
         (
             "local.fusevol.io",
             "fusevolnodes",
-            &["get", "list", "watch"],
+            &["get", "list", "watch", "delete"],
         ),
         ("", "events", &["create", "patch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
@@ -735,10 +736,24 @@ fn controller_rules_grant_what_the_controller_needs() {
             );
         }
     }
-    assert!(
-        !grants(&rules, "local.fusevol.io", "fusevolnodes", "update"),
-        "only agents write FusevolNodes"
-    );
+    for verb in ["create", "update", "patch"] {
+        assert!(
+            !grants(&rules, "local.fusevol.io", "fusevolnodes", verb),
+            "only agents write FusevolNodes ({verb}); the controller only deletes a gone node's"
+        );
+    }
+    for verb in ["create", "update", "patch", "delete"] {
+        assert!(
+            !grants(&rules, "", "nodes", verb),
+            "the controller only reads Nodes ({verb}): deleting one is the operator's call"
+        );
+    }
+    for verb in ["create", "update"] {
+        assert!(
+            !grants(&rules, "", "persistentvolumeclaims", verb),
+            "the controller never writes claims ({verb})"
+        );
+    }
     // Leases and capacity objects only in the controller's own namespace.
     for resource in ["leases", "csistoragecapacities"] {
         let cluster_wide = m

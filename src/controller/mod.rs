@@ -10,6 +10,7 @@
 //! - Released PVs with reclaim policy Delete: [`reconcile_pv`] deletes the object; the node's
 //!   agent then deletes the data and removes the finalizer, and only then is the PV gone.
 //! - [`capacity`]: the CSIDriver and CSIStorageCapacity objects the scheduler reads.
+//! - [`nodes`]: cleanup after a deleted `Node` (its FusevolNode, finalizers, opted-in claims).
 //! - [`leader`]: Lease-based leader election (client-go's semantics); only the leader runs
 //!   the above, and it stops them before its lease could run out in the others' view.
 //!
@@ -26,6 +27,7 @@
 
 pub mod capacity;
 pub mod leader;
+pub mod nodes;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -81,6 +83,8 @@ pub struct Settings {
     pub listen: std::net::SocketAddr,
     /// Lease duration.
     pub lease_duration: Duration,
+    /// How long a Node must stay deleted before [`nodes`] cleans up after it.
+    pub node_loss_grace: Duration,
 }
 
 /// Provisioning outcome label.
@@ -507,7 +511,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             metrics: ControllerMetrics::default(),
         });
         *endpoints.ctx.lock() = Some(ctx.clone());
-        let work = provision(ctx, caches, settings.namespace.clone());
+        let work = provision(
+            ctx,
+            caches,
+            settings.namespace.clone(),
+            settings.node_loss_grace,
+        );
         let shutdown = async {
             tokio::select! {
                 _ = sigterm.recv() => {}
@@ -572,7 +581,12 @@ async fn drive<K>(
 }
 
 /// Everything the leader does; dropped (cancelled) when leadership ends.
-async fn provision(ctx: Arc<Context>, caches: Caches, namespace: String) {
+async fn provision(
+    ctx: Arc<Context>,
+    caches: Caches,
+    namespace: String,
+    node_loss_grace: Duration,
+) {
     let client = ctx.client.clone();
     // A claim is reconciled when it changes, when a PV naming it changes, when its class
     // changes, when any node's capacity changes (a waiting claim may fit now), and once when
@@ -580,6 +594,7 @@ async fn provision(ctx: Arc<Context>, caches: Caches, namespace: String) {
     let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
     let controller = Controller::new(claims, watcher::Config::default());
     let claim_store = controller.store();
+    let node_loss = nodes::run(ctx.clone(), claim_store.clone(), node_loss_grace);
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<()>();
     let claims = controller
         .watches(
@@ -656,6 +671,7 @@ async fn provision(ctx: Arc<Context>, caches: Caches, namespace: String) {
         _ = claims => {}
         _ = released => {}
         _ = publish_capacity(ctx.clone(), namespace) => {}
+        _ = node_loss => {}
         _ = background => {}
     }
 }

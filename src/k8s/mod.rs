@@ -13,6 +13,7 @@
 //!   `local.path` points *inside* the FUSE mount.
 //! - [`provision`]: the controller's provisioning decision for one claim, and the helpers that
 //!   read fusevol's PersistentVolumes (node, tier, capacity).
+//! - [`node_loss`]: what the controller cleans up when a node's `Node` object is gone.
 //!
 //! Names shared by the agent, the controller and the manifests under `deploy/` are constants
 //! here so that they are spelled once.
@@ -21,6 +22,7 @@ pub mod crd;
 pub mod layout;
 #[cfg(test)]
 pub mod mock;
+pub mod node_loss;
 pub mod params;
 pub mod provision;
 
@@ -48,6 +50,11 @@ pub const ANNOTATION_NODE: &str = "local.fusevol.io/node";
 
 /// PV finalizer: the PV object goes away only after the agent has deleted the volume's data.
 pub const FINALIZER_DATA_CLEANUP: &str = "local.fusevol.io/data-cleanup";
+
+/// Claim or StorageClass annotation: `"true"` lets the controller delete a Bound claim whose
+/// node is gone (its `Node` object deleted), so that its pod can get a fresh volume elsewhere.
+/// A claim's own value wins over its class's. See [`node_loss`].
+pub const ANNOTATION_DELETE_CLAIM_ON_NODE_LOSS: &str = "local.fusevol.io/delete-claim-on-node-loss";
 
 /// The well-known node label that PV node affinity and StorageClass `allowedTopologies` use.
 pub const LABEL_HOSTNAME: &str = "kubernetes.io/hostname";

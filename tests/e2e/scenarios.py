@@ -544,7 +544,7 @@ def rbac(c):
     expect_forbidden(c, ctl, "get", "secrets", "--all-namespaces")
     secret = c.get("serviceaccount", agent, NAMESPACE)["secrets"][0]["name"]
     expect_forbidden(c, ctl, "get", "secret", secret, "-n", NAMESPACE)
-    expect_forbidden(c, ctl, "delete", "pvc", "victim", "-n", ns, "--wait=false")
+    expect_forbidden(c, ctl, "delete", "node", c.node_names[0], "--dry-run=server")
     expect_forbidden(c, ctl, "get", "lease", "anything", "-n", "default")
     expect_forbidden(c, ctl, "get", "csistoragecapacities", "-n", "default")
     expect_forbidden(c, agent, "create", "-f", "-", input=json.dumps(
@@ -573,7 +573,10 @@ def rbac(c):
     check(status == 200, f"agent PATCH fusevolnodes/status: HTTP {status}: {obj}")
     check(c.get("fusevolnodes", "e2e-rbac-node")["status"]["tiers"][0]["totalBytes"] == 10 * GiB,
           "the agent's status patch did not stick")
-    c.kubectl("delete", "fusevolnode", "e2e-rbac-node")
+    # The controller deletes a gone node's FusevolNode (issue 13 §3), and writes none.
+    expect_forbidden(c, ctl, "patch", "fusevolnode", "e2e-rbac-node", "--type=merge",
+                     "-p", json.dumps({"spec": {"root": "/srv/other"}}))
+    expect_allowed(c, ctl, "delete", "fusevolnode", "e2e-rbac-node")
     ev = {"apiVersion": "v1", "kind": "Event",
           "metadata": {"name": "e2e-rbac-agent", "namespace": "default"},
           "involvedObject": {"kind": "Node", "name": c.node_names[0]},
@@ -596,7 +599,12 @@ def rbac(c):
                             "values": [c.node_names[0]]}]}]}}}}
     expect_allowed(c, ctl, "create", "-f", "-", input=json.dumps(pv_obj))
     expect_allowed(c, ctl, "get", "pv", "e2e-rbac-pv")
+    expect_allowed(c, ctl, "patch", "pv", "e2e-rbac-pv", "--type=merge",
+                   "-p", json.dumps({"metadata": {"labels": {"e2e": "patched"}}}))
     expect_allowed(c, ctl, "delete", "pv", "e2e-rbac-pv", "--wait=false")
+    expect_allowed(c, ctl, "get", "nodes")
+    # Deleting a claim: only opted-in claims of gone nodes (issue 13 §3).
+    expect_allowed(c, ctl, "delete", "pvc", "victim", "-n", ns, "--dry-run=server")
     expect_allowed(c, ctl, "patch", "pvc", "victim", "-n", ns, "--type=merge",
                    "-p", json.dumps({"metadata": {"annotations": {"e2e": "patched"}}}))
     lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -1298,4 +1306,122 @@ def burst(c):
           f"p50 {pct(ctl_share, 50):.0f} ms, p99 {pct(ctl_share, 99):.0f} ms "
           f"(n={len(ctl_share)}); selected-node -> Bound: p50 {pct(to_bound, 50):.0f} ms, "
           f"p99 {pct(to_bound, 99):.0f} ms; RSS {rss}", flush=True)
+    check_alive(c)
+
+
+# =============================================================================================
+# Issue 13 §3: nodes that go away
+
+NODE_LOSS_OPT_IN = "local.fusevol.io/delete-claim-on-node-loss"
+
+
+def pinned_claim_with_pod(name, ns, cls, size, node, annotations=None):
+    """A claim `name` and a pod `name` using it, the pod held to `node` by a nodeSelector."""
+    cl, p = claim_with_pod(name, ns, cls, size)
+    if annotations:
+        cl["metadata"]["annotations"] = annotations
+    p["spec"]["nodeSelector"] = {HOSTNAME_LABEL: node}
+    return [cl, p]
+
+
+def deleting(obj):
+    return obj is not None and bool(obj["metadata"].get("deletionTimestamp"))
+
+
+@scenario("node-loss")
+def node_loss(c):
+    """Issue 13 §3: a deleted Node's FusevolNode, capacity and deleted PVs go; Bound PVs stay unless their claim or class opts in."""
+    ns = "e2e-node-loss"
+    start_fusevol(c, {n: [Tier("fast", "4Gi")] for n in c.node_names})
+    c.ensure_namespace(ns)
+    lost = c.node_names[1]
+    opt_class = storage_class("e2e-node-loss", tier="fast")
+    opt_class["metadata"]["annotations"] = {NODE_LOSS_OPT_IN: "true"}
+    c.create(opt_class)
+    c.create(*pinned_claim_with_pod("old", ns, "fusevol-fast", "256Mi", lost),
+             *pinned_claim_with_pod("kept", ns, "fusevol-fast", "256Mi", lost),
+             *pinned_claim_with_pod("opt-claim", ns, "fusevol-fast", "256Mi", lost,
+                                    annotations={NODE_LOSS_OPT_IN: "true"}),
+             *pinned_claim_with_pod("opt-class", ns, "e2e-node-loss", "256Mi", lost))
+    names = ["old", "kept", "opt-claim", "opt-class"]
+    wait_bound(c, ns, names, 90)
+    wait_pods_bound(c, ns, names, 60)
+    views = {n: wait_kubelet_view(c, ns, n)[0] for n in names}
+    for n, v in views.items():
+        check(v.node == lost, f"claim {n} landed on {v.node}, not {lost}")
+        write_file(os.path.join(v.path, "f"), payload(n))
+    for cls in ["fusevol-fast", "e2e-node-loss"]:
+        wait_capacities_published(c, cls, "fast", c.node_names)
+
+    # The machine dies, its agent with it. Then claim `old` is deleted: its PV is Released and
+    # deleted, and hangs on the data-cleanup finalizer that no agent will remove.
+    agent = c.agents[lost]
+    c.stop_agent(lost, signal.SIGKILL)
+    force_delete_pods(c, ns, ["old"])
+    c.kubectl("delete", "pvc", "-n", ns, "old", "--wait=false")
+    old_pv = views["old"].pv_name
+    wait_for(lambda: deleting(pv(c, old_pv)), 60, f"PV {old_pv} to be Released and deleted")
+    time.sleep(5)
+    check(pv(c, old_pv) is not None, f"PV {old_pv} went although no agent cleaned it up")
+
+    # The operator deletes the Node. Nothing happens within the grace period (30 s).
+    t0 = time.time()
+    c.kubectl("delete", "node", lost)
+    time.sleep(10)
+    check(pv(c, old_pv) is not None, f"PV {old_pv} went within the grace period")
+    check(c.get("fusevolnodes", lost, check=False) is not None,
+          f"FusevolNode {lost} went within the grace period")
+    wait_for(lambda: pv(c, old_pv) is None, 90, f"PV {old_pv} of the deleted node to go")
+    took = time.time() - t0
+    check(took >= 28, f"PV {old_pv} went {took:.0f} s after the Node, before the 30 s grace")
+    wait_for(lambda: c.get("fusevolnodes", lost, check=False) is None, 30,
+             f"FusevolNode {lost} to be deleted")
+    events = [e for e in c.events("default", kind="PersistentVolume", name=old_pv)
+              if e.get("reason") == "DataGoneWithNode"]
+    check(events and lost in events[0].get("message", ""),
+          f"no DataGoneWithNode event naming {lost} on PV {old_pv}: {events}")
+
+    def capacity_withdrawn():
+        for cls in ["fusevol-fast", "e2e-node-loss"]:
+            caps = capacities(c, cls)
+            if lost in caps or set(caps) != set(c.node_names) - {lost}:
+                raise E2EError(f"class {cls}: capacity published for {sorted(caps)}")
+        return True
+    wait_for(capacity_withdrawn, 30, f"the CSIStorageCapacity objects of {lost} to go")
+
+    # Opted-in claims (on the claim, on the class) are deleted; their pods, bound to the gone
+    # node, go as the pod garbage collector would delete them.
+    for n in ["opt-claim", "opt-class"]:
+        wait_for(lambda: pvc(c, ns, n) is None or deleting(pvc(c, ns, n)), 30,
+                 f"opted-in claim {n} to be deleted")
+    force_delete_pods(c, ns, ["kept", "opt-claim", "opt-class"])
+    for n in ["opt-claim", "opt-class"]:
+        wait_for(lambda: pvc(c, ns, n) is None and pv(c, views[n].pv_name) is None, 90,
+                 f"claim {n} and its PV {views[n].pv_name} to go")
+    wait_warning(c, ns, "PersistentVolumeClaim", "opt-claim",
+                 ["is gone", f"the claim has {NODE_LOSS_OPT_IN}=true"])
+    wait_warning(c, ns, "PersistentVolumeClaim", "opt-class",
+                 ["is gone", f"StorageClass e2e-node-loss has {NODE_LOSS_OPT_IN}=true"])
+
+    # The Bound claim without opt-in keeps its PV, and is told so.
+    kept = views["kept"]
+    check((pvc(c, ns, "kept") or {}).get("status", {}).get("phase") == "Bound",
+          "claim kept is not Bound any more")
+    kept_pv = pv(c, kept.pv_name)
+    check(kept_pv is not None and kept_pv["status"].get("phase") == "Bound"
+          and not deleting(kept_pv), f"PV {kept.pv_name} of claim kept: {kept_pv}")
+    wait_warning(c, ns, "PersistentVolumeClaim", "kept", ["is gone", "keeps it"])
+
+    # The node comes back (kubelet registers it again, the agent starts): the kept volume is
+    # served with its data, the node's FusevolNode and capacity are back and stay.
+    c.add_node(lost)
+    c.start_agent(lost, agent.tiers)
+    wait_for(lambda: is_live_fuse_mount(kept.mnt), 60, f"{kept.mnt} to be served again")
+    check(read_file(os.path.join(kept.path, "f")) == payload("kept"), "kept data differs")
+    for cls in ["fusevol-fast", "e2e-node-loss"]:
+        wait_capacities_published(c, cls, "fast", c.node_names)
+    time.sleep(12)
+    check(c.get("fusevolnodes", lost, check=False) is not None,
+          f"FusevolNode {lost} of the returned node was deleted")
+    check(pv(c, kept.pv_name) is not None, f"PV {kept.pv_name} went after the node returned")
     check_alive(c)
