@@ -266,12 +266,8 @@ pub async fn reconcile(
     let nodes = ctx.snapshot_nodes();
     let decision = {
         let mut reservations = ctx.reservations.lock();
-        // Reservations whose PV is cached are counted as PVs now.
-        reservations.retain(|r| {
-            let name = crate::k8s::provision::pv_name_for_claim(&r.claim_uid);
-            !pvs.iter()
-                .any(|pv| pv.metadata.name.as_deref() == Some(name.as_str()))
-        });
+        // Reservations whose PV is cached at the reserved size are counted as PVs now.
+        reservations.retain(|r| crate::k8s::provision::pending_bytes(r, &pvs) > 0);
         let decision = decide(
             &claim,
             &class,
