@@ -255,7 +255,11 @@ fn storage_classes_use_the_provisioner_and_wait_for_first_consumer() {
             Some("WaitForFirstConsumer"),
             "{name}"
         );
-        assert_eq!(class.allow_volume_expansion, Some(false), "{name}");
+        assert_eq!(
+            class.allow_volume_expansion,
+            Some(true),
+            "{name}: claims grow online"
+        );
         // The controller accepts the class as it is.
         let settings = ClassSettings::from_storage_class(class)
             .unwrap_or_else(|e| panic!("{name} is not a valid fusevol class: {e}"));
@@ -266,6 +270,11 @@ fn storage_classes_use_the_provisioner_and_wait_for_first_consumer() {
         c.metadata.name.as_deref()
     });
     assert_eq!(fixed.provisioner, "kubernetes.io/no-provisioner");
+    assert_eq!(
+        fixed.allow_volume_expansion,
+        Some(false),
+        "static PVs have a fixed size"
+    );
     assert_eq!(
         fixed.volume_binding_mode.as_deref(),
         Some("WaitForFirstConsumer")
@@ -692,10 +701,11 @@ fn controller_rules_grant_what_the_controller_needs() {
             "persistentvolumeclaims",
             &["get", "list", "watch", "patch"][..],
         ),
+        ("", "persistentvolumeclaims/status", &["patch"]),
         (
             "",
             "persistentvolumes",
-            &["get", "list", "watch", "create", "delete"],
+            &["get", "list", "watch", "create", "delete", "patch"],
         ),
         (
             "storage.k8s.io",
@@ -739,6 +749,17 @@ fn controller_rules_grant_what_the_controller_needs() {
         !grants(&rules, "local.fusevol.io", "fusevolnodes", "update"),
         "only agents write FusevolNodes"
     );
+    // Expansion patches; it never updates claims or PVs wholesale.
+    for resource in [
+        "persistentvolumeclaims",
+        "persistentvolumeclaims/status",
+        "persistentvolumes",
+    ] {
+        assert!(
+            !grants(&rules, "", resource, "update"),
+            "the controller never updates {resource}"
+        );
+    }
     // Leases and capacity objects only in the controller's own namespace.
     for resource in ["leases", "csistoragecapacities"] {
         let cluster_wide = m
