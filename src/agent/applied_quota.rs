@@ -31,8 +31,9 @@ pub fn unconfirmed<'a>(
 }
 
 /// Writes `quota` into the PV's applied-quota annotation, guarded by the resourceVersion the
-/// agent saw: if the PV changed meanwhile (a newer quota, a new object of that name), the
-/// patch fails with a conflict and a later round confirms what is served by then.
+/// agent saw. If the PV changed meanwhile (a newer quota, a new object of that name, the PV
+/// controller binding it), the write is refused with a conflict and nothing is confirmed:
+/// that change starts a new round, which confirms what is served by then.
 pub async fn confirm(
     client: &Client,
     pv: &PersistentVolume,
@@ -52,7 +53,7 @@ pub async fn confirm(
         .await
     {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
         Err(e) => Err(e),
     }
 }

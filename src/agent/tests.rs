@@ -553,6 +553,17 @@ async fn a_confirmation_is_an_annotation_patch_guarded_by_the_resource_version()
         .await
         .unwrap();
     let bodies = server.await.unwrap();
+    // A PV changed since the round read it: not an error (its change starts the next round).
+    let (client, server) = mock::client(vec![Call::new(
+        "PATCH",
+        "/api/v1/persistentvolumes/pvc-1",
+        409,
+        mock::status(409, "Conflict"),
+    )]);
+    super::applied_quota::confirm(&client, &p, 2 << 30)
+        .await
+        .unwrap();
+    server.await.unwrap();
     assert_eq!(
         bodies[0],
         json!({"metadata": {
