@@ -255,7 +255,11 @@ fn storage_classes_use_the_provisioner_and_wait_for_first_consumer() {
             Some("WaitForFirstConsumer"),
             "{name}"
         );
-        assert_eq!(class.allow_volume_expansion, Some(false), "{name}");
+        assert_eq!(
+            class.allow_volume_expansion,
+            Some(true),
+            "{name}: claims grow online"
+        );
         // The controller accepts the class as it is.
         let settings = ClassSettings::from_storage_class(class)
             .unwrap_or_else(|e| panic!("{name} is not a valid fusevol class: {e}"));
@@ -266,6 +270,11 @@ fn storage_classes_use_the_provisioner_and_wait_for_first_consumer() {
         c.metadata.name.as_deref()
     });
     assert_eq!(fixed.provisioner, "kubernetes.io/no-provisioner");
+    assert_eq!(
+        fixed.allow_volume_expansion,
+        Some(false),
+        "static PVs have a fixed size"
+    );
     assert_eq!(
         fixed.volume_binding_mode.as_deref(),
         Some("WaitForFirstConsumer")
@@ -692,6 +701,7 @@ fn controller_rules_grant_what_the_controller_needs() {
             "persistentvolumeclaims",
             &["get", "list", "watch", "patch", "delete"][..],
         ),
+        ("", "persistentvolumeclaims/status", &["patch"]),
         (
             "",
             "persistentvolumes",
@@ -752,6 +762,17 @@ fn controller_rules_grant_what_the_controller_needs() {
         assert!(
             !grants(&rules, "", "persistentvolumeclaims", verb),
             "the controller never writes claims ({verb})"
+        );
+    }
+    // Expansion patches; it never updates claims or PVs wholesale.
+    for resource in [
+        "persistentvolumeclaims",
+        "persistentvolumeclaims/status",
+        "persistentvolumes",
+    ] {
+        assert!(
+            !grants(&rules, "", resource, "update"),
+            "the controller never updates {resource}"
         );
     }
     // Leases and capacity objects only in the controller's own namespace.

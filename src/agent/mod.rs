@@ -7,9 +7,11 @@
 //!   PersistentVolume (a reflector cache), and on each change (and every
 //!   [`RESYNC`]) brings the node in line with the PVs pinned to it: level-triggered, so a
 //!   restart or a missed event is repaired by the next round. Then it removes the
-//!   data-cleanup finalizer of PVs whose data is gone, keeps the static PVs published and
-//!   refreshes the capacity in the `FusevolNode` status.
+//!   data-cleanup finalizer of PVs whose data is gone, confirms the quotas its mounts enforce
+//!   ([`applied_quota`], for volume expansion), keeps the static PVs published and refreshes
+//!   the capacity in the `FusevolNode` status.
 
+mod applied_quota;
 pub mod config;
 mod local_state;
 pub mod static_pvs;
@@ -246,6 +248,8 @@ struct Round {
     /// PV -> error message of the volumes that failed this round.
     failing: BTreeMap<String, String>,
     capacity: Vec<crate::k8s::crd::TierStatus>,
+    /// PV -> the quota its mount enforces.
+    applied: BTreeMap<String, u64>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT; then unmounts its volumes (data stays) and returns.
@@ -399,11 +403,13 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
             failing.insert(e.pv().to_string(), e.to_string());
         }
         // The API side takes the latest round; older ones are level-triggered repeats.
+        let applied = manager.lock().applied_quotas();
         let _ = rounds.send(Round {
             all,
             cleaned: outcome.cleaned,
             failing,
             capacity,
+            applied,
         });
     }
     api_side.abort();
@@ -507,6 +513,12 @@ async fn api_loop(
                 // is gone, the next round publishes a fresh one under its name.
                 Ok(()) => tracing::info!(pv = %name, "data cleaned up; finalizer removed"),
                 Err(e) => tracing::warn!(pv = %name, error = %e, "finalizer not removed"),
+            }
+        }
+        for (pv, quota) in applied_quota::unconfirmed(&round.all, &round.applied) {
+            let what = "confirming the applied quota";
+            if let Err(e) = api_call(what, applied_quota::confirm(&client, pv, quota)).await {
+                tracing::warn!(pv = %pv.name_any(), error = %e, "applied quota not confirmed");
             }
         }
         for (pv, message) in &round.failing {

@@ -428,3 +428,147 @@ fn a_pv_served_before_whose_volume_is_gone_is_reported_not_recreated_empty() {
         "no empty volume made"
     );
 }
+
+/// `pv(name, n1, Bound, Delete)` whose volume spec asks for `quota` bytes.
+fn bound_with_quota(name: &str, quota: u64) -> PersistentVolume {
+    let mut p = pv(name, "n1", "Bound", "Delete", false);
+    let spec =
+        format!(r#"{{"quotaBytes":{quota},"tier":"fast","replicas":1,"compression":"none"}}"#);
+    p.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(ANNOTATION_VOLUME_SPEC.into(), spec);
+    p
+}
+
+fn df_size(path: &std::path::Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    st.blocks() as u64 * st.fragment_size() as u64
+}
+
+/// Volume expansion on the node: a raised quota in the PV's spec reaches the live mount (and
+/// a pod's bind mount of it) without a remount; an open file keeps working and can grow
+/// past the old quota.
+#[test]
+fn a_raised_quota_is_applied_to_the_live_mount_without_a_remount() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut manager, root) = one_disk_manager(tmp.path());
+    let paths = crate::k8s::layout::volume_paths(&root.to_string_lossy(), "pvc-1");
+    let out = manager.apply(&plan("n1", &[bound_with_quota("pvc-1", 64 << 20)]));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let pod = PodMount::new(&paths.local_path, tmp.path().join("pod-1"));
+    let device = std::fs::metadata(&pod.dir).unwrap().dev();
+    let mut held = std::fs::File::create(pod.dir.join("db")).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    for _ in 0..48 {
+        held.write_all(&chunk).unwrap();
+    }
+    held.sync_all().unwrap();
+    assert_eq!(df_size(&pod.dir), 64 << 20);
+    assert_eq!(manager.applied_quotas()["pvc-1"], 64 << 20);
+
+    let out = manager.apply(&plan("n1", &[bound_with_quota("pvc-1", 128 << 20)]));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert!(
+        out.started.is_empty(),
+        "not served again: {:?}",
+        out.started
+    );
+    assert_eq!(
+        df_size(&pod.dir),
+        128 << 20,
+        "df in the pod shows the new size"
+    );
+    assert_eq!(
+        std::fs::metadata(&pod.dir).unwrap().dev(),
+        device,
+        "the same mount"
+    );
+    // 48 MiB more than the old quota allowed, through the file held open all along.
+    for _ in 0..48 {
+        held.write_all(&chunk).unwrap();
+    }
+    held.sync_all().unwrap();
+    assert_eq!(held.metadata().unwrap().len(), 96 << 20);
+    assert_eq!(manager.applied_quotas()["pvc-1"], 128 << 20);
+    assert_eq!(manager.capacity()[0].allocated_bytes, 128 << 20);
+    drop(held);
+    drop(pod);
+}
+
+#[test]
+fn only_quotas_the_pv_does_not_show_yet_are_confirmed() {
+    let mut shown = bound_with_quota("shown", 1 << 30);
+    shown
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            crate::k8s::ANNOTATION_APPLIED_QUOTA.into(),
+            "1073741824".into(),
+        );
+    let mut stale = bound_with_quota("stale", 2 << 30);
+    stale
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            crate::k8s::ANNOTATION_APPLIED_QUOTA.into(),
+            "1073741824".into(),
+        );
+    let fresh = bound_with_quota("fresh", 1 << 30);
+    let not_served = bound_with_quota("not-served", 1 << 30);
+    let all = [shown, stale, fresh, not_served];
+    let applied = BTreeMap::from([
+        ("shown".to_string(), 1u64 << 30),
+        ("stale".to_string(), 2 << 30),
+        ("fresh".to_string(), 1 << 30),
+    ]);
+    let got: Vec<(String, u64)> = super::applied_quota::unconfirmed(&all, &applied)
+        .into_iter()
+        .map(|(pv, q)| (pv.name_any(), q))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("stale".to_string(), 2 << 30),
+            ("fresh".to_string(), 1 << 30)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_confirmation_is_an_annotation_patch_guarded_by_the_resource_version() {
+    let mut p = bound_with_quota("pvc-1", 2 << 30);
+    p.metadata.resource_version = Some("17".into());
+    let (client, server) = mock::client(vec![Call::new(
+        "PATCH",
+        "/api/v1/persistentvolumes/pvc-1",
+        200,
+        serde_json::to_value(&p).unwrap(),
+    )]);
+    super::applied_quota::confirm(&client, &p, 2 << 30)
+        .await
+        .unwrap();
+    let bodies = server.await.unwrap();
+    // A PV changed since the round read it: not an error (its change starts the next round).
+    let (client, server) = mock::client(vec![Call::new(
+        "PATCH",
+        "/api/v1/persistentvolumes/pvc-1",
+        409,
+        mock::status(409, "Conflict"),
+    )]);
+    super::applied_quota::confirm(&client, &p, 2 << 30)
+        .await
+        .unwrap();
+    server.await.unwrap();
+    assert_eq!(
+        bodies[0],
+        json!({"metadata": {
+            "resourceVersion": "17",
+            "annotations": {crate::k8s::ANNOTATION_APPLIED_QUOTA: "2147483648"},
+        }})
+    );
+}

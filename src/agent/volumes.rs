@@ -282,6 +282,15 @@ impl VolumeManager {
         self.served.keys().cloned().collect()
     }
 
+    /// The quota each served PV's mount enforces now (its spec last applied to the store:
+    /// a changed spec is recorded only once its quota is live).
+    pub fn applied_quotas(&self) -> BTreeMap<String, u64> {
+        self.served
+            .iter()
+            .map(|(pv, (_, spec, _))| (pv.clone(), spec.quota_bytes))
+            .collect()
+    }
+
     /// Brings the node in line with `plan`: serves what is wanted, cleans up what is released,
     /// and stops serving PVs the plan no longer names (their data stays).
     pub fn apply(&mut self, plan: &Plan) -> Outcome {

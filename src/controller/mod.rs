@@ -7,6 +7,9 @@
 //!   [`decide`](crate::k8s::provision::decide) what to do, and does it: create the PV, or
 //!   remove the scheduler's `selected-node` annotation (reschedule), posting events
 //!   `Provisioning`, `ProvisioningSucceeded` and `ProvisioningFailed` on the claim.
+//! - Bound claims that ask for more: [`expand`] grows their volume live (after a provisioning
+//!   decision of `AlreadyProvisioned`), events `Resizing`, `VolumeResizeSuccessful` and
+//!   `VolumeResizeFailed`.
 //! - Released PVs with reclaim policy Delete: [`reconcile_pv`] deletes the object; the node's
 //!   agent then deletes the data and removes the finalizer, and only then is the PV gone.
 //! - [`capacity`]: the CSIDriver and CSIStorageCapacity objects the scheduler reads.
@@ -26,6 +29,7 @@
 //! between a decision and the PV showing in the cache, and a new leader's cache has every PV.
 
 pub mod capacity;
+pub mod expand;
 pub mod leader;
 pub mod nodes;
 
@@ -207,11 +211,23 @@ impl Context {
         reason: &str,
         note: String,
     ) {
+        self.publish(claim, "Provision", type_, reason, note).await
+    }
+
+    /// Posts an event about `claim` (a failure to post is logged, never an error).
+    async fn publish(
+        &self,
+        claim: &PersistentVolumeClaim,
+        action: &str,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
-            action: "Provision".into(),
+            action: action.into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &claim.object_ref(&())).await {
@@ -270,12 +286,8 @@ pub async fn reconcile(
     let nodes = ctx.snapshot_nodes();
     let decision = {
         let mut reservations = ctx.reservations.lock();
-        // Reservations whose PV is cached are counted as PVs now.
-        reservations.retain(|r| {
-            let name = crate::k8s::provision::pv_name_for_claim(&r.claim_uid);
-            !pvs.iter()
-                .any(|pv| pv.metadata.name.as_deref() == Some(name.as_str()))
-        });
+        // Reservations whose PV is cached at the reserved size are counted as PVs now.
+        reservations.retain(|r| crate::k8s::provision::pending_bytes(r, &pvs) > 0);
         let decision = decide(
             &claim,
             &class,
@@ -361,9 +373,8 @@ pub async fn reconcile(
                 .await;
             Ok(Action::requeue(Duration::from_secs(60)))
         }
-        Decision::AlreadyProvisioned { .. } | Decision::Wait | Decision::Skip { .. } => {
-            Ok(Action::await_change())
-        }
+        Decision::AlreadyProvisioned { .. } => expand::reconcile(&claim, &class, &ctx).await,
+        Decision::Wait | Decision::Skip { .. } => Ok(Action::await_change()),
     }
 }
 

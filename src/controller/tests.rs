@@ -18,7 +18,7 @@ use super::*;
 use crate::k8s::crd::FusevolNode;
 use crate::k8s::mock::{self, Call};
 
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/db/events";
+pub(super) const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/db/events";
 
 fn class(binding: &str) -> StorageClass {
     serde_json::from_value(json!({
@@ -32,7 +32,7 @@ fn class(binding: &str) -> StorageClass {
     .unwrap()
 }
 
-fn node(name: &str, total: u64) -> FusevolNode {
+pub(super) fn node(name: &str, total: u64) -> FusevolNode {
     serde_json::from_value(json!({
         "apiVersion": "local.fusevol.io/v1alpha1", "kind": "FusevolNode",
         "metadata": {"name": name},
@@ -60,7 +60,7 @@ fn claim(name: &str, uid: &str, request: &str, selected: Option<&str>) -> Persis
 }
 
 /// A store as a reflector leaves it after its first complete list (synced).
-fn store_of<K>(objects: Vec<K>) -> Store<K>
+pub(super) fn store_of<K>(objects: Vec<K>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
@@ -107,7 +107,7 @@ fn context(
     })
 }
 
-fn event_reason(body: &Value) -> &str {
+pub(super) fn event_reason(body: &Value) -> &str {
     body["reason"].as_str().unwrap_or_default()
 }
 

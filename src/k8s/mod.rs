@@ -14,11 +14,13 @@
 //! - [`provision`]: the controller's provisioning decision for one claim, and the helpers that
 //!   read fusevol's PersistentVolumes (node, tier, capacity).
 //! - [`node_loss`]: what the controller cleans up when a node's `Node` object is gone.
+//! - [`expand`]: the controller's expansion decision for one bound claim.
 //!
 //! Names shared by the agent, the controller and the manifests under `deploy/` are constants
 //! here so that they are spelled once.
 
 pub mod crd;
+pub mod expand;
 pub mod layout;
 #[cfg(test)]
 pub mod mock;
@@ -40,6 +42,10 @@ pub const ANNOTATION_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 
 /// PV annotation holding the [`params::VolumeSpec`] as JSON: what the agent must serve.
 pub const ANNOTATION_VOLUME_SPEC: &str = "local.fusevol.io/volume-spec";
+
+/// PV annotation written by the node's agent: the quota (bytes, decimal) that the volume's
+/// live mount enforces. An expansion reports the new size only once this shows it.
+pub const ANNOTATION_APPLIED_QUOTA: &str = "local.fusevol.io/applied-quota";
 
 /// PV annotation and label: the tier (disk pool) of the node holding the volume.
 pub const ANNOTATION_TIER: &str = "local.fusevol.io/tier";

@@ -4,15 +4,18 @@
 //! Capacity accounting: the free space of a node's tier is
 //! `total − allocated − reserved`, where
 //! - `total` is what the node's agent publishes for the tier in its [`FusevolNode`] status,
-//! - `allocated` is the sum of the capacities of fusevol PVs pinned to that node and tier
-//!   (whatever their phase: a Released or terminating PV still holds its data), and
+//! - `allocated` is the sum of the sizes of fusevol PVs pinned to that node and tier
+//!   (whatever their phase: a Released or terminating PV still holds its data; a PV's size is
+//!   the larger of its capacity and its volume-spec quota, which differ while it grows), and
 //! - `reserved` is the sum of the controller's in-flight [`Reservation`]s for that node and tier
-//!   made by OTHER claims whose PV is not in the snapshot yet (once it is, the PV counts).
+//!   made by OTHER claims, each for the bytes its claim's PV in the snapshot does not occupy
+//!   yet ([`pending_bytes`]: all of them before the PV exists, the growth while it is being
+//!   expanded, none once the snapshot shows the PV at the reserved size).
 //!
-//! The caller records the [`Reservation`] returned with [`Decision::Create`] before it creates
-//! the PV, and drops it once the PV shows up in its cache (or the create failed): two claims
-//! racing for one node then never over-commit it, as the second decision sees the first's
-//! reservation.
+//! The caller records the [`Reservation`] returned with [`Decision::Create`] (or with an
+//! expansion, [`super::expand`]) before it writes the PV, and drops it once its cache shows
+//! the PV at that size (or the write failed): two claims racing for one node then never
+//! over-commit it, as the second decision sees the first's reservation.
 //!
 //! Binding modes: with `WaitForFirstConsumer` the controller acts only once the scheduler has
 //! annotated the claim with [`ANNOTATION_SELECTED_NODE`]; if that node cannot hold the volume
@@ -41,11 +44,12 @@ use super::{
 };
 use crate::size::{format_bytes, parse_quantity};
 
-/// Capacity the controller has promised to a claim whose PV it is creating.
+/// Capacity the controller has promised to a claim whose PV it is creating or growing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     pub node: String,
     pub tier: String,
+    /// The size the claim's PV will have (not the growth: see [`pending_bytes`]).
     pub bytes: u64,
     pub claim_uid: String,
 }
@@ -195,14 +199,43 @@ pub fn pv_volume_spec(pv: &PersistentVolume) -> Option<Result<VolumeSpec, serde_
     annotation(&pv.metadata, ANNOTATION_VOLUME_SPEC).map(VolumeSpec::from_annotation)
 }
 
-/// The bytes a PV occupies: its `capacity.storage`, else the quota of its volume spec.
+/// The bytes a PV occupies: the larger of its `capacity.storage` and the quota of its volume
+/// spec (during an expansion the quota grows first, the capacity once the agent applied it).
 pub fn pv_capacity_bytes(pv: &PersistentVolume) -> Option<u64> {
-    pv.spec
+    let capacity = pv
+        .spec
         .as_ref()
         .and_then(|s| s.capacity.as_ref())
         .and_then(|c| c.get("storage"))
-        .and_then(|q| parse_quantity(&q.0).ok())
-        .or_else(|| pv_volume_spec(pv)?.ok().map(|s| s.quota_bytes))
+        .and_then(|q| parse_quantity(&q.0).ok());
+    let quota = pv_volume_spec(pv)
+        .and_then(Result::ok)
+        .map(|s| s.quota_bytes);
+    capacity.max(quota)
+}
+
+/// The PV of the claim with uid `claim_uid` among `pvs`: the one named for it
+/// ([`pv_name_for_claim`]) or whose `claimRef` names it.
+pub fn claim_pv<'a>(claim_uid: &str, pvs: &'a [PersistentVolume]) -> Option<&'a PersistentVolume> {
+    let name = pv_name_for_claim(claim_uid);
+    pvs.iter().find(|pv| {
+        pv.metadata.name.as_deref() == Some(name.as_str())
+            || pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|r| r.uid.as_deref())
+                == Some(claim_uid)
+    })
+}
+
+/// The bytes of `reservation` that its claim's PV in `pvs` does not occupy yet: all of them
+/// while the PV is not there, the growth while it is smaller, 0 once it has the reserved size.
+pub fn pending_bytes(reservation: &Reservation, pvs: &[PersistentVolume]) -> u64 {
+    let occupied = claim_pv(&reservation.claim_uid, pvs)
+        .and_then(pv_capacity_bytes)
+        .unwrap_or(0);
+    reservation.bytes.saturating_sub(occupied)
 }
 
 /// Sum of the capacities of the fusevol PVs pinned to `node` in `tier`.
@@ -213,8 +246,9 @@ pub fn allocated_on(node: &str, tier: &str, pvs: &[PersistentVolume]) -> u64 {
         .fold(0, u64::saturating_add)
 }
 
-/// Sum of the reservations on `node`/`tier` of claims other than `claim_uid` whose PV is not
-/// in `pvs` yet (a PV that exists is counted by [`allocated_on`] instead).
+/// Sum of the reservations on `node`/`tier` of claims other than `claim_uid`, each for the
+/// bytes its PV in `pvs` does not occupy yet ([`pending_bytes`]; what a PV occupies is
+/// counted by [`allocated_on`] instead).
 pub fn reserved_on(
     node: &str,
     tier: &str,
@@ -225,12 +259,7 @@ pub fn reserved_on(
     reservations
         .iter()
         .filter(|r| r.node == node && r.tier == tier && r.claim_uid != claim_uid)
-        .filter(|r| {
-            let name = pv_name_for_claim(&r.claim_uid);
-            !pvs.iter()
-                .any(|pv| pv.metadata.name.as_deref() == Some(name.as_str()))
-        })
-        .map(|r| r.bytes)
+        .map(|r| pending_bytes(r, pvs))
         .fold(0, u64::saturating_add)
 }
 
@@ -415,22 +444,7 @@ fn check_fits(
         why,
     })?;
     let tier = &request.spec.tier;
-    let Some(status) = node.status.as_ref() else {
-        return Err(PlacementError::NoCapacityPublished {
-            node: node_name.clone(),
-        });
-    };
-    let usage =
-        tier_usage(node, tier, claim_uid, cluster).ok_or_else(|| PlacementError::UnknownTier {
-            node: node_name.clone(),
-            tier: tier.clone(),
-            available: if status.tiers.is_empty() {
-                "none".into()
-            } else {
-                let names: Vec<&str> = status.tiers.iter().map(|t| t.name.as_str()).collect();
-                names.join(", ")
-            },
-        })?;
+    let usage = published_usage(node, tier, claim_uid, cluster)?;
     let free = usage.free();
     if request.spec.quota_bytes > free {
         return Err(PlacementError::InsufficientCapacity {
@@ -441,6 +455,31 @@ fn check_fits(
         });
     }
     Ok(free)
+}
+
+/// [`tier_usage`], or why the node has none for `tier` (no capacity published, no such tier).
+pub fn published_usage(
+    node: &FusevolNode,
+    tier: &str,
+    claim_uid: &str,
+    cluster: &ClusterState<'_>,
+) -> Result<TierUsage, PlacementError> {
+    let node_name = &node.spec.node_name;
+    let Some(status) = node.status.as_ref() else {
+        return Err(PlacementError::NoCapacityPublished {
+            node: node_name.clone(),
+        });
+    };
+    tier_usage(node, tier, claim_uid, cluster).ok_or_else(|| PlacementError::UnknownTier {
+        node: node_name.clone(),
+        tier: tier.to_string(),
+        available: if status.tiers.is_empty() {
+            "none".into()
+        } else {
+            let names: Vec<&str> = status.tiers.iter().map(|t| t.name.as_str()).collect();
+            names.join(", ")
+        },
+    })
 }
 
 /// Whether the class's `allowedTopologies` allow a node with this `kubernetes.io/hostname`.
@@ -547,9 +586,9 @@ pub fn hostname_affinity(hostname: &str) -> VolumeNodeAffinity {
     }
 }
 
-fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+pub(super) fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

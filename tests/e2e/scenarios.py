@@ -1424,4 +1424,129 @@ def node_loss(c):
     check(c.get("fusevolnodes", lost, check=False) is not None,
           f"FusevolNode {lost} of the returned node was deleted")
     check(pv(c, kept.pv_name) is not None, f"PV {kept.pv_name} went after the node returned")
+
+
+# Issue 13 §2: online volume expansion
+
+RESIZE_CONDITIONS = {"Resizing", "FileSystemResizePending"}
+
+
+def df_size(path):
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
+
+def patch_request(c, ns, name, size, check=True):
+    """`kubectl patch pvc` of the claim's storage request, as an operator types it."""
+    return c.kubectl("patch", "pvc", "-n", ns, name, "--type=merge", "-p",
+                     json.dumps({"spec": {"resources": {"requests": {"storage": size}}}}),
+                     check=check)
+
+
+def volume_sizes(c, ns, name, pv_name, mount):
+    """Every place an expansion shows: the claim's status and resize conditions, the PV's
+    capacity, volume-spec quota and the agent's applied quota, and df of the mount."""
+    cl = pvc(c, ns, name)
+    p = pv(c, pv_name)
+    ann = p["metadata"].get("annotations") or {}
+    conds = {x["type"] for x in (cl.get("status") or {}).get("conditions") or []}
+    return {
+        "claim status": parse_quantity(cl["status"]["capacity"]["storage"]),
+        "resize conditions": sorted(conds & RESIZE_CONDITIONS),
+        "PV capacity": pv_bytes(p),
+        "PV quota": json.loads(ann[f"{PROVISIONER}/volume-spec"])["quotaBytes"],
+        "applied quota": int(ann.get(f"{PROVISIONER}/applied-quota", "0")),
+        "df": df_size(mount),
+    }
+
+
+def all_sizes(size):
+    return {"claim status": size, "resize conditions": [], "PV capacity": size, "PV quota": size,
+            "applied quota": size, "df": size}
+
+
+def wait_sizes(c, ns, v, pod, size, timeout, what):
+    def ok():
+        got = volume_sizes(c, ns, v.claim, v.pv_name, pod.dir)
+        if got != all_sizes(size):
+            raise E2EError(f"{got}")
+        return got
+    return wait_for(ok, timeout, f"every size of claim {v.claim} to be {size} ({what})", interval=0.5)
+
+
+@scenario("expand")
+def expand(c):
+    """Issue 13 §2: `kubectl patch pvc` grows a claim in use live (df in the pod, data kept); beyond the tier's free space: a Warning, nothing changes."""
+    ns = "e2e-expand"
+    start_fusevol(c, {n: [Tier("fast", "4Gi")] for n in c.node_names})
+    c.ensure_namespace(ns)
+    v, pod = pod_with_volume(c, ns, "db", hold="wal")
+    pod.write_sync(b"committed before the grow\n")
+    blob = payload("expand", 8 * MiB)
+    write_file(pod.dir / "blob", blob)
+    wait_sizes(c, ns, v, pod, GiB, 30, "before the grow")
+
+    # Grow 1Gi -> 2Gi while the pod writes through its bind mount.
+    t0 = time.monotonic()
+    patch_request(c, ns, "db", "2Gi")
+    writes, df_at = 1, None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pod.write_sync(b"row %d\n" % writes)
+        writes += 1
+        if df_at is None and df_size(pod.dir) == 2 * GiB:
+            df_at = time.monotonic() - t0
+        if df_at is not None and volume_sizes(c, ns, "db", v.pv_name, pod.dir) == all_sizes(2 * GiB):
+            break
+        time.sleep(0.1)
+    done_at = time.monotonic() - t0
+    got = volume_sizes(c, ns, "db", v.pv_name, pod.dir)
+    check(got == all_sizes(2 * GiB), f"60 s after the patch to 2Gi: {got}")
+    check(is_live_fuse_mount(v.mnt) and fuse_mount_count(v.mnt) == 1,
+          f"{v.mnt}: not one live mount after the grow")
+    wal = read_file(pod.dir / "wal")
+    lines = wal.count(b"\n")
+    check(wal.startswith(b"committed before the grow\n") and lines == writes,
+          f"the pod's file has {lines} lines, {writes} were fsync'd")
+    check(read_file(pod.dir / "blob") == blob, "the data written before the grow differs")
+    # The pod can use the new space: 1.1 GiB, more than the old quota.
+    big = pod.dir / "big"
+    with open(big, "wb") as f:
+        chunk = payload("big", 16 * MiB)
+        for _ in range(69):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.unlink(big)
+    reasons = [e.get("reason") for e in c.events(ns, kind="PersistentVolumeClaim", name="db")]
+    for r in ("Resizing", "VolumeResizeSuccessful"):
+        check(r in reasons, f"no {r} event on the claim: {reasons}")
+    # kube-controller-manager's ExternalExpanding is a Warning in 1.20 (no in-tree plugin
+    # matches a `local` PV); fusevol's own must be none.
+    ours = [(e.get("reason"), e.get("message")) for e in
+            c.events(ns, kind="PersistentVolumeClaim", name="db", type_="Warning")
+            if e.get("reason") != "ExternalExpanding"]
+    check(not ours, f"Warnings during a grow that fits: {ours}")
+    check(fvn_tier(c, v.node, "fast")["allocatedBytes"] == 2 * GiB,
+          f"FusevolNode {v.node} allocated: {fvn_tier(c, v.node, 'fast')}")
+    print(f"    expand: 1Gi -> 2Gi: df in the pod after {df_at:.1f}s, claim status after "
+          f"{done_at:.1f}s; kube-controller-manager: "
+          f"{'ExternalExpanding' if 'ExternalExpanding' in reasons else 'no ExternalExpanding'} event",
+          flush=True)
+
+    # The API server refuses a shrink itself: nothing of it reaches the controller.
+    res = patch_request(c, ns, "db", "1Gi", check=False)
+    check(not isinstance(res, str) and "less than previous value" in res.stderr,
+          f"a shrink to 1Gi was not refused by the API server: {res}")
+
+    # Beyond the node's free space (4Gi tier, 2Gi allocated): a Warning naming what is free.
+    patch_request(c, ns, "db", "8Gi")
+    msg = wait_warning(c, ns, "PersistentVolumeClaim", "db",
+                       ["cannot grow", "to 8Gi", "free 2Gi"], timeout=60)
+    time.sleep(5)
+    got = volume_sizes(c, ns, "db", v.pv_name, pod.dir)
+    check(got == all_sizes(2 * GiB), f"a refused grow changed something: {got} ({msg})")
+    pod.write_sync(b"after the refused grow\n")
+    check(read_file(pod.dir / "wal").endswith(b"after the refused grow\n"), "the pod's file")
+    pod.release()
     check_alive(c)

@@ -9,9 +9,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-const GI: u64 = 1 << 30;
+pub(crate) const GI: u64 = 1 << 30;
 
-fn node(name: &str, tiers: &[(&str, u64)]) -> FusevolNode {
+pub(crate) fn node(name: &str, tiers: &[(&str, u64)]) -> FusevolNode {
     node_with_root(name, "/var/lib/fusevol", tiers)
 }
 
@@ -38,7 +38,7 @@ fn agent_without_status(name: &str, root: &str) -> FusevolNode {
     )
 }
 
-fn class(binding: &str, params: &[(&str, &str)]) -> StorageClass {
+pub(crate) fn class(binding: &str, params: &[(&str, &str)]) -> StorageClass {
     StorageClass {
         metadata: ObjectMeta {
             name: Some("fusevol-fast".into()),
@@ -64,7 +64,11 @@ fn immediate() -> StorageClass {
     class("Immediate", &[("tier", "fast")])
 }
 
-fn claim(uid: &str, storage: &str, selected_node: Option<&str>) -> PersistentVolumeClaim {
+pub(crate) fn claim(
+    uid: &str,
+    storage: &str,
+    selected_node: Option<&str>,
+) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some(format!("data-{uid}")),
@@ -91,7 +95,12 @@ fn claim(uid: &str, storage: &str, selected_node: Option<&str>) -> PersistentVol
 }
 
 /// A fusevol PV as the controller creates it (via [`decide`]), for `claim_uid` on `node`.
-fn existing_pv(node_name: &str, tier: &str, bytes: u64, claim_uid: &str) -> PersistentVolume {
+pub(crate) fn existing_pv(
+    node_name: &str,
+    tier: &str,
+    bytes: u64,
+    claim_uid: &str,
+) -> PersistentVolume {
     let nodes = [node(node_name, &[(tier, u64::MAX)])];
     let class = class("WaitForFirstConsumer", &[("tier", tier)]);
     let claim = claim(claim_uid, &bytes.to_string(), Some(node_name));
@@ -101,7 +110,7 @@ fn existing_pv(node_name: &str, tier: &str, bytes: u64, claim_uid: &str) -> Pers
     }
 }
 
-fn state<'a>(
+pub(crate) fn state<'a>(
     nodes: &'a [FusevolNode],
     pvs: &'a [PersistentVolume],
     reservations: &'a [Reservation],
