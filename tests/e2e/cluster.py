@@ -268,6 +268,7 @@ class Agent:
         self.proc = proc
         self.tiers = tiers
         self.static = static
+        self.fdstore = False
 
     @property
     def url(self):
@@ -314,6 +315,7 @@ class Cluster:
         self.agents = {}         # node -> Agent (the current process)
         self.controllers = {}    # index -> Controller
         self.other_procs = []    # agent/controller processes that were replaced (restarts)
+        self.fdstores = {}       # node -> its `fusevol fdstore` Proc
         self.timings = {}
         self.apply_output = ""
         self.apply_stdout = ""
@@ -623,11 +625,27 @@ class Cluster:
     def node_dir(self, node):
         return self.tmp / "nodes" / node
 
-    def start_agent(self, node, tiers, static=None, wait=True, timeout=60, env=None):
+    def start_fdstore(self, node):
+        """Starts `fusevol fdstore` for `node` (once; as the fdstore DaemonSet of deploy/
+        does) and returns its socket. It outlives the node's agents; `stop` ends it after
+        them, which ends the FUSE connections it still holds."""
+        sock = self.node_dir(node) / "fdstore.sock"
+        if node not in self.fdstores or not self.fdstores[node].alive():
+            proc = Proc(f"fdstore {node}", [self.fusevol_bin, "fdstore", "--socket", sock],
+                        self.logs / f"fdstore-{node}.log",
+                        env={"RUST_LOG": "info", "NO_COLOR": "1", "RUST_BACKTRACE": "1"})
+            self.fdstores[node] = proc
+            self.other_procs.append(proc)
+            wait_for(lambda: sock.exists(), 10, f"the fd holder of {node} to listen")
+        return sock
+
+    def start_agent(self, node, tiers, static=None, wait=True, timeout=60, env=None,
+                    fdstore=False):
         """Starts `fusevol agent` for `node` as a host process, with the agent's own token.
         `tiers`: [Tier] (or (name, capacity) pairs); `static`: None or a dict
-        {"storage_class": ..., "pools": [{"tier", "count", "size"}]}. With `wait`, returns
-        when /healthz answers 200 and the FusevolNode publishes every tier."""
+        {"storage_class": ..., "pools": [{"tier", "count", "size"}]}; `fdstore`: serve
+        through the node's FUSE connection holder (mounts outlive the agent). With `wait`,
+        returns when /healthz answers 200 and the FusevolNode publishes every tier."""
         if node in self.agents and self.agents[node].proc.alive():
             raise E2EError(f"agent of {node} is already running")
         tiers = [t if isinstance(t, Tier) else Tier(*t) for t in tiers]
@@ -656,7 +674,10 @@ class Cluster:
             lines.append("")
         config = ndir / "agent.toml"
         config.write_text("\n".join(lines))
-        proc = Proc(f"agent {node}", [self.fusevol_bin, "agent", "--config", config],
+        argv = [self.fusevol_bin, "agent", "--config", config]
+        if fdstore:
+            argv += ["--fdstore", self.start_fdstore(node)]
+        proc = Proc(f"agent {node}", argv,
                     self.logs / f"agent-{node}.log",
                     env={"NODE_NAME": node, "KUBECONFIG": self.kubeconfigs[AGENT_SA],
                          "RUST_LOG": "info", "NO_COLOR": "1", "RUST_BACKTRACE": "1",
@@ -664,6 +685,7 @@ class Cluster:
         if node in self.agents:
             self.other_procs.append(self.agents[node].proc)
         agent = Agent(node, root, config, port, proc, tiers, static)
+        agent.fdstore = fdstore
         self.agents[node] = agent
         self.log(f"started agent {node} pid {proc.pid} port {port}")
         if wait:
@@ -701,7 +723,7 @@ class Cluster:
     def restart_agent(self, node, sig=signal.SIGTERM, wait=True):
         agent = self.agents[node]
         rc = self.stop_agent(node, sig)
-        self.start_agent(node, agent.tiers, agent.static, wait=wait)
+        self.start_agent(node, agent.tiers, agent.static, wait=wait, fdstore=agent.fdstore)
         return rc
 
     def start_controller(self, index, wait=True, timeout=60, env=None):

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import signal
+import sys
 import threading
 import json
 import time
@@ -368,11 +369,12 @@ def df_used(path):
 # fusevol processes
 
 
-def start_fusevol(c, tiers, controllers=2, static=None):
+def start_fusevol(c, tiers, controllers=2, static=None, fdstore=False):
     """Starts one agent per node of `tiers` (node -> [Tier]) and `controllers` controller
-    replicas, then waits until all are ready."""
+    replicas, then waits until all are ready. `fdstore`: agents serve through their node's
+    FUSE connection holder."""
     for node, ts in tiers.items():
-        c.start_agent(node, ts, static=(static or {}).get(node), wait=False)
+        c.start_agent(node, ts, static=(static or {}).get(node), wait=False, fdstore=fdstore)
     for i in range(controllers):
         c.start_controller(i, wait=False)
     for node in tiers:
@@ -1548,5 +1550,84 @@ def expand(c):
     check(got == all_sizes(2 * GiB), f"a refused grow changed something: {got} ({msg})")
     pod.write_sync(b"after the refused grow\n")
     check(read_file(pod.dir / "wal").endswith(b"after the refused grow\n"), "the pod's file")
+    pod.release()
+    check_alive(c)
+
+
+# -- issue 13 §1: agent restarts that pods never notice -------------------------------------
+
+POD_WRITER = r"""
+import json, os, sys, time
+path, duration = sys.argv[1], float(sys.argv[2])
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+n, errors, samples = 0, [], []
+end = time.time() + duration
+while time.time() < end:
+    start = time.time()
+    try:
+        os.write(fd, b"write %08d\n" % n)
+        os.fsync(fd)
+        n += 1
+    except OSError as e:
+        errors.append(f"write {n}: {e}")
+    samples.append((start, time.time() - start))
+    time.sleep(0.05)
+os.close(fd)
+print(json.dumps({"writes": n, "errors": errors, "samples": samples}))
+"""
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+@scenario("agent-restart")
+def agent_restart(c):
+    """Issue 13 §1: kill -9 and SIGTERM restarts of an agent serving through its node's fd holder, with a pod writing and fsyncing through its bind mount every 50 ms: no write fails, none is lost, no remount."""
+    ns = "e2e-restart"
+    node = c.node_names[0]
+    start_fusevol(c, {node: [Tier("fast", "4Gi")]}, controllers=1, fdstore=True)
+    c.ensure_namespace(ns)
+    v, pod = pod_with_volume(c, ns, "w", hold=None)
+    check(fuse_mount_count(v.mnt) == 1, f"{v.mnt}: not one mount")
+    # The "container": its own process holds the file open (a process that spawns the next
+    # agent must not: the exec would flush the file, waiting for that very agent).
+    restarts = [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGKILL, signal.SIGTERM]
+    writer = subprocess.Popen([sys.executable, "-c", POD_WRITER, str(pod.dir / "log"),
+                               str(3 + 4 * len(restarts))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    windows = []
+    try:
+        time.sleep(3)
+        for sig in restarts:
+            t0 = time.time()
+            c.restart_agent(node, sig, wait=False)
+            log = c.agents[node].proc.log_path
+            wait_for(lambda: b"took over the live FUSE connection" in
+                     log.read_bytes().split(b"=== ")[-1], 60,
+                     f"the agent restarted after {sig.name} to take the mount over")
+            windows.append((sig.name, t0, time.time()))
+            c.wait_agent_ready(node, 60)
+            time.sleep(2)
+        out, err = writer.communicate(timeout=120)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    check(writer.returncode == 0, f"the pod's writer failed: {err.decode()[-2000:]}")
+    result = json.loads(out)
+    check(not result["errors"], f"writes failed across agent restarts: {result['errors'][:5]}")
+    lines = read_file(pod.dir / "log").count(b"\n")
+    check(lines == result["writes"], f"{result['writes']} fsync'd writes, {lines} in the file")
+    check(fuse_mount_count(v.mnt) == 1, f"{v.mnt}: {fuse_mount_count(v.mnt)} mounts after the restarts (a remount?)")
+    check(is_live_fuse_mount(v.mnt), f"{v.mnt} not served after the restarts")
+    longest = []
+    for name, t0, t1 in windows:
+        during = [d for s, d in result["samples"] if t0 - 0.1 <= s <= t1 + 0.5]
+        longest.append(max(during) if during else 0.0)
+    print(f"    {result['writes']} writes, 0 failed; longest write per restart "
+          f"({', '.join(n for n, _, _ in windows)}): {', '.join(f'{x * 1000:.0f} ms' for x in longest)}; "
+          f"p50 {percentile(longest, 0.5) * 1000:.0f} ms, p99 {percentile(longest, 0.99) * 1000:.0f} ms; "
+          f"all writes p50 {percentile([d for _, d in result['samples']], 0.5) * 1000:.1f} ms")
     pod.release()
     check_alive(c)
