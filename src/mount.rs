@@ -171,10 +171,26 @@ pub struct Served {
     session: Option<fuser::BackgroundSession>,
     store: Store,
     metrics: Arc<Metrics>,
-    /// The holder keeping this connection, and the key it is held under.
-    held: Option<(FdStore, String)>,
+    /// The holder keeping this connection.
+    held: Option<Hold>,
     /// Taken over from a previous server rather than mounted here.
     pub adopted: bool,
+}
+
+/// A connection in the holder's keeping: where, under which key, and this server's own
+/// copies of what it holds (to hand them again to a holder that restarted).
+struct Hold {
+    holder: FdStore,
+    key: String,
+    record: Held,
+    fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl Hold {
+    fn put(&self, holder: &FdStore) -> Result<(), crate::fdstore::FdStoreError> {
+        let borrowed: Vec<_> = self.fds.iter().map(|f| f.as_fd()).collect();
+        holder.put(&self.key, &self.record, &borrowed)
+    }
 }
 
 /// Mounts volume `name` of `store` at `mountpoint` and serves it on background threads.
@@ -286,7 +302,7 @@ fn hold(
     mountpoint: &Path,
     conn: Option<u32>,
     opts: &ServeOptions,
-) -> Option<(FdStore, String)> {
+) -> Option<Hold> {
     let init = session.init_state()?;
     let fds = if resend_usable(init, opts) {
         session.device_fds()
@@ -302,13 +318,16 @@ fn hold(
         init: init.into(),
     };
     let result = fds.map_err(|e| e.to_string()).and_then(|fds| {
-        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        holder
-            .put(&key, &record, &borrowed)
-            .map_err(|e| e.to_string())
+        let hold = Hold {
+            holder: holder.clone(),
+            key,
+            record,
+            fds,
+        };
+        hold.put(holder).map(|()| hold).map_err(|e| e.to_string())
     });
     match result {
-        Ok(()) => Some((holder.clone(), key)),
+        Ok(hold) => Some(hold),
         Err(error) => {
             tracing::error!(volume = name, %error, "cannot hand the FUSE connection to the holder: a restart of this server will end the mount");
             None
@@ -346,6 +365,14 @@ fn take_over(
         return Ok(None);
     }
     let init: fuser::InitState = record.init.into();
+    let copies = fds
+        .iter()
+        .map(|f| f.try_clone())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|source| MountError::Io {
+            path: mountpoint.into(),
+            source,
+        })?;
     let vol = store.open_volume(name)?;
     let ops = metrics.volume_ops(vol.volume());
     let fs = Arc::new(Fs::adopt(store.clone(), vol)?);
@@ -371,16 +398,22 @@ fn take_over(
             tracing::error!(volume = name, %error, "FUSE_NOTIFY_RESEND failed: requests the previous server had read stay unanswered");
         }
     }
-    tracing::info!(volume = name, mountpoint = %mountpoint.display(), conn = ?record.conn, resend, "took over the live FUSE connection");
+    let conn = record.conn;
+    tracing::info!(volume = name, mountpoint = %mountpoint.display(), ?conn, resend, "took over the live FUSE connection");
     Ok(Some(Served {
         volume: name.to_string(),
         mountpoint: mountpoint.to_path_buf(),
-        connection: record.conn,
+        connection: conn,
         unmounted: false,
         session: Some(session),
         store: store.clone(),
         metrics: metrics.clone(),
-        held: Some((holder.clone(), key)),
+        held: Some(Hold {
+            holder: holder.clone(),
+            key,
+            record,
+            fds: copies,
+        }),
         adopted: true,
     }))
 }
@@ -476,6 +509,19 @@ impl Served {
         Ok(())
     }
 
+    /// The key the holder keeps this connection under (None: not held).
+    pub fn held_key(&self) -> Option<&str> {
+        self.held.as_ref().map(|h| h.key.as_str())
+    }
+
+    /// Hands the connection to `holder` again (a holder that restarted lost it).
+    pub fn hold_again(&self, holder: &FdStore) -> Result<(), crate::fdstore::FdStoreError> {
+        match &self.held {
+            Some(hold) => hold.put(holder),
+            None => Ok(()),
+        }
+    }
+
     /// Leaves the mount and its connection to the next server, for a process about to
     /// exit (a restart or an upgrade): nothing is unmounted, the holder keeps the
     /// connection, and requests wait in the kernel until the next server takes it over.
@@ -496,8 +542,8 @@ impl Served {
 
     fn stop_inner(&mut self, grace: Duration) -> Result<(), MountError> {
         // First the holder's copy: then an unmount (or an abort) ends the connection.
-        if let Some((holder, key)) = self.held.take() {
-            if let Err(error) = holder.remove(&key) {
+        if let Some(hold) = self.held.take() {
+            if let Err(error) = hold.holder.remove(&hold.key) {
                 tracing::warn!(volume = %self.volume, %error, "cannot drop the held connection");
             }
         }

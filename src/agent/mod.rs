@@ -464,6 +464,7 @@ async fn apply_blocking(
         let mut m = manager.lock();
         let outcome = m.apply(&plan);
         m.flush_idle();
+        m.hold_again_if_lost();
         outcome
     })
     .await

@@ -243,6 +243,31 @@ impl VolumeManager {
         self.serve_options.fdstore = fdstore;
     }
 
+    /// Hands the holder again every connection it lost (it restarted: its table is empty),
+    /// so that an agent restart after a holder restart still ends no mount.
+    pub fn hold_again_if_lost(&self) {
+        let Some(holder) = &self.serve_options.fdstore else {
+            return;
+        };
+        let Ok(keys) = holder.list() else {
+            return;
+        };
+        let keys: BTreeSet<String> = keys.into_iter().collect();
+        let mut again = 0;
+        for (pv, (served, _, _)) in &self.served {
+            match served.held_key() {
+                Some(key) if !keys.contains(key) => match served.hold_again(holder) {
+                    Ok(()) => again += 1,
+                    Err(e) => tracing::warn!(pv, error = %e, "cannot hand the connection to the holder again"),
+                },
+                _ => {}
+            }
+        }
+        if again > 0 {
+            tracing::warn!(count = again, "the fd holder had lost connections (restarted?); handed them again");
+        }
+    }
+
     /// Drops the held connections of this node's volumes that no volume is served on
     /// (a volume the last run served and this one does not: its mount ends, instead of
     /// keeping its callers waiting for a server that will not come).

@@ -1558,11 +1558,11 @@ def expand(c):
 
 POD_WRITER = r"""
 import json, os, sys, time
-path, duration = sys.argv[1], float(sys.argv[2])
+path, stop = sys.argv[1], sys.argv[2]
 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 n, errors, samples = 0, [], []
-end = time.time() + duration
-while time.time() < end:
+end = time.time() + 300
+while time.time() < end and not os.path.exists(stop):
     start = time.time()
     try:
         os.write(fd, b"write %08d\n" % n)
@@ -1594,8 +1594,8 @@ def agent_restart(c):
     # The "container": its own process holds the file open (a process that spawns the next
     # agent must not: the exec would flush the file, waiting for that very agent).
     restarts = [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGKILL, signal.SIGTERM]
-    writer = subprocess.Popen([sys.executable, "-c", POD_WRITER, str(pod.dir / "log"),
-                               str(3 + 4 * len(restarts))],
+    stop = c.tmp / "writer.stop"
+    writer = subprocess.Popen([sys.executable, "-c", POD_WRITER, str(pod.dir / "log"), str(stop)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     windows = []
     try:
@@ -1610,6 +1610,22 @@ def agent_restart(c):
             windows.append((sig.name, t0, time.time()))
             c.wait_agent_ready(node, 60)
             time.sleep(2)
+        # The holder itself dies and comes back empty: the agent hands it its connections
+        # again within a round, so the next agent crash still ends no mount.
+        holder = c.fdstores[node]
+        holder.kill9()
+        c.start_fdstore(node)
+        wait_for(lambda: b"holding key=" in c.fdstores[node].log_path.read_bytes().split(b"=== ")[-1],
+                 30, "the agent to hand its connections to the restarted holder")
+        t0 = time.time()
+        c.restart_agent(node, signal.SIGKILL, wait=False)
+        log = c.agents[node].proc.log_path
+        wait_for(lambda: b"took over the live FUSE connection" in log.read_bytes().split(b"=== ")[-1],
+                 60, "the agent to take the mount over after the holder's restart")
+        windows.append(("SIGKILL after holder restart", t0, time.time()))
+        c.wait_agent_ready(node, 60)
+        time.sleep(2)
+        stop.touch()
         out, err = writer.communicate(timeout=120)
     finally:
         if writer.poll() is None:
