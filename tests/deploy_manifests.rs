@@ -363,6 +363,65 @@ fn agent_daemon_set_is_privileged_with_dev_fuse_bidirectional_root_and_node_name
     assert_eq!(config_volume.name, "fusevol-agent-config");
 }
 
+#[test]
+fn fd_holder_runs_beside_the_agent_on_a_shared_socket_and_outlives_agent_rollouts() {
+    let m = load();
+    let agent = pod_spec_of_daemon_set(&m, "fusevol-agent");
+    let holder = pod_spec_of_daemon_set(&m, "fusevol-fdstore");
+    let args = |spec: &PodSpec| only_container(spec).args.clone().unwrap_or_default();
+    let holder_args = args(&holder);
+    assert_eq!(holder_args.first().map(String::as_str), Some("fdstore"));
+    let socket_of = |args: &[String], flag: &str| {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+        PathBuf::from(&args[i + 1])
+    };
+    let socket = socket_of(&holder_args, "--socket");
+    assert_eq!(
+        socket_of(&args(&agent), "--fdstore"),
+        socket,
+        "the agent must use the holder's socket"
+    );
+    // Both see the socket's directory from the same host directory.
+    let host_dir_of = |spec: &PodSpec| {
+        let dir = socket.parent().unwrap().to_string_lossy().into_owned();
+        let mount = only_container(spec)
+            .volume_mounts
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|v| v.mount_path == dir)
+            .unwrap_or_else(|| panic!("{dir} not mounted"));
+        spec.volumes
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|v| v.name == mount.name)
+            .and_then(|v| v.host_path)
+            .map(|h| h.path)
+            .expect("a hostPath")
+    };
+    assert_eq!(host_dir_of(&agent), host_dir_of(&holder));
+    let sc = only_container(&holder)
+        .security_context
+        .clone()
+        .unwrap_or_default();
+    assert_ne!(sc.privileged, Some(true), "holding fds needs no privilege");
+    assert_eq!(holder.automount_service_account_token, Some(false));
+    let strategy = |name: &str| {
+        find(&m.daemon_sets, name, |d| d.metadata.name.as_deref())
+            .spec
+            .as_ref()
+            .and_then(|s| s.update_strategy.as_ref())
+            .and_then(|u| u.type_.clone())
+    };
+    // An agent rollout replaces agent pods only; the holder is rolled by hand.
+    assert_eq!(strategy("fusevol-fdstore").as_deref(), Some("OnDelete"));
+    assert_eq!(strategy("fusevol-agent").as_deref(), Some("RollingUpdate"));
+}
+
 /// The example agent configuration, as far as the manifests depend on it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

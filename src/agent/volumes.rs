@@ -258,13 +258,18 @@ impl VolumeManager {
             match served.held_key() {
                 Some(key) if !keys.contains(key) => match served.hold_again(holder) {
                     Ok(()) => again += 1,
-                    Err(e) => tracing::warn!(pv, error = %e, "cannot hand the connection to the holder again"),
+                    Err(e) => {
+                        tracing::warn!(pv, error = %e, "cannot hand the connection to the holder again")
+                    }
                 },
                 _ => {}
             }
         }
         if again > 0 {
-            tracing::warn!(count = again, "the fd holder had lost connections (restarted?); handed them again");
+            tracing::warn!(
+                count = again,
+                "the fd holder had lost connections (restarted?); handed them again"
+            );
         }
     }
 

@@ -477,6 +477,7 @@ def manifests(c):
                            ("storageclass", "fusevol-standard", None),
                            ("storageclass", "fusevol-static", None),
                            ("daemonset", "fusevol-agent", NAMESPACE),
+                           ("daemonset", "fusevol-fdstore", NAMESPACE),
                            ("deployment", "fusevol-controller", NAMESPACE)]:
         check(c.get(kind, name, ns, check=False) is not None, f"{kind} {name} missing")
     # The workloads are schedulable as shipped: an agent pod bound to every node (its
