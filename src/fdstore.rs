@@ -98,6 +98,11 @@ pub struct Held {
     pub volume: String,
     /// The store directory of the volume.
     pub store: PathBuf,
+    /// The volume's id in its store (ids are never reused: a volume deleted and made
+    /// again under the same name has another, and must not take over the old one's
+    /// connection, whose kernel caches refer to the old volume's inodes).
+    #[serde(default)]
+    pub volume_id: Option<u32>,
     /// The connection's number under /sys/fs/fuse/connections (the mount's device minor).
     pub conn: Option<u32>,
     pub init: InitRecord,
@@ -425,6 +430,7 @@ pub fn run(path: &Path) -> Result<()> {
     // Only root (the agent) may hand over or take connections.
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(err)?;
+    raise_fd_limit();
     let backlog = Backlog::new(64).map_err(|e| err(e.into()))?;
     socket::listen(&listener, backlog).map_err(|e| err(e.into()))?;
     let holder = Arc::new(Holder::default());
@@ -444,6 +450,17 @@ pub fn run(path: &Path) -> Result<()> {
                 unsafe { OwnedFd::from_raw_fd(fd) }
             }
             Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+            // Out of fds or memory: exiting would drop every held connection. Wait.
+            Err(
+                e @ (nix::errno::Errno::EMFILE
+                | nix::errno::Errno::ENFILE
+                | nix::errno::Errno::ENOMEM
+                | nix::errno::Errno::ENOBUFS),
+            ) => {
+                tracing::error!(error = %e, "cannot accept a connection; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
             Err(e) => return Err(err(e.into())),
         };
         let h = holder.clone();
@@ -453,6 +470,20 @@ pub fn run(path: &Path) -> Result<()> {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot serve a connection");
         }
+    }
+}
+
+/// Raises the soft limit of open fds to the hard one: each held volume costs up to one fd
+/// per FUSE worker of its server.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, "cannot raise the open-file limit");
+            }
+        }
+        _ => {}
     }
 }
 
@@ -470,6 +501,9 @@ impl Holder {
                 }
             };
             let (resp, out) = match serde_json::from_slice::<Request>(&raw) {
+                Ok(Request::Hello { .. }) if session.is_some() => {
+                    (Response::error("hello twice"), Vec::new())
+                }
                 Ok(Request::Hello { pid }) => {
                     let id = self.next_owner.fetch_add(1, Ordering::Relaxed) + 1;
                     self.table.lock().owners.insert(id, conn.clone());
@@ -637,6 +671,7 @@ mod tests {
         Held {
             volume: "v".into(),
             store: "/data".into(),
+            volume_id: Some(3),
             conn: Some(42),
             init: InitRecord {
                 major: 7,

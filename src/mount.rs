@@ -37,6 +37,10 @@ pub enum MountError {
     Fs(#[from] crate::fs::FsError),
     #[error("volume {0:?}: its FUSE session is still live after unmount and abort; the volume stays open")]
     SessionLive(String),
+    #[error("FUSE connection holder: {0}")]
+    Holder(#[from] crate::fdstore::FdStoreError),
+    #[error("{path}: the fd holder keeps this mount point's live connection for {held}; refusing to serve another volume on it (stop that mount first: Ctrl-C of its server, or `umount`)")]
+    HeldByOther { path: PathBuf, held: String },
     #[error("cannot mount {path}: {source}")]
     Mount {
         path: PathBuf,
@@ -213,6 +217,7 @@ pub fn serve(
     prepare_mount_point(mountpoint)?;
     crate::fsck::recount_if_needed(store, name)?;
     let vol = store.open_volume(name)?;
+    let volume_id = vol.id;
     let ops = metrics.volume_ops(vol.volume());
     let fs = Arc::new(Fs::new(store.clone(), vol)?);
     let config = session_config(name, opts);
@@ -227,10 +232,17 @@ pub fn serve(
         fuser::Session::new(FuseFs::new(fs, ops), mountpoint, &config).map_err(mount_err)?;
     // Mounted now (Session::new mounts): the connection number is in mountinfo.
     let connection = fuse_connection(mountpoint);
-    let held = opts
-        .fdstore
-        .as_ref()
-        .and_then(|h| hold(h, &mut session, store, name, mountpoint, connection, opts));
+    let held = opts.fdstore.as_ref().and_then(|h| {
+        hold(
+            h,
+            &mut session,
+            store,
+            (name, volume_id),
+            mountpoint,
+            connection,
+            opts,
+        )
+    });
     let session = session.spawn().map_err(mount_err)?;
     tracing::info!(volume = name, mountpoint = %mountpoint.display(), ?connection, held = held.is_some(), "serving");
     Ok(Served {
@@ -268,10 +280,16 @@ fn session_config(name: &str, opts: &ServeOptions) -> Config {
 /// The key a connection is held under: the mount point as an absolute path, made without
 /// touching the file system (a stat of a mount point whose server is gone would wait).
 fn holder_key(mountpoint: &Path) -> String {
-    std::path::absolute(mountpoint)
-        .unwrap_or_else(|_| mountpoint.to_path_buf())
-        .to_string_lossy()
-        .into_owned()
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    // The parent is no FUSE mount of ours: resolving it (symlinks, `..`) is safe, and it
+    // makes every spelling of the mount point one key.
+    let key = match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or(abs),
+        _ => abs,
+    };
+    key.to_string_lossy().into_owned()
 }
 
 /// Does the holder of `opts` keep a connection for `mountpoint` (then the mount is live
@@ -298,7 +316,7 @@ fn hold(
     holder: &FdStore,
     session: &mut fuser::Session<FuseFs>,
     store: &Store,
-    name: &str,
+    (name, volume_id): (&str, u32),
     mountpoint: &Path,
     conn: Option<u32>,
     opts: &ServeOptions,
@@ -314,6 +332,7 @@ fn hold(
     let record = Held {
         volume: name.to_string(),
         store: store.dir().to_path_buf(),
+        volume_id: Some(volume_id),
         conn,
         init: init.into(),
     };
@@ -351,10 +370,9 @@ fn take_over(
     let (record, fds) = match holder.get(&key) {
         Ok(Some(found)) => found,
         Ok(None) => return Ok(None),
-        Err(error) => {
-            tracing::error!(volume = name, %error, "fd holder unreachable: mounting afresh");
-            return Ok(None);
-        }
+        // Unreachable holder: it may still keep a live connection here, and mounting
+        // afresh would stat that mount point and wait forever. A clear error instead.
+        Err(error) => return Err(MountError::Holder(error)),
     };
     let mounted = fuse_connection_at(Path::new(&key));
     if record.volume != name || record.conn.is_none() || mounted != record.conn {
@@ -365,6 +383,22 @@ fn take_over(
         return Ok(None);
     }
     let init: fuser::InitState = record.init.into();
+    let vol = store.open_volume(name)?;
+    let same_store =
+        std::fs::canonicalize(&record.store).ok() == std::fs::canonicalize(store.dir()).ok();
+    if !same_store || record.volume_id.is_some_and(|id| id != vol.id) {
+        // Another store's volume, or a volume made again under this name: the kernel's
+        // caches on this connection refer to the other one's inodes. Keep it held.
+        return Err(MountError::HeldByOther {
+            path: mountpoint.into(),
+            held: format!(
+                "volume {:?} (id {:?}) of {}",
+                record.volume,
+                record.volume_id,
+                record.store.display()
+            ),
+        });
+    }
     let copies = fds
         .iter()
         .map(|f| f.try_clone())
@@ -373,7 +407,6 @@ fn take_over(
             path: mountpoint.into(),
             source,
         })?;
-    let vol = store.open_volume(name)?;
     let ops = metrics.volume_ops(vol.volume());
     let fs = Arc::new(Fs::adopt(store.clone(), vol)?);
     let mount_err = |source| {
@@ -391,13 +424,15 @@ fn take_over(
     if !resend {
         session.read_through_clones();
     }
-    let notifier = session.notifier();
-    let session = session.spawn().map_err(mount_err)?;
+    // Before any worker reads: a resend moves every request read and unanswered back to
+    // the queue, and a request this server's workers were already handling would run
+    // twice.
     if resend {
-        if let Err(error) = notifier.resend() {
+        if let Err(error) = session.notifier().resend() {
             tracing::error!(volume = name, %error, "FUSE_NOTIFY_RESEND failed: requests the previous server had read stay unanswered");
         }
     }
+    let session = session.spawn().map_err(mount_err)?;
     let conn = record.conn;
     tracing::info!(volume = name, mountpoint = %mountpoint.display(), ?conn, resend, "took over the live FUSE connection");
     Ok(Some(Served {
@@ -634,18 +669,50 @@ impl Drop for Served {
 /// `mountpoint`, asks it to hand over and waits until it has exited (the store can be
 /// opened only then). Returns whether the holder keeps a connection for `mountpoint`.
 /// Problems with the holder are logged: the volume is then served without it.
-fn claim_from_holder(holder: &mut FdStore, mountpoint: &Path, handover: Arc<AtomicBool>) -> bool {
+fn claim_from_holder(
+    holder: &mut FdStore,
+    mountpoint: &Path,
+    handover: Arc<AtomicBool>,
+) -> (bool, bool) {
     if let Err(error) = holder.register(move || handover.store(true, Ordering::Release)) {
         tracing::error!(%error, "fd holder unreachable: serving without it (a restart will end the mount)");
-        return false;
+        return (false, false);
     }
     let key = holder_key(mountpoint);
-    match holder.takeover(std::slice::from_ref(&key)) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(servers = n, "the live server handed over"),
-        Err(error) => tracing::error!(%error, "take-over failed"),
+    let handed_over = match holder.takeover(std::slice::from_ref(&key)) {
+        Ok(0) => false,
+        Ok(n) => {
+            tracing::info!(servers = n, "the live server handed over");
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "take-over failed");
+            false
+        }
+    };
+    (
+        holder.list().is_ok_and(|keys| keys.contains(&key)),
+        handed_over,
+    )
+}
+
+/// Opens the store; right after a hand-over, waits (10 s at most) for the previous
+/// server's exit to release the store's lock (its session with the holder may close
+/// before its lock file does).
+pub fn open_store(
+    dir: &Path,
+    opts: &store::StoreOptions,
+    handed_over: bool,
+) -> Result<Store, store::Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open_or_create(dir, opts) {
+            Err(store::Error::Locked(_)) if handed_over && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
     }
-    holder.list().is_ok_and(|keys| keys.contains(&key))
 }
 
 /// How often an idle store is checked for memtables to give back.
@@ -671,9 +738,9 @@ pub struct MountRequest {
 pub fn run(req: &MountRequest) -> Result<(), MountError> {
     let handover = Arc::new(AtomicBool::new(false));
     let mut serve_opts = req.serve.clone();
-    let held_here = match &mut serve_opts.fdstore {
+    let (held_here, handed_over) = match &mut serve_opts.fdstore {
         Some(holder) => claim_from_holder(holder, &req.mountpoint, handover.clone()),
-        None => false,
+        None => (false, false),
     };
     // Check the mount point before touching the store, so a typo changes nothing (not a
     // held one: its server may be gone, and a stat would wait for the next).
@@ -690,7 +757,7 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
             .filter(|c| c.is_power_of_two() && (4096..=(4 << 20)).contains(c))
             .ok_or(store::Error::InvalidChunkSize(cs))?;
     }
-    let store = Store::open_or_create(&req.data, &sopts)?;
+    let store = open_store(&req.data, &sopts, handed_over)?;
     match store.inspect_volume(&req.volume) {
         Ok(info) => {
             let quota = req.quota.filter(|q| info.quota_bytes != Some(*q));

@@ -406,3 +406,57 @@ fn without_resend_the_mount_survives_and_at_most_the_requests_in_flight_fail() {
     fsck_clean(&dirs.data);
     drop(holder);
 }
+
+/// A held connection is served on only by the volume it was made for: another store's
+/// volume of the same name is refused with a clear error, and the held mount lives on for
+/// its own server.
+#[test]
+fn a_held_mount_is_never_served_with_another_volume() {
+    let dirs = Dirs::new();
+    let holder = Holder::start(&dirs);
+    let o = opts(&holder);
+    let m = Mount::start_in(dirs, o.clone());
+    fs::write(m.path("mine"), b"tenant A").unwrap();
+    let (status, dirs) = m.signal_and_wait(libc::SIGTERM);
+    assert!(status.success());
+    let other = dirs.extra_dir("other-store");
+    let mut wrong = Command::new(BIN)
+        .arg("mount")
+        .arg("--data")
+        .arg(&other)
+        .args(["--volume", "vol"])
+        .args(&o.extra_args)
+        .arg(&dirs.mnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = wrong.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the wrong server did not give up"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    wrong
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        !status.success() && err.contains("refusing"),
+        "{status}: {err}"
+    );
+    let mut s = Server::start(&dirs, &o, 1, &[]);
+    s.wait_took_over();
+    assert_eq!(fs::read(dirs.mnt.join("mine")).unwrap(), b"tenant A");
+    s.interrupt();
+    drop(holder);
+}

@@ -264,19 +264,32 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
     let tier_metrics = TierMetrics::register(&metrics);
     let node = config.node_name.clone();
     let handover = Arc::new(tokio::sync::Notify::new());
-    let fdstore = match fdstore {
+    let (fdstore, handed_over) = match fdstore {
         Some(holder) => {
             let (root, handover) = (config.root.clone(), handover.clone());
             tokio::task::spawn_blocking(move || claim_from_holder(holder, &root, handover))
                 .await
                 .map_err(|e| AgentError::Join(e.to_string()))?
         }
-        None => None,
+        None => (None, false),
     };
     let manager = {
         let (config, metrics) = (config.clone(), metrics.clone());
         tokio::task::spawn_blocking(move || {
-            let mut m = VolumeManager::open(&config, metrics)?;
+            // Right after a hand-over the previous agent's exit may not have released
+            // its stores' locks yet.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut m = loop {
+                match VolumeManager::open(&config, metrics.clone()) {
+                    Err(volumes::VolumeError::Store {
+                        source: crate::store::Error::Locked(_),
+                        ..
+                    }) if handed_over && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    r => break r?,
+                }
+            };
             m.set_fdstore(fdstore);
             Ok::<_, volumes::VolumeError>(m)
         })
@@ -427,10 +440,10 @@ fn claim_from_holder(
     mut holder: FdStore,
     root: &std::path::Path,
     handover: Arc<tokio::sync::Notify>,
-) -> Option<FdStore> {
+) -> (Option<FdStore>, bool) {
     if let Err(error) = holder.register(move || handover.notify_one()) {
         tracing::error!(%error, "fd holder unreachable: serving without it (an agent restart will end every mount)");
-        return None;
+        return (None, false);
     }
     let prefix = format!("{}/", root.join("volumes").display());
     let keys: Vec<String> = match holder.list() {
@@ -440,16 +453,22 @@ fn claim_from_holder(
             .collect(),
         Err(error) => {
             tracing::error!(%error, "fd holder unreachable");
-            return None;
+            return (None, false);
         }
     };
     tracing::info!(held = keys.len(), "fd holder connected");
-    match holder.takeover(&keys) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(agents = n, "the live agent handed over"),
-        Err(error) => tracing::error!(%error, "take-over from the live agent failed"),
-    }
-    Some(holder)
+    let handed_over = match holder.takeover(&keys) {
+        Ok(0) => false,
+        Ok(n) => {
+            tracing::info!(agents = n, "the live agent handed over");
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "take-over from the live agent failed");
+            false
+        }
+    };
+    (Some(holder), handed_over)
 }
 
 /// Applies `plan` on a blocking thread, marking the agent busy meanwhile.

@@ -44,6 +44,9 @@ pub const SYMLINK_MAX: usize = 4095;
 pub const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;
 /// Inode flag: the inode has a `security.capability` attribute.
 pub const FLAG_HAS_CAPS: u32 = 1;
+/// How far past the highest inode number a server that took over a live connection
+/// starts numbering (see [`Fs::adopt`]).
+pub const ADOPT_INO_GAP: u64 = 1 << 32;
 /// Block size reported to `stat` and `statfs`.
 pub const BLOCK_SIZE: u32 = 4096;
 
@@ -252,7 +255,12 @@ impl Fs {
             next_ino: AtomicU64::new(ROOT_INO + 1),
             adopted,
         };
-        fs.next_ino.store(fs.max_ino()? + 1, Ordering::Release);
+        // Taken over, the kernel may still know node ids of inodes the previous server
+        // deleted (a removed directory someone is in, an O_PATH fd): never hand those
+        // numbers out again. Without a persisted high-water mark, skip far past them.
+        let gap = if adopted { ADOPT_INO_GAP } else { 0 };
+        fs.next_ino
+            .store(fs.max_ino()? + 1 + gap, Ordering::Release);
         Ok(fs)
     }
 
