@@ -372,6 +372,23 @@ impl FdStore {
         Ok(resp.keys.unwrap_or_default())
     }
 
+    /// [`FdStore::takeover`] for a starting server: logs the outcome and returns whether a
+    /// live server handed over (its exit may not have released its store's lock yet: see
+    /// [`crate::mount::after_hand_over`]).
+    pub fn take_over_from_live(&self, keys: &[String]) -> bool {
+        match self.takeover(keys) {
+            Ok(0) => false,
+            Ok(n) => {
+                tracing::info!(servers = n, "the live server handed over");
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "take-over from the live server failed");
+                false
+            }
+        }
+    }
+
     /// Asks the live servers that own any of `keys` to hand over, and returns once they
     /// have exited (how many did). Zero if no live server owns them.
     pub fn takeover(&self, keys: &[String]) -> Result<usize> {

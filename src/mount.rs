@@ -679,35 +679,25 @@ fn claim_from_holder(
         return (false, false);
     }
     let key = holder_key(mountpoint);
-    let handed_over = match holder.takeover(std::slice::from_ref(&key)) {
-        Ok(0) => false,
-        Ok(n) => {
-            tracing::info!(servers = n, "the live server handed over");
-            true
-        }
-        Err(error) => {
-            tracing::error!(%error, "take-over failed");
-            false
-        }
-    };
+    let handed_over = holder.take_over_from_live(std::slice::from_ref(&key));
     (
         holder.list().is_ok_and(|keys| keys.contains(&key)),
         handed_over,
     )
 }
 
-/// Opens the store; right after a hand-over, waits (10 s at most) for the previous
-/// server's exit to release the store's lock (its session with the holder may close
-/// before its lock file does).
-pub fn open_store(
-    dir: &Path,
-    opts: &store::StoreOptions,
+/// Runs `open` (which opens stores) and, right after a hand-over, runs it again while it
+/// fails because a store is locked, for 10 s at most: the previous server's session with
+/// the holder may close before its exit has released the stores' lock files.
+pub fn after_hand_over<T, E>(
     handed_over: bool,
-) -> Result<Store, store::Error> {
+    locked: impl Fn(&E) -> bool,
+    mut open: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match Store::open_or_create(dir, opts) {
-            Err(store::Error::Locked(_)) if handed_over && Instant::now() < deadline => {
+        match open() {
+            Err(e) if handed_over && locked(&e) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             r => return r,
@@ -757,7 +747,11 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
             .filter(|c| c.is_power_of_two() && (4096..=(4 << 20)).contains(c))
             .ok_or(store::Error::InvalidChunkSize(cs))?;
     }
-    let store = open_store(&req.data, &sopts, handed_over)?;
+    let store = after_hand_over(
+        handed_over,
+        |e| matches!(e, store::Error::Locked(_)),
+        || Store::open_or_create(&req.data, &sopts),
+    )?;
     match store.inspect_volume(&req.volume) {
         Ok(info) => {
             let quota = req.quota.filter(|q| info.quota_bytes != Some(*q));

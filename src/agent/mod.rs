@@ -276,20 +276,19 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
     let manager = {
         let (config, metrics) = (config.clone(), metrics.clone());
         tokio::task::spawn_blocking(move || {
-            // Right after a hand-over the previous agent's exit may not have released
-            // its stores' locks yet.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut m = loop {
-                match VolumeManager::open(&config, metrics.clone()) {
-                    Err(volumes::VolumeError::Store {
-                        source: crate::store::Error::Locked(_),
-                        ..
-                    }) if handed_over && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    r => break r?,
-                }
-            };
+            let mut m = crate::mount::after_hand_over(
+                handed_over,
+                |e| {
+                    matches!(
+                        e,
+                        volumes::VolumeError::Store {
+                            source: crate::store::Error::Locked(_),
+                            ..
+                        }
+                    )
+                },
+                || VolumeManager::open(&config, metrics.clone()),
+            )?;
             m.set_fdstore(fdstore);
             Ok::<_, volumes::VolumeError>(m)
         })
@@ -445,7 +444,7 @@ fn claim_from_holder(
         tracing::error!(%error, "fd holder unreachable: serving without it (an agent restart will end every mount)");
         return (None, false);
     }
-    let prefix = format!("{}/", root.join("volumes").display());
+    let prefix = volumes::held_key_prefix(root);
     let keys: Vec<String> = match holder.list() {
         Ok(keys) => keys
             .into_iter()
@@ -457,17 +456,7 @@ fn claim_from_holder(
         }
     };
     tracing::info!(held = keys.len(), "fd holder connected");
-    let handed_over = match holder.takeover(&keys) {
-        Ok(0) => false,
-        Ok(n) => {
-            tracing::info!(agents = n, "the live agent handed over");
-            true
-        }
-        Err(error) => {
-            tracing::error!(%error, "take-over from the live agent failed");
-            false
-        }
-    };
+    let handed_over = holder.take_over_from_live(&keys);
     (Some(holder), handed_over)
 }
 

@@ -280,7 +280,7 @@ impl VolumeManager {
         let Some(holder) = &self.serve_options.fdstore else {
             return;
         };
-        let prefix = format!("{}/", self.root.join("volumes").display());
+        let prefix = held_key_prefix(&self.root);
         let served: BTreeSet<String> = self
             .served
             .values()
@@ -727,6 +727,12 @@ impl Drop for VolumeManager {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The prefix of the holder's keys of this node's volumes (their mount points under
+/// `<root>/volumes/`).
+pub fn held_key_prefix(root: &Path) -> String {
+    format!("{}/", root.join("volumes").display())
 }
 
 /// Creates `<root>/volumes/<pv>/mnt` with the PV's directories root-only (0700): pods
