@@ -116,6 +116,10 @@ pub struct MountArgs {
     /// disk, at least 8Mi and at most 256Mi; 0 turns it off.
     #[arg(long, value_name = "SIZE")]
     pub free_space_floor: Option<ByteSize>,
+    /// Memory for the store's caches and write buffers together (at least 16Mi): what the
+    /// process holds beyond a few MiB of its own.
+    #[arg(long, value_name = "SIZE", default_value = "64Mi")]
+    pub memory_budget: ByteSize,
     /// The FUSE connection holder (`fusevol fdstore --socket`): the mount outlives this
     /// process. SIGTERM, or another `fusevol mount` of the same mount point, leaves it to
     /// the next server; a crash too. Ctrl-C (SIGINT) unmounts.
@@ -235,6 +239,12 @@ pub struct FsckArgs {
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Mount(a) => {
+            if a.memory_budget.0 < store::MIN_MEMORY_BUDGET {
+                anyhow::bail!(
+                    "--memory-budget {}: must be at least 16Mi",
+                    format_bytes(a.memory_budget.0)
+                );
+            }
             let req = MountRequest {
                 data: a.data,
                 volume: a.volume,
@@ -243,6 +253,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 mountpoint: a.mountpoint,
                 chunk_size: a.chunk_size.map(|c| c.0),
                 free_space_floor: a.free_space_floor.map(|c| c.0),
+                memory_budget: a.memory_budget.0,
                 serve: ServeOptions {
                     allow_other: a.allow_other,
                     threads: usize::from(a.threads),

@@ -3,7 +3,24 @@
 use clap::Parser;
 use fusevol::cli::{self, Cli};
 
+/// glibc's allocator gives every thread that allocates its own arena (up to 8 per core),
+/// and the FUSE workers and RocksDB's background threads each keep freed request and
+/// memtable buffers in theirs: measured on a 1 GiB write with a 64 MiB store budget, peak
+/// RSS 133 MiB with the default, 75 MiB with one arena. Two arenas keep most of that and
+/// let two threads allocate at once.
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return; // the user's choice wins
+    }
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any thread
+    // is started, and M_ARENA_MAX is valid for glibc (other libcs return 0: ignored).
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() {
+    limit_malloc_arenas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {

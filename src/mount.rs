@@ -720,6 +720,8 @@ pub struct MountRequest {
     pub chunk_size: Option<u64>,
     /// Free-space floor of the store's disk (`None`: the default).
     pub free_space_floor: Option<u64>,
+    /// Memory budget of the store (caches and write buffers).
+    pub memory_budget: u64,
     pub serve: ServeOptions,
 }
 
@@ -739,6 +741,7 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     }
     let mut sopts = store::StoreOptions {
         free_space_floor: req.free_space_floor,
+        memory_budget: req.memory_budget,
         ..Default::default()
     };
     if let Some(cs) = req.chunk_size {

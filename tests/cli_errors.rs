@@ -156,6 +156,13 @@ fn invalid_sizes_are_rejected_everywhere_without_side_effects() {
         "volume", "create", "--data", &dirs.data, "new", "--inodes", "many"
     ])
     .user_error();
+    for small in ["1Mi", "0", "15Mi"] {
+        refused_mount(mount_args(
+            &dirs.data,
+            &dirs.mnt,
+            &["--memory-budget", small],
+        ));
+    }
     let names: Vec<_> = list(&dirs.data).into_iter().map(|v| v.name).collect();
     assert_eq!(
         names,

@@ -12,6 +12,8 @@
 //! reserved = "1Gi"                # optional: kept free of volumes
 //! free_space_floor = "256Mi"      # optional, per disk: below it writes get ENOSPC
 //!                                 # (default 5% of the disk, 8Mi..256Mi; "0": off)
+//! memory_budget = "64Mi"          # optional, per disk: its store's caches and write
+//!                                 # buffers together (default 64Mi, at least 16Mi)
 //!
 //! [static]                        # optional: static-provisioner mode
 //! storage_class = "fusevol-static"
@@ -29,6 +31,7 @@ use serde::Deserialize;
 
 use crate::k8s::is_dns_label;
 use crate::size::parse_quantity;
+use crate::store::{DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET};
 
 /// Errors in the agent's configuration: each names the key and what is allowed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,7 @@ struct RawTier {
     capacity: Option<String>,
     reserved: Option<String>,
     free_space_floor: Option<String>,
+    memory_budget: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +108,8 @@ pub struct TierConfig {
     pub reserved: u64,
     /// Free-space floor of each disk of the tier (`None`: the store's default).
     pub free_space_floor: Option<u64>,
+    /// Memory budget of each disk's store (caches and write buffers).
+    pub memory_budget: u64,
 }
 
 /// Static-provisioner mode: PVs the agent keeps published for a no-provisioner class.
@@ -213,7 +219,16 @@ impl AgentConfig {
                     })
                     .transpose()
             };
+            let memory_budget =
+                quantity("memory_budget", &t.memory_budget)?.unwrap_or(DEFAULT_MEMORY_BUDGET);
+            if memory_budget < MIN_MEMORY_BUDGET {
+                return Err(invalid(format!(
+                    "tier {:?}: memory_budget must be at least 16Mi",
+                    t.name
+                )));
+            }
             tiers.push(TierConfig {
+                memory_budget,
                 capacity: quantity("capacity", &t.capacity)?,
                 reserved: quantity("reserved", &t.reserved)?.unwrap_or(0),
                 free_space_floor: quantity("free_space_floor", &t.free_space_floor)?,
@@ -302,6 +317,7 @@ mod tests {
         assert_eq!(c.tiers[0].reserved, 1 << 30);
         assert_eq!(c.tiers[1].capacity, None);
         assert_eq!(c.tiers[1].disks.len(), 2);
+        assert_eq!(c.tiers[0].memory_budget, DEFAULT_MEMORY_BUDGET);
         let s = c.static_mode.unwrap();
         assert_eq!(s.storage_class, DEFAULT_STATIC_CLASS);
         assert_eq!(s.pools[0].size_bytes, 1 << 30);
@@ -326,6 +342,7 @@ mod tests {
             ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\ncapacity=\"lots\"\n", Some("n"), "capacity \"lots\""),
             ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n[[tiers]]\nname=\"b\"\ndisks=[\"/d\"]\n", Some("n"), "listed twice"),
             ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n[[tiers]]\nname=\"a\"\ndisks=[\"/e\"]\n", Some("n"), "defined twice"),
+            ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\nmemory_budget=\"8Mi\"\n", Some("n"), "memory_budget must be at least 16Mi"),
             ("listen=\"nowhere\"\n[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n", Some("n"), "listen \"nowhere\""),
             ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n[static]\n[[static.pools]]\ntier=\"b\"\ncount=1\nsize=\"1Gi\"\n", Some("n"), "unknown tier \"b\" (tiers: a)"),
         ];

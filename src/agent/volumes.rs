@@ -207,6 +207,7 @@ impl VolumeManager {
             for path in &tier.disks {
                 let opts = StoreOptions {
                     free_space_floor: tier.free_space_floor,
+                    memory_budget: tier.memory_budget,
                     ..Default::default()
                 };
                 let store =
