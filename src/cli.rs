@@ -418,6 +418,7 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<i32> {
             }
         }
         VolumeCommand::Delete { data, name } => {
+            refuse_if_held(&data.data, Some(&name), "delete it")?;
             call(&data.data, Request::Delete { name: name.clone() })?;
             println!("deleted volume {name}");
         }
@@ -425,9 +426,49 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Refuses when the fd holder the store's servers use still keeps a FUSE connection of
+/// `volume` (any volume if `None`): its mount is live (pods may use it through their bind
+/// mounts) and only waits for the next server, which must find the volume as the kernel
+/// last saw it. No holder running means nothing is held.
+fn refuse_if_held(dir: &Path, volume: Option<&str>, what: &str) -> anyhow::Result<()> {
+    let Some(socket) = Store::recorded_holder(dir) else {
+        return Ok(());
+    };
+    let holder = crate::fdstore::FdStore::new(&socket);
+    let held = match holder.held_for_store(dir) {
+        Ok(held) => held,
+        Err(crate::fdstore::FdStoreError::Socket { source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
+            ) =>
+        {
+            return Ok(());
+        }
+        Err(e) => bail!(
+            "cannot ask the fd holder at {} whether a volume of this store is still mounted ({e}); refusing to {what}",
+            socket.display()
+        ),
+    };
+    if let Some((mnt, h)) = held
+        .iter()
+        .find(|(_, h)| volume.is_none_or(|v| v == h.volume))
+    {
+        bail!(
+            "volume {} is still mounted at {mnt} (its FUSE connection is kept by the fd holder at {}): unmount it first (umount {mnt}), then {what}",
+            h.volume,
+            socket.display()
+        );
+    }
+    Ok(())
+}
+
 fn fsck_cmd(a: FsckArgs) -> anyhow::Result<i32> {
     if !a.data.exists() {
         bail!("store {} does not exist", a.data.display());
+    }
+    if a.repair {
+        refuse_if_held(&a.data, a.volume.as_deref(), "repair it")?;
     }
     let store = Store::open_existing(&a.data, &StoreOptions::default()).map_err(|e| match e {
         store::Error::Locked(p) => anyhow::anyhow!(

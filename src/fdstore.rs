@@ -23,9 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    self, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType, UnixAddr,
 };
+use nix::sys::time::TimeVal;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -36,6 +37,9 @@ const MAX_MSG: usize = 64 * 1024;
 pub const MAX_FDS: usize = 64;
 /// How long a take-over waits for the live server to hand over.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client waits for the holder's answer to any other request: a hung holder
+/// is an error, not a hung server or command.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the holder looks for connections that ended.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -272,6 +276,16 @@ impl FdStore {
 
     fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>)> {
         let sock = connect(&self.path).map_err(|e| self.err(e))?;
+        // The holder answers a take-over when the live server has exited, or after
+        // TAKEOVER_TIMEOUT at the latest; give it a little more.
+        let wait = match req {
+            Request::Takeover { .. } => TAKEOVER_TIMEOUT + CALL_TIMEOUT,
+            _ => CALL_TIMEOUT,
+        };
+        let tv = TimeVal::new(wait.as_secs() as libc::time_t, 0);
+        socket::setsockopt(&sock, sockopt::ReceiveTimeout, &tv)
+            .and_then(|()| socket::setsockopt(&sock, sockopt::SendTimeout, &tv))
+            .map_err(|e| self.err(e.into()))?;
         self.exchange(sock.as_fd(), req, fds)
     }
 
@@ -370,6 +384,22 @@ impl FdStore {
     pub fn list(&self) -> Result<Vec<String>> {
         let (resp, _) = self.call(&Request::List, &[])?;
         Ok(resp.keys.unwrap_or_default())
+    }
+
+    /// The connections held for volumes of the store in `dir`, by key (the mount point).
+    /// Copies of their fds come along with each record and are closed at once.
+    pub fn held_for_store(&self, dir: &Path) -> Result<Vec<(String, Held)>> {
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let mut out = Vec::new();
+        for key in self.list()? {
+            if let Some((held, _fds)) = self.get(&key)? {
+                let store = std::fs::canonicalize(&held.store).unwrap_or(held.store.clone());
+                if store == dir {
+                    out.push((key, held));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// [`FdStore::takeover`] for a starting server: logs the outcome and returns whether a

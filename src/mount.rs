@@ -346,7 +346,12 @@ fn hold(
         hold.put(holder).map(|()| hold).map_err(|e| e.to_string())
     });
     match result {
-        Ok(hold) => Some(hold),
+        Ok(hold) => {
+            if let Err(error) = store.record_holder(holder.path()) {
+                tracing::warn!(%error, "cannot note the fd holder in the store directory: `volume delete` and `fsck --repair` will not see that this volume is mounted");
+            }
+            Some(hold)
+        }
         Err(error) => {
             tracing::error!(volume = name, %error, "cannot hand the FUSE connection to the holder: a restart of this server will end the mount");
             None

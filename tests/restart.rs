@@ -460,3 +460,64 @@ fn a_held_mount_is_never_served_with_another_volume() {
     s.interrupt();
     drop(holder);
 }
+
+/// While no server runs but the holder keeps a volume's connection (its mount is live,
+/// and pods may use it through bind mounts), `volume delete` and `fsck --repair` refuse
+/// and name the mount point; once it is unmounted, both work. A plain `fsck` reads only,
+/// and runs.
+#[test]
+fn delete_and_repair_refuse_a_volume_whose_mount_is_held() {
+    let dirs = Dirs::new();
+    let holder = Holder::start(&dirs);
+    let o = opts(&holder);
+    let m = Mount::start_in(dirs, o);
+    fs::write(m.path("kept"), b"still here").unwrap();
+    let dirs = m.kill9();
+    assert!(is_fusevol_mounted(&dirs.mnt), "the holder keeps the mount");
+    let data = dirs.data.as_os_str();
+    let delete = || {
+        fusevol([
+            OsStr::new("volume"),
+            "delete".as_ref(),
+            "--data".as_ref(),
+            data,
+            "vol".as_ref(),
+        ])
+    };
+    let repair = || {
+        fusevol([
+            OsStr::new("fsck"),
+            "--repair".as_ref(),
+            "--data".as_ref(),
+            data,
+        ])
+    };
+    for out in [delete(), repair()] {
+        let out = out.user_error();
+        assert!(
+            out.stderr.contains("still mounted at")
+                && out.stderr.contains(&*dirs.mnt.to_string_lossy()),
+            "{}",
+            out.stderr
+        );
+    }
+    fsck_clean(&dirs.data);
+    assert!(
+        list(&dirs.data).iter().any(|v| v.name == "vol"),
+        "nothing was deleted"
+    );
+    detach_all(&dirs.mnt);
+    // The holder drops a connection that ended within a second or so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = repair();
+        if out.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {}", out.stderr);
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(delete().success());
+    assert!(list(&dirs.data).iter().all(|v| v.name != "vol"));
+    drop(holder);
+}

@@ -42,6 +42,9 @@ use records::{InodeRecord, Kind, Timestamp, Usage, VolumeConfig};
 pub const CF_META: &str = "meta";
 pub const CF_CHUNKS: &str = "chunks";
 pub const MARKER_FILE: &str = "FUSEVOL";
+/// Where the store's servers last handed their FUSE connections (see
+/// [`Store::record_holder`]).
+pub const HOLDER_FILE: &str = "fdstore-socket";
 pub const LOCK_FILE: &str = "fusevol.lock";
 pub const CONTROL_SOCKET: &str = "control.sock";
 pub const DB_DIR: &str = "db";
@@ -829,6 +832,27 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// Notes in the store's directory the fd holder (`fusevol fdstore`) its servers hand
+    /// their FUSE connections to, so that commands run while no server does (`volume
+    /// delete`, `fsck --repair`) can ask it whether a volume is still mounted.
+    pub fn record_holder(&self, socket: &Path) -> std::io::Result<()> {
+        let path = self.inner.dir.join(HOLDER_FILE);
+        let text = socket.as_os_str().as_encoded_bytes();
+        if std::fs::read(&path).is_ok_and(|old| old == text) {
+            return Ok(());
+        }
+        let tmp = self.inner.dir.join(format!("{HOLDER_FILE}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// The fd holder socket [`Store::record_holder`] noted in `dir`, if any.
+    pub fn recorded_holder(dir: &Path) -> Option<PathBuf> {
+        let bytes = std::fs::read(dir.join(HOLDER_FILE)).ok()?;
+        let text = String::from_utf8(bytes).ok()?;
+        (!text.is_empty()).then(|| PathBuf::from(text))
     }
 
     pub fn chunk_size(&self) -> u32 {
