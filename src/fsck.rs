@@ -17,7 +17,9 @@ use serde::Serialize;
 use crate::fs::charge::{chunks_charge, dirent_charge, inode_charge, xattr_charge};
 use crate::fs::data::decode_chunk_len;
 use crate::store::key_codec::{self as keys, Ino, VolumeId};
-use crate::store::records::{CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage};
+use crate::store::records::{
+    encode_counter, CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage,
+};
 use crate::store::{self, Store, ROOT_INO};
 
 /// What fsck found in one volume.
@@ -109,6 +111,8 @@ struct Checker<'a> {
     repair: bool,
     /// Charges of the directory entries `attach` adds (lost+found and what goes into it).
     attached_bytes: u64,
+    /// The first inode number never given out (for a new `/lost+found`).
+    next_ino: Ino,
 }
 
 impl<'a> Checker<'a> {
@@ -122,7 +126,33 @@ impl<'a> Checker<'a> {
             name,
             repair,
             attached_bytes: 0,
+            next_ino: ROOT_INO + 1,
         }
+    }
+
+    /// Checks that the inode-number counter is past every inode (a number is never given
+    /// out twice); remembers the first free number. A volume made before the counter has
+    /// none: not a problem.
+    fn check_next_ino(&mut self, inodes: &BTreeMap<Ino, InodeRecord>) -> Result<(), store::Error> {
+        let highest = inodes.keys().next_back().copied().unwrap_or(ROOT_INO);
+        let counter = self.store.next_ino(self.vid)?;
+        self.next_ino = counter.unwrap_or(0).max(highest + 1);
+        if counter.is_some_and(|next| next <= highest) {
+            self.problem(format!(
+                "next inode number {} is not past inode {highest}; raised",
+                counter.unwrap_or(0)
+            ));
+            self.stage_next_ino();
+        }
+        Ok(())
+    }
+
+    fn stage_next_ino(&mut self) {
+        self.batch.put_cf(
+            self.store.meta(),
+            keys::next_ino_key(self.vid),
+            encode_counter(self.next_ino),
+        );
     }
 
     /// Records a problem. `msg` is "what is wrong; what the fix does" (the fix in the
@@ -165,6 +195,7 @@ impl<'a> Checker<'a> {
             root.next_cookie = u64::MAX / 2;
             inodes.insert(ROOT_INO, root);
         }
+        self.check_next_ino(&inodes)?;
         let mut dirty: HashSet<Ino> = HashSet::new();
 
         // Directory entries by name.
@@ -660,7 +691,9 @@ impl<'a> Checker<'a> {
                 return Ok(d.ino);
             }
         }
-        let ino = inodes.keys().next_back().copied().unwrap_or(ROOT_INO) + 1;
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.stage_next_ino();
         let mut r = InodeRecord::new(Kind::Dir, 0o700, 0, 0, Timestamp::now());
         r.parent = ROOT_INO;
         inodes.insert(ino, r);
@@ -731,6 +764,57 @@ mod tests {
         let fixed = check_volume(&store, "v", true).unwrap();
         assert!(fixed.repaired);
         assert!(fixed.problems.iter().all(|p| !p.contains("--repair")));
+        assert_eq!(
+            check_volume(&store, "v", false).unwrap().problems,
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn lost_and_found_takes_a_number_never_given_out() {
+        let (_d, store, f) = store_with_file();
+        let id = store.open_volume("v").unwrap().id;
+        let gone = {
+            let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+            let g = fs.create_node(ME, ROOT_INO, b"g", libc::S_IFREG, 0, None);
+            fs.unlink(ROOT_INO, b"g").unwrap();
+            g.unwrap().ino
+        };
+        assert!(gone > f);
+        // Corrupt: f's name is gone, so f is unreachable and goes to /lost+found.
+        let mut b = WriteBatch::default();
+        b.delete_cf(store.meta(), keys::dirent_key(id, ROOT_INO, b"f"));
+        store.write(b).unwrap();
+        assert!(check_volume(&store, "v", true).unwrap().repaired);
+        let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+        let lf = fs.lookup(ROOT_INO, b"lost+found").unwrap().ino;
+        assert!(
+            lf > gone,
+            "lost+found got {lf}; {gone} was given out before"
+        );
+        let next = fs.create_node(ME, ROOT_INO, b"n", libc::S_IFREG, 0, None);
+        assert!(next.unwrap().ino > lf, "numbering goes on past lost+found");
+        drop(fs);
+        assert_eq!(
+            check_volume(&store, "v", false).unwrap().problems,
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn an_inode_number_counter_behind_an_inode_is_raised() {
+        let (_d, store, f) = store_with_file();
+        let id = store.open_volume("v").unwrap().id;
+        let mut b = WriteBatch::default();
+        b.put_cf(store.meta(), keys::next_ino_key(id), encode_counter(f));
+        store.write(b).unwrap();
+        let r = check_volume(&store, "v", false).unwrap();
+        assert!(
+            r.problems.iter().any(|p| p.contains("next inode number")),
+            "{r:?}"
+        );
+        assert!(check_volume(&store, "v", true).unwrap().repaired);
+        assert_eq!(store.next_ino(id).unwrap(), Some(f + 1));
         assert_eq!(
             check_volume(&store, "v", false).unwrap().problems,
             Vec::<String>::new()

@@ -32,7 +32,9 @@ use parking_lot::{Mutex, MutexGuard};
 use rocksdb::WriteBatch;
 
 use crate::store::key_codec::{self as keys, Ino};
-use crate::store::records::{CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage};
+use crate::store::records::{
+    encode_counter, CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage,
+};
 use crate::store::{Exhausted, OpenVolume, Store, Volume, ROOT_INO, UNLIMITED};
 pub use error::{FsError, Result};
 
@@ -44,9 +46,10 @@ pub const SYMLINK_MAX: usize = 4095;
 pub const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;
 /// Inode flag: the inode has a `security.capability` attribute.
 pub const FLAG_HAS_CAPS: u32 = 1;
-/// How far past the highest inode number a server that took over a live connection
-/// starts numbering (see [`Fs::adopt`]).
-pub const ADOPT_INO_GAP: u64 = 1 << 32;
+/// How far past the highest inode number in use a server that took over a live
+/// connection starts numbering a volume made before the persisted counter
+/// ([`keys::next_ino_key`]) existed: numbers above it may have been given out and deleted.
+const LEGACY_ADOPT_INO_GAP: u64 = 1 << 32;
 /// Block size reported to `stat` and `statfs`.
 pub const BLOCK_SIZE: u32 = 4096;
 
@@ -255,13 +258,21 @@ impl Fs {
             next_ino: AtomicU64::new(ROOT_INO + 1),
             adopted,
         };
-        // Taken over, the kernel may still know node ids of inodes the previous server
-        // deleted (a removed directory someone is in, an O_PATH fd): never hand those
-        // numbers out again. Without a persisted high-water mark, skip far past them.
-        let gap = if adopted { ADOPT_INO_GAP } else { 0 };
-        fs.next_ino
-            .store(fs.max_ino()? + 1 + gap, Ordering::Release);
+        fs.next_ino.store(fs.first_free_ino()?, Ordering::Release);
         Ok(fs)
+    }
+
+    /// The first inode number never given out: the persisted counter. A kernel that
+    /// outlived a server (taken over) may still know node ids of inodes that server
+    /// deleted (a removed directory someone is in, an O_PATH fd), and a number is never
+    /// given out twice in a volume's life, so they never name another inode.
+    fn first_free_ino(&self) -> Result<Ino> {
+        let past_highest = self.max_ino()? + 1;
+        Ok(match self.store.next_ino(self.vid())? {
+            Some(next) => next.max(past_highest),
+            None if self.adopted => past_highest + LEGACY_ADOPT_INO_GAP,
+            None => past_highest,
+        })
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -575,8 +586,20 @@ impl Fs {
 
     // ----- namespace -----
 
+    /// A new inode number. Under the namespace lock, like the commit that records it
+    /// ([`Fs::stage_next_ino`]): the persisted counter only grows.
     fn alloc_ino(&self) -> Ino {
         self.next_ino.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Stages the counter past `ino` (a small put in the create's own batch: no extra
+    /// write, no sync), so a restart, even after a crash, numbers on past it.
+    fn stage_next_ino(&self, c: &mut Change, ino: Ino) {
+        c.batch.put_cf(
+            self.store.meta(),
+            keys::next_ino_key(self.vid()),
+            encode_counter(ino + 1),
+        );
     }
 
     /// Creates a file, directory, symlink or special file named `name` in `parent`.
@@ -638,6 +661,7 @@ impl Fs {
             r.size = t.len() as u64;
         }
         let mut c = Change::new();
+        self.stage_next_ino(&mut c, ino);
         c.usage.inodes = 1;
         c.usage.bytes = charge::inode_charge(ino, &r) as i64;
         self.stage_add_dirent(&mut c, parent, &mut p, name, ino, kind);

@@ -10,6 +10,7 @@
 //!   00000000 'V'                               -> next volume id (u32 BE)     ids are never reused
 //!   <vol u32> 'C'                              -> VolumeConfig (JSON)          quota, inode limit
 //!   <vol u32> 'U'                              -> Usage (3 x i64 BE, merge)    bytes, inodes, chunks
+//!   <vol u32> 'H'                              -> next inode number (u64 BE)  numbers are never reused
 //!   <vol u32> 'I' <ino u64>                    -> InodeRecord                  attributes
 //!   <vol u32> 'D' <parent u64> <name bytes>    -> DirentByName                 lookup by name
 //!   <vol u32> 'd' <parent u64> <cookie u64>    -> DirentByCookie               readdir order
@@ -47,6 +48,7 @@ pub const TAG_DIRENT_COOKIE: u8 = b'd';
 pub const TAG_CHUNK_LEN: u8 = b'L';
 pub const TAG_ORPHAN: u8 = b'O';
 pub const TAG_XATTR: u8 = b'X';
+pub const TAG_NEXT_INO: u8 = b'H';
 
 /// A key that failed to parse: wrong length or wrong prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +149,13 @@ pub fn config_key(vol: VolumeId) -> Vec<u8> {
 
 pub fn usage_key(vol: VolumeId) -> Vec<u8> {
     with_tag(vol, TAG_USAGE, 0)
+}
+
+/// The volume's inode-number counter: one past the highest number ever given out (written
+/// in the batch of every create), so the number of a deleted inode, which a kernel that
+/// outlived its server may still cache, is never given to another one.
+pub fn next_ino_key(vol: VolumeId) -> Vec<u8> {
+    with_tag(vol, TAG_NEXT_INO, 0)
 }
 
 pub fn inode_key(vol: VolumeId, ino: Ino) -> Vec<u8> {
@@ -331,7 +340,7 @@ mod tests {
         #[test]
         fn every_volume_key_sorts_inside_its_volume_range(vol in 1u32..u32::MAX, ino in any::<u64>(), name in proptest::collection::vec(any::<u8>(), 1..32)) {
             let (lo, hi) = (volume_start(vol), volume_end(vol));
-            for k in [config_key(vol), usage_key(vol), inode_key(vol, ino), dirent_key(vol, ino, &name),
+            for k in [config_key(vol), usage_key(vol), next_ino_key(vol), inode_key(vol, ino), dirent_key(vol, ino, &name),
                       cookie_key(vol, ino, 7), chunk_len_key(vol, ino, 3), orphan_key(vol, ino),
                       xattr_key(vol, ino, &name), chunk_key(vol, ino, 9)] {
                 prop_assert!(k >= lo && k < hi, "{:?} outside volume {}", k, vol);

@@ -367,6 +367,17 @@ impl CookieValue {
     }
 }
 
+/// A counter stored as one u64 BE (the next inode number, the mount generation).
+pub fn encode_counter(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+pub fn decode_counter(what: &'static str, b: &[u8]) -> Result<u64, RecordError> {
+    <[u8; 8]>::try_from(b)
+        .map(u64::from_be_bytes)
+        .map_err(|_| RecordError { what, len: b.len() })
+}
+
 /// Per-volume usage counters. Stored as a merge value: each operation merges its
 /// deltas, so concurrent operations never overwrite each other's accounting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -602,6 +613,16 @@ mod tests {
             let t = Timestamp { secs, nanos };
             prop_assert_eq!(Timestamp::from_system(t.to_system()), t);
         }
+    }
+
+    #[test]
+    fn counters_round_trip_and_a_wrong_length_is_an_error() {
+        assert_eq!(
+            decode_counter("c", &encode_counter(u64::MAX - 3)),
+            Ok(u64::MAX - 3)
+        );
+        assert!(decode_counter("c", &[0; 7]).is_err());
+        assert!(decode_counter("c", &[0; 9]).is_err());
     }
 
     #[test]
