@@ -148,6 +148,13 @@ const LOCK_STRIPES: usize = 256;
 /// with point deletes (see `Fs::stage_delete_inode`).
 const RANGE_DELETE_MIN_CHUNKS: u64 = 4096;
 
+/// One end of a rename: a directory and a name in it.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    dir: Ino,
+    name: &'a [u8],
+}
+
 /// Striped per-inode locks.
 struct InodeLocks {
     stripes: Vec<Mutex<()>>,
@@ -838,136 +845,133 @@ impl Fs {
             lock_inos.push(d.ino);
         }
         let _g = self.locks.lock(&lock_inos);
-        let now = Timestamp::now();
+        let from = Place { dir: parent, name };
+        let to = Place {
+            dir: new_parent,
+            name: new_name,
+        };
         let mut c = Change::new();
-
-        if exchange {
-            let dst = dst.ok_or(FsError::NotFound)?;
-            if src.ino == dst.ino {
-                return Ok(());
-            }
-            // Neither may become its own ancestor.
-            if src.kind == Kind::Dir && self.is_ancestor(src.ino, new_parent)? {
-                return Err(FsError::Invalid);
-            }
-            if dst.kind == Kind::Dir && self.is_ancestor(dst.ino, parent)? {
-                return Err(FsError::Invalid);
-            }
-            let mut a = self.load(src.ino)?;
-            let mut b = self.load(dst.ino)?;
-            let same = parent == new_parent;
-            let mut p1 = self.load_dir(parent)?;
-            let mut p2 = if same {
-                None
-            } else {
-                Some(self.load_dir(new_parent)?)
-            };
-            // Replace each entry in place (same cookies: readdir position is kept).
-            let meta = self.store.meta();
-            let v = self.vid();
-            c.batch.put_cf(
-                meta,
-                keys::dirent_key(v, parent, name),
-                DirentValue {
-                    ino: dst.ino,
-                    kind: dst.kind,
-                    cookie: src.cookie,
-                }
-                .encode(),
-            );
-            c.batch.put_cf(
-                meta,
-                keys::cookie_key(v, parent, src.cookie),
-                CookieValue {
-                    ino: dst.ino,
-                    kind: dst.kind,
-                    name: name.to_vec(),
-                }
-                .encode(),
-            );
-            c.batch.put_cf(
-                meta,
-                keys::dirent_key(v, new_parent, new_name),
-                DirentValue {
-                    ino: src.ino,
-                    kind: src.kind,
-                    cookie: dst.cookie,
-                }
-                .encode(),
-            );
-            c.batch.put_cf(
-                meta,
-                keys::cookie_key(v, new_parent, dst.cookie),
-                CookieValue {
-                    ino: src.ino,
-                    kind: src.kind,
-                    name: new_name.to_vec(),
-                }
-                .encode(),
-            );
-            if let Some(p2) = p2.as_mut() {
-                let a_dir = a.kind == Kind::Dir;
-                let b_dir = b.kind == Kind::Dir;
-                if a_dir {
-                    a.parent = new_parent;
-                }
-                if b_dir {
-                    b.parent = parent;
-                }
-                if a_dir && !b_dir {
-                    p1.nlink -= 1;
-                    p2.nlink += 1;
-                } else if b_dir && !a_dir {
-                    p1.nlink += 1;
-                    p2.nlink -= 1;
-                }
-                p2.mtime = now;
-                p2.ctime = now;
-                self.stage_inode(&mut c, new_parent, p2);
-            }
-            p1.mtime = now;
-            p1.ctime = now;
-            a.ctime = now;
-            b.ctime = now;
-            self.stage_inode(&mut c, parent, &p1);
-            self.stage_inode(&mut c, src.ino, &a);
-            self.stage_inode(&mut c, dst.ino, &b);
-            return self.commit(c);
+        let changed = match dst {
+            Some(dst) if exchange => self.stage_exchange(&mut c, (from, &src), (to, &dst))?,
+            None if exchange => return Err(FsError::NotFound),
+            Some(_) if noreplace => return Err(FsError::Exists),
+            dst => self.stage_replace(&mut c, (from, &src), (to, dst.as_ref()))?,
+        };
+        if !changed {
+            return Ok(());
         }
+        self.commit(c)
+    }
 
-        if let Some(d) = &dst {
-            if noreplace {
-                return Err(FsError::Exists);
-            }
-            if d.ino == src.ino {
-                // Two links to the same inode: POSIX says do nothing.
-                return Ok(());
-            }
-            match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
-                (true, false) => return Err(FsError::NotDir),
-                (false, true) => return Err(FsError::IsDir),
-                (true, true) => {
-                    if !self.dir_is_empty(d.ino)? {
-                        return Err(FsError::NotEmpty);
-                    }
-                }
-                (false, false) => {}
-            }
+    /// Stages a `RENAME_EXCHANGE` of the entries `src` and `dst`; false if they name the
+    /// same inode (nothing to do).
+    fn stage_exchange(
+        &self,
+        c: &mut Change,
+        (from, src): (Place, &DirentValue),
+        (to, dst): (Place, &DirentValue),
+    ) -> Result<bool> {
+        if src.ino == dst.ino {
+            return Ok(false);
         }
-        if src.kind == Kind::Dir && self.is_ancestor(src.ino, new_parent)? {
+        // Neither may become its own ancestor.
+        if src.kind == Kind::Dir && self.is_ancestor(src.ino, to.dir)? {
             return Err(FsError::Invalid);
         }
+        if dst.kind == Kind::Dir && self.is_ancestor(dst.ino, from.dir)? {
+            return Err(FsError::Invalid);
+        }
+        let now = Timestamp::now();
+        let mut a = self.load(src.ino)?;
+        let mut b = self.load(dst.ino)?;
+        let mut p1 = self.load_dir(from.dir)?;
+        let mut p2 = if from.dir == to.dir {
+            None
+        } else {
+            Some(self.load_dir(to.dir)?)
+        };
+        // Replace each entry in place (same cookies: readdir position is kept).
+        self.stage_put_dirent(c, from, src.cookie, dst.ino, dst.kind);
+        self.stage_put_dirent(c, to, dst.cookie, src.ino, src.kind);
+        if let Some(p2) = p2.as_mut() {
+            let a_dir = a.kind == Kind::Dir;
+            let b_dir = b.kind == Kind::Dir;
+            if a_dir {
+                a.parent = to.dir;
+            }
+            if b_dir {
+                b.parent = from.dir;
+            }
+            if a_dir && !b_dir {
+                p1.nlink -= 1;
+                p2.nlink += 1;
+            } else if b_dir && !a_dir {
+                p1.nlink += 1;
+                p2.nlink -= 1;
+            }
+            p2.mtime = now;
+            p2.ctime = now;
+            self.stage_inode(c, to.dir, p2);
+        }
+        p1.mtime = now;
+        p1.ctime = now;
+        a.ctime = now;
+        b.ctime = now;
+        self.stage_inode(c, from.dir, &p1);
+        self.stage_inode(c, src.ino, &a);
+        self.stage_inode(c, dst.ino, &b);
+        Ok(true)
+    }
+
+    /// Points the existing entry `at` (both its keys, cookie kept) at `ino`.
+    fn stage_put_dirent(&self, c: &mut Change, at: Place, cookie: u64, ino: Ino, kind: Kind) {
+        let (meta, v) = (self.store.meta(), self.vid());
+        c.batch.put_cf(
+            meta,
+            keys::dirent_key(v, at.dir, at.name),
+            DirentValue { ino, kind, cookie }.encode(),
+        );
+        c.batch.put_cf(
+            meta,
+            keys::cookie_key(v, at.dir, cookie),
+            CookieValue {
+                ino,
+                kind,
+                name: at.name.to_vec(),
+            }
+            .encode(),
+        );
+    }
+
+    /// Stages a plain rename of entry `src` to `to`, replacing `dst` there if any; false
+    /// if both name the same inode (POSIX: do nothing).
+    fn stage_replace(
+        &self,
+        c: &mut Change,
+        (from, src): (Place, &DirentValue),
+        (to, dst): (Place, Option<&DirentValue>),
+    ) -> Result<bool> {
+        if let Some(d) = dst {
+            if d.ino == src.ino {
+                return Ok(false);
+            }
+            self.check_replaceable(src, d)?;
+        }
+        if src.kind == Kind::Dir && self.is_ancestor(src.ino, to.dir)? {
+            return Err(FsError::Invalid);
+        }
+        let now = Timestamp::now();
         let mut moved = self.load(src.ino)?;
-        let same = parent == new_parent;
-        let mut p1 = self.load_dir(parent)?;
+        let same = from.dir == to.dir;
+        let mut p1 = self.load_dir(from.dir)?;
         let mut p2 = if same {
             None
         } else {
-            Some(self.load_dir(new_parent)?)
+            Some(self.load_dir(to.dir)?)
         };
-        self.stage_remove_dirent(&mut c, parent, name, &src);
-        if let Some(d) = &dst {
-            self.stage_remove_dirent(&mut c, new_parent, new_name, d);
+        self.stage_remove_dirent(c, from.dir, from.name, src);
+        if let Some(d) = dst {
+            self.stage_remove_dirent(c, to.dir, to.name, d);
             let mut victim = self.load(d.ino)?;
             if victim.kind == Kind::Dir {
                 // The replaced directory's ".." no longer counts toward its parent.
@@ -976,14 +980,14 @@ impl Fs {
                     None => p1.nlink = p1.nlink.saturating_sub(1),
                 }
             }
-            self.stage_unlink_inode(&mut c, d.ino, &mut victim, now)?;
+            self.stage_unlink_inode(c, d.ino, &mut victim, now)?;
         }
         {
             let target = p2.as_mut().unwrap_or(&mut p1);
-            self.stage_add_dirent(&mut c, new_parent, target, new_name, src.ino, src.kind);
+            self.stage_add_dirent(c, to.dir, target, to.name, src.ino, src.kind);
         }
         if moved.kind == Kind::Dir && !same {
-            moved.parent = new_parent;
+            moved.parent = to.dir;
             p1.nlink = p1.nlink.saturating_sub(1);
             if let Some(p2) = p2.as_mut() {
                 p2.nlink += 1;
@@ -995,11 +999,22 @@ impl Fs {
         if let Some(p2) = p2.as_mut() {
             p2.mtime = now;
             p2.ctime = now;
-            self.stage_inode(&mut c, new_parent, p2);
+            self.stage_inode(c, to.dir, p2);
         }
-        self.stage_inode(&mut c, parent, &p1);
-        self.stage_inode(&mut c, src.ino, &moved);
-        self.commit(c)
+        self.stage_inode(c, from.dir, &p1);
+        self.stage_inode(c, src.ino, &moved);
+        Ok(true)
+    }
+
+    /// May entry `src` replace entry `dst` (another inode)? A directory replaces only an
+    /// empty directory, a non-directory only a non-directory.
+    fn check_replaceable(&self, src: &DirentValue, dst: &DirentValue) -> Result<()> {
+        match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+            (true, false) => Err(FsError::NotDir),
+            (false, true) => Err(FsError::IsDir),
+            (true, true) if !self.dir_is_empty(dst.ino)? => Err(FsError::NotEmpty),
+            _ => Ok(()),
+        }
     }
 
     // ----- open files -----
