@@ -22,6 +22,7 @@
 pub mod charge;
 pub mod data;
 pub mod error;
+mod replay;
 pub mod xattr;
 
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ use crate::store::records::{
 };
 use crate::store::{Exhausted, OpenVolume, Store, Volume, ROOT_INO, UNLIMITED};
 pub use error::{FsError, Result};
+use replay::Req;
+pub use replay::{Answering, Unique, RESENT, RING_SLOTS};
 
 /// Longest name of a directory entry, as on ext4.
 pub const NAME_MAX: usize = 255;
@@ -195,6 +198,9 @@ pub struct Fs {
     /// This server took over a live FUSE connection from one that died or handed it over
     /// ([`Fs::adopt`]): files opened before that are open in the kernel but not in `open`.
     adopted: bool,
+    /// The mount generation of the connection served, which tells its requests' records
+    /// apart from another connection's (see [`replay`]); `None`: unknown, nothing recorded.
+    generation: Option<u64>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -235,10 +241,12 @@ pub(crate) fn check_name(name: &[u8]) -> Result<()> {
 }
 
 impl Fs {
-    /// Serves volume `vol` of `store`. Reclaims the inodes of files that were unlinked
-    /// while open when the previous server stopped.
+    /// Serves volume `vol` of `store` on a fresh mount (a new FUSE connection: it takes
+    /// the volume's next mount generation). Reclaims the inodes of files that were
+    /// unlinked while open when the previous server stopped.
     pub fn new(store: Store, vol: OpenVolume) -> Result<Fs> {
-        let fs = Self::with(store, vol, false)?;
+        let generation = replay::next_mount_generation(&store, vol.id)?;
+        let fs = Self::with(store, vol, false, Some(generation))?;
         fs.reclaim_orphans()?;
         Ok(fs)
     }
@@ -249,11 +257,16 @@ impl Fs {
     /// on the strength of this server's own open count: an inode whose last link goes
     /// stays (as an orphan) until the kernel forgets it ([`Fs::forget`]: no dentry and no
     /// open file refers to it any more), or until the next fresh mount reclaims it.
-    pub fn adopt(store: Store, vol: OpenVolume) -> Result<Fs> {
-        Self::with(store, vol, true)
+    ///
+    /// `generation` is the connection's mount generation (the one
+    /// [`Fs::mount_generation`] gave the server that mounted it): requests the kernel
+    /// sends again are answered from what was recorded on this connection. `None`
+    /// (unknown): nothing is recorded or answered from records.
+    pub fn adopt(store: Store, vol: OpenVolume, generation: Option<u64>) -> Result<Fs> {
+        Self::with(store, vol, true, generation)
     }
 
-    fn with(store: Store, vol: OpenVolume, adopted: bool) -> Result<Fs> {
+    fn with(store: Store, vol: OpenVolume, adopted: bool, generation: Option<u64>) -> Result<Fs> {
         let chunk_size = u64::from(store.chunk_size());
         let fs = Fs {
             store,
@@ -264,6 +277,7 @@ impl Fs {
             open: Mutex::new(HashMap::new()),
             next_ino: AtomicU64::new(ROOT_INO + 1),
             adopted,
+            generation,
         };
         fs.next_ino.store(fs.first_free_ino()?, Ordering::Release);
         Ok(fs)
@@ -620,6 +634,21 @@ impl Fs {
         rdev: u32,
         target: Option<&[u8]>,
     ) -> Result<Attr> {
+        self.create_node_as(None, caller, parent, name, mode, rdev, target)
+    }
+
+    /// [`Fs::create_node`] as the answer to `req` (recorded with it).
+    #[allow(clippy::too_many_arguments)]
+    fn create_node_as(
+        &self,
+        req: Option<Req>,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<Attr> {
         check_name(name)?;
         let kind = if target.is_some() {
             Kind::Symlink
@@ -679,11 +708,16 @@ impl Fs {
         p.ctime = now;
         self.stage_inode(&mut c, ino, &r);
         self.stage_inode(&mut c, parent, &p);
+        self.stage_answer(&mut c, req, ino);
         self.commit(c)?;
         Ok(Attr::from_record(ino, &r))
     }
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        self.link_as(None, ino, parent, name)
+    }
+
+    fn link_as(&self, req: Option<Req>, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         check_name(name)?;
         let _ns = self.ns.lock();
         let _g = self.locks.lock(&[ino, parent]);
@@ -710,6 +744,7 @@ impl Fs {
         p.ctime = now;
         self.stage_inode(&mut c, ino, &r);
         self.stage_inode(&mut c, parent, &p);
+        self.stage_answer(&mut c, req, ino);
         self.commit(c)?;
         Ok(Attr::from_record(ino, &r))
     }
@@ -746,6 +781,10 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.unlink_as(None, parent, name)
+    }
+
+    fn unlink_as(&self, req: Option<Req>, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
         let _ns = self.ns.lock();
         let d = self.get_dirent(parent, name)?.ok_or(FsError::NotFound)?;
@@ -762,6 +801,7 @@ impl Fs {
         p.ctime = now;
         self.stage_inode(&mut c, parent, &p);
         self.stage_unlink_inode(&mut c, d.ino, &mut r, now)?;
+        self.stage_answer(&mut c, req, 0);
         self.commit(c)
     }
 
@@ -776,6 +816,10 @@ impl Fs {
     }
 
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.rmdir_as(None, parent, name)
+    }
+
+    fn rmdir_as(&self, req: Option<Req>, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
         if name == b"." {
             return Err(FsError::Invalid);
@@ -802,6 +846,7 @@ impl Fs {
         p.ctime = now;
         self.stage_inode(&mut c, parent, &p);
         self.stage_unlink_inode(&mut c, d.ino, &mut r, now)?;
+        self.stage_answer(&mut c, req, 0);
         self.commit(c)
     }
 
@@ -829,8 +874,17 @@ impl Fs {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
-        check_name(name)?;
-        check_name(new_name)?;
+        let from = Place { dir: parent, name };
+        let to = Place {
+            dir: new_parent,
+            name: new_name,
+        };
+        self.rename_as(None, from, to, flags)
+    }
+
+    fn rename_as(&self, req: Option<Req>, from: Place, to: Place, flags: u32) -> Result<()> {
+        check_name(from.name)?;
+        check_name(to.name)?;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange)
@@ -838,18 +892,15 @@ impl Fs {
             return Err(FsError::Invalid);
         }
         let _ns = self.ns.lock();
-        let src = self.get_dirent(parent, name)?.ok_or(FsError::NotFound)?;
-        let dst = self.get_dirent(new_parent, new_name)?;
-        let mut lock_inos = vec![parent, new_parent, src.ino];
+        let src = self
+            .get_dirent(from.dir, from.name)?
+            .ok_or(FsError::NotFound)?;
+        let dst = self.get_dirent(to.dir, to.name)?;
+        let mut lock_inos = vec![from.dir, to.dir, src.ino];
         if let Some(d) = &dst {
             lock_inos.push(d.ino);
         }
         let _g = self.locks.lock(&lock_inos);
-        let from = Place { dir: parent, name };
-        let to = Place {
-            dir: new_parent,
-            name: new_name,
-        };
         let mut c = Change::new();
         let changed = match dst {
             Some(dst) if exchange => self.stage_exchange(&mut c, (from, &src), (to, &dst))?,
@@ -860,6 +911,7 @@ impl Fs {
         if !changed {
             return Ok(());
         }
+        self.stage_answer(&mut c, req, 0);
         self.commit(c)
     }
 

@@ -366,7 +366,7 @@ fn inode_numbers_are_never_given_out_twice_across_reopen_and_take_over() {
         c
     };
     assert!(c > highest, "reopened: {c} after {highest} was deleted");
-    let fs = Fs::adopt(store.clone(), store.open_volume("v").unwrap()).unwrap();
+    let fs = Fs::adopt(store.clone(), store.open_volume("v").unwrap(), None).unwrap();
     let d = mkfile(&fs, ROOT, "d");
     assert_eq!(d, c + 1, "taken over: past every number given out, no gap");
 }
@@ -386,7 +386,7 @@ fn a_volume_without_an_inode_number_counter_skips_ahead_only_when_taken_over() {
     let fresh = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
     assert_eq!(fresh.first_free_ino().unwrap(), a + 1);
     drop(fresh);
-    let adopted = Fs::adopt(store.clone(), store.open_volume("v").unwrap()).unwrap();
+    let adopted = Fs::adopt(store.clone(), store.open_volume("v").unwrap(), None).unwrap();
     let b = mkfile(&adopted, ROOT, "b");
     assert_eq!(b, a + 1 + LEGACY_ADOPT_INO_GAP);
     assert_eq!(store.next_ino(vid).unwrap(), Some(b + 1));
