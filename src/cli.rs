@@ -125,6 +125,12 @@ pub struct MountArgs {
     /// the next server; a crash too. Ctrl-C (SIGINT) unmounts.
     #[arg(long, value_name = "SOCKET")]
     pub fdstore: Option<PathBuf>,
+    /// The most of the page cache the mount's dirty pages may take before its writers
+    /// wait for writeback: a size (256Mi) or a percentage of the node's dirty threshold
+    /// (20%); 0 leaves the kernel's bound for FUSE mounts (1% of that threshold). Set in
+    /// the mount's /sys/class/bdi/0:<minor> (a warning if /sys is read-only).
+    #[arg(long, value_name = "SIZE|PERCENT", default_value_t = crate::bdi::DEFAULT)]
+    pub max_dirty: crate::bdi::DirtyLimit,
     /// Where to mount (an existing directory).
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: PathBuf,
@@ -258,6 +264,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     allow_other: a.allow_other,
                     threads: usize::from(a.threads),
                     fdstore: a.fdstore.map(crate::fdstore::FdStore::new),
+                    max_dirty: a.max_dirty,
                     ..ServeOptions::default()
                 },
             };

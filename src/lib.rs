@@ -5,6 +5,7 @@
 //! - [`mount`]: serving a volume at a mount point (signals, stale mounts).
 //! - [`control`]: the control socket through which `fusevol volume` reaches a running server.
 //! - [`fdstore`]: the FUSE connection holder that keeps mounts alive across server restarts.
+//! - [`bdi`]: the dirty-page bound of a mount's writeback device, raised after mounting.
 //! - [`fuse`]: the thin FUSE adapter (fuser types in, errno out).
 //! - [`fs`]: POSIX semantics, quota admission and the chunked data path of one volume.
 //! - [`store`]: the RocksDB chunk store holding many volumes; [`store::key_codec`] is the key layout.
@@ -16,6 +17,7 @@
 //!   [`http`]: their /healthz and /metrics endpoint.
 
 pub mod agent;
+pub mod bdi;
 pub mod cli;
 pub mod control;
 pub mod controller;

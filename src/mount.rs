@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::bdi::DirtyLimit;
 use crate::fdstore::{FdStore, Held};
 use crate::fs::Fs;
 use crate::fuse::FuseFs;
@@ -150,6 +151,8 @@ pub struct ServeOptions {
     pub fdstore: Option<FdStore>,
     /// Serve as on a kernel without `FUSE_NOTIFY_RESEND` even if this one has it (tests).
     pub no_resend: bool,
+    /// The most of the page cache the mount's dirty pages may take (see [`crate::bdi`]).
+    pub max_dirty: DirtyLimit,
 }
 
 impl Default for ServeOptions {
@@ -159,6 +162,7 @@ impl Default for ServeOptions {
             threads: 4,
             fdstore: None,
             no_resend: std::env::var_os("FUSEVOL_NO_RESEND").is_some(),
+            max_dirty: crate::bdi::DEFAULT,
         }
     }
 }
@@ -233,6 +237,7 @@ pub fn serve(
         fuser::Session::new(FuseFs::new(fs, ops), mountpoint, &config).map_err(mount_err)?;
     // Mounted now (Session::new mounts): the connection number is in mountinfo.
     let connection = fuse_connection(mountpoint);
+    crate::bdi::set_for_connection(connection, opts.max_dirty, name);
     let held = opts.fdstore.as_ref().and_then(|h| {
         hold(
             h,
@@ -441,6 +446,8 @@ fn take_over(
     }
     let session = session.spawn().map_err(mount_err)?;
     let conn = record.conn;
+    // Set by the server that mounted it already; again, in case this one's bound differs.
+    crate::bdi::set_for_connection(conn, opts.max_dirty, name);
     tracing::info!(volume = name, mountpoint = %mountpoint.display(), ?conn, resend, "took over the live FUSE connection");
     Ok(Some(Served {
         volume: name.to_string(),
@@ -471,7 +478,12 @@ pub fn fuse_connection(path: &Path) -> Option<u32> {
 /// whose server is gone).
 fn fuse_connection_at(canon: &Path) -> Option<u32> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().rev().find_map(|l| {
+    connection_in(&text, canon)
+}
+
+/// The connection number of the last fuse mount at `canon` in a mountinfo text.
+fn connection_in(mountinfo: &str, canon: &Path) -> Option<u32> {
+    mountinfo.lines().rev().find_map(|l| {
         let fields: Vec<&str> = l.split(' ').collect();
         let sep = fields.iter().position(|f| *f == "-")?;
         let fstype = fields.get(sep + 1)?;
@@ -836,4 +848,27 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         tracing::info!("unmounted externally");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+27 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard
+47 27 0:40 / /var/tmp/a\\040b rw,nosuid,nodev,relatime shared:20 - fuse.fusevol fusevol:v rw,user_id=0
+48 27 0:42 / /var/tmp/c rw,nosuid,nodev,relatime - fuse /store rw,user_id=0
+49 27 0:43 / /var/tmp/c rw,nosuid,nodev,relatime - fuse.fusevol fusevol:w rw,user_id=0
+50 27 7:1 / /var/tmp/d rw,relatime - ext4 /dev/loop1 rw
+";
+
+    #[test]
+    fn the_connection_is_the_minor_of_the_last_fuse_mount_at_the_path() {
+        let at = |p: &str| connection_in(MOUNTINFO, Path::new(p));
+        assert_eq!(at("/var/tmp/a b"), Some(40), "octal escapes are undone");
+        assert_eq!(at("/var/tmp/c"), Some(43), "the mount on top counts");
+        assert_eq!(at("/var/tmp/d"), None, "not a FUSE mount");
+        assert_eq!(at("/"), None);
+        assert_eq!(at("/var/tmp/nowhere"), None);
+    }
 }

@@ -1,5 +1,5 @@
 //! Mount lifecycle: readiness, clean shutdown on SIGTERM/SIGINT, creation of a missing store,
-//! and what a volume without a quota reports.
+//! what a volume without a quota reports, and the dirty-page bound set in the mount's bdi.
 
 mod common;
 
@@ -122,4 +122,74 @@ fn many_mount_and_unmount_cycles_keep_data_and_release_the_store() {
         File::open(m.path(&format!("f{i}"))).unwrap();
         dirs = m.stop();
     }
+}
+
+/// The mount's writeback device in sysfs: `0:<minor of st_dev>`.
+fn bdi_of(m: &Mount) -> std::path::PathBuf {
+    let (major, minor) = (libc::major(m.dev), libc::minor(m.dev));
+    std::path::PathBuf::from(format!("/sys/class/bdi/{major}:{minor}"))
+}
+
+fn bdi_value(m: &Mount, file: &str) -> u64 {
+    let path = bdi_of(m).join(file);
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.trim().parse().unwrap()
+}
+
+/// Waits (5 s at most) until the mount's bdi file satisfies `ok`: the server sets it right
+/// after the mount appears, so a test may look a moment too early.
+fn wait_bdi(m: &Mount, file: &str, ok: impl Fn(u64) -> bool) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let v = bdi_value(m, file);
+        if ok(v) || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn mount_sets_its_dirty_page_bound_in_its_bdi() {
+    let mut opts = Opts::new();
+    opts.extra_args = vec!["--max-dirty".into(), "7%".into()];
+    let m = Mount::start(opts);
+    assert_eq!(libc::major(m.dev), 0, "a FUSE mount is an anonymous device");
+    assert_eq!(wait_bdi(&m, "max_ratio", |v| v == 7), 7, "--max-dirty 7%");
+    assert_eq!(bdi_value(&m, "strict_limit"), 1, "strict limiting stays on");
+
+    // A byte bound (the default is one): the kernel keeps it as a share of the node's dirty
+    // threshold and reads it back from that share, so it comes back close, not exact.
+    let want = 96 * MIB;
+    let mut opts = Opts::new();
+    opts.extra_args = vec!["--max-dirty".into(), "96Mi".into()];
+    let m = Mount::start(opts);
+    let got = wait_bdi(&m, "max_bytes", |v| v.abs_diff(want) < want / 10);
+    assert!(
+        got.abs_diff(want) < want / 10,
+        "max_bytes {got}, wanted about {want}"
+    );
+    assert_eq!(bdi_value(&m, "strict_limit"), 1);
+}
+
+#[test]
+fn max_dirty_0_leaves_the_kernels_bound_of_fuse_mounts() {
+    let mut opts = Opts::new();
+    opts.extra_args = vec!["--max-dirty".into(), "0".into()];
+    let m = Mount::start(opts);
+    // Give a server that (wrongly) set something the time to do it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(bdi_value(&m, "max_ratio"), 1, "the kernel's 1% for FUSE");
+    assert_eq!(bdi_value(&m, "strict_limit"), 1);
+}
+
+#[test]
+fn the_default_dirty_page_bound_is_256_mib() {
+    let m = Mount::start(Opts::new());
+    let want = 256 * MIB;
+    let got = wait_bdi(&m, "max_bytes", |v| v.abs_diff(want) < want / 10);
+    assert!(
+        got.abs_diff(want) < want / 10,
+        "max_bytes {got}, wanted about {want}"
+    );
 }

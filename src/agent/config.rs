@@ -4,6 +4,8 @@
 //! node_name = "worker-1"          # default: the NODE_NAME environment variable
 //! root = "/var/lib/fusevol"       # default; PV paths are <root>/volumes/<pv>/mnt/data
 //! listen = "0.0.0.0:9808"         # /healthz and /metrics; default 0.0.0.0:9808
+//! max_dirty = "256Mi"             # dirty page cache per volume (a size, "20%" of the
+//!                                 # node's dirty threshold, "0": the kernel's 1%)
 //!
 //! [[tiers]]
 //! name = "fast"                   # a DNS label; StorageClass parameter `tier` names it
@@ -29,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::bdi::DirtyLimit;
 use crate::k8s::is_dns_label;
 use crate::size::parse_quantity;
 use crate::store::{DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET};
@@ -53,6 +56,7 @@ struct RawConfig {
     node_name: Option<String>,
     root: Option<PathBuf>,
     listen: Option<String>,
+    max_dirty: Option<String>,
     #[serde(default)]
     tiers: Vec<RawTier>,
     #[serde(rename = "static")]
@@ -92,6 +96,8 @@ pub struct AgentConfig {
     pub node_name: String,
     pub root: PathBuf,
     pub listen: SocketAddr,
+    /// The dirty-page bound of every mount (see [`crate::bdi`]).
+    pub max_dirty: DirtyLimit,
     pub tiers: Vec<TierConfig>,
     pub static_mode: Option<StaticConfig>,
 }
@@ -175,6 +181,12 @@ impl AgentConfig {
                 "listen {listen_text:?} is not an address:port (e.g. 0.0.0.0:9808)"
             ))
         })?;
+        let max_dirty = match raw.max_dirty.as_deref() {
+            None => crate::bdi::DEFAULT,
+            Some(text) => text
+                .parse()
+                .map_err(|e| invalid(format!("max_dirty: {e}")))?,
+        };
         if raw.tiers.is_empty() {
             return Err(invalid(
                 "no tiers: add at least one [[tiers]] table with a name and disks".into(),
@@ -275,6 +287,7 @@ impl AgentConfig {
             node_name,
             root,
             listen,
+            max_dirty,
             tiers,
             static_mode,
         })
@@ -313,6 +326,7 @@ mod tests {
         let c = AgentConfig::parse(EXAMPLE, Some("n1".into())).unwrap();
         assert_eq!(c.node_name, "n1");
         assert_eq!(c.listen.port(), 9808);
+        assert_eq!(c.max_dirty, crate::bdi::DEFAULT);
         assert_eq!(c.tiers[0].capacity, Some(20 << 30));
         assert_eq!(c.tiers[0].reserved, 1 << 30);
         assert_eq!(c.tiers[1].capacity, None);
@@ -321,6 +335,19 @@ mod tests {
         let s = c.static_mode.unwrap();
         assert_eq!(s.storage_class, DEFAULT_STATIC_CLASS);
         assert_eq!(s.pools[0].size_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn max_dirty_takes_a_size_a_percentage_or_zero() {
+        for (value, want) in [
+            ("1Gi", DirtyLimit::Bytes(1 << 30)),
+            ("20%", DirtyLimit::Percent(20)),
+            ("0", DirtyLimit::Kernel),
+        ] {
+            let text = format!("max_dirty = \"{value}\"\n{EXAMPLE}");
+            let c = AgentConfig::parse(&text, Some("n".into())).unwrap();
+            assert_eq!(c.max_dirty, want, "{value}");
+        }
     }
 
     #[test]
@@ -344,6 +371,7 @@ mod tests {
             ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n[[tiers]]\nname=\"a\"\ndisks=[\"/e\"]\n", Some("n"), "defined twice"),
             ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\nmemory_budget=\"8Mi\"\n", Some("n"), "memory_budget must be at least 16Mi"),
             ("listen=\"nowhere\"\n[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n", Some("n"), "listen \"nowhere\""),
+            ("max_dirty=\"150%\"\n[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n", Some("n"), "max_dirty: invalid dirty-page limit \"150%\""),
             ("[[tiers]]\nname=\"a\"\ndisks=[\"/d\"]\n[static]\n[[static.pools]]\ntier=\"b\"\ncount=1\nsize=\"1Gi\"\n", Some("n"), "unknown tier \"b\" (tiers: a)"),
         ];
         for (text, env, want) in cases {

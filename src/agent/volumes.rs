@@ -233,6 +233,7 @@ impl VolumeManager {
             serve_options: ServeOptions {
                 allow_other: true,
                 threads: 4,
+                max_dirty: config.max_dirty,
                 ..ServeOptions::default()
             },
         })
