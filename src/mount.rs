@@ -224,7 +224,6 @@ pub fn serve(
     let volume_id = vol.id;
     let ops = metrics.volume_ops(vol.volume());
     let fs = Arc::new(Fs::new(store.clone(), vol)?);
-    let generation = fs.mount_generation();
     let config = session_config(name, opts);
     let mount_err = |source| {
         metrics.forget_volume(name);
@@ -243,7 +242,7 @@ pub fn serve(
             h,
             &mut session,
             store,
-            (name, volume_id, generation),
+            (name, volume_id),
             mountpoint,
             connection,
             opts,
@@ -322,7 +321,7 @@ fn hold(
     holder: &FdStore,
     session: &mut fuser::Session<FuseFs>,
     store: &Store,
-    (name, volume_id, generation): (&str, u32, Option<u64>),
+    (name, volume_id): (&str, u32),
     mountpoint: &Path,
     conn: Option<u32>,
     opts: &ServeOptions,
@@ -341,7 +340,6 @@ fn hold(
         volume_id: Some(volume_id),
         conn,
         init: init.into(),
-        generation,
     };
     let result = fds.map_err(|e| e.to_string()).and_then(|fds| {
         let hold = Hold {
@@ -420,7 +418,7 @@ fn take_over(
             source,
         })?;
     let ops = metrics.volume_ops(vol.volume());
-    let fs = Arc::new(Fs::adopt(store.clone(), vol, record.generation)?);
+    let fs = Arc::new(Fs::adopt(store.clone(), vol)?);
     let mount_err = |source| {
         metrics.forget_volume(name);
         MountError::Mount {
