@@ -110,6 +110,11 @@ pub struct Held {
     /// The connection's number under /sys/fs/fuse/connections (the mount's device minor).
     pub conn: Option<u32>,
     pub init: InitRecord,
+    /// The volume's mount generation taken by the fresh mount that made the connection:
+    /// records of its requests answer them again when the kernel resends them after a
+    /// take-over (see `crate::fs::Answering`). `None` from servers that kept none.
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -727,6 +732,7 @@ mod tests {
                 granted: 1,
                 max_write: 1 << 20,
             },
+            generation: Some(9),
         }
     }
 

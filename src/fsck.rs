@@ -6,6 +6,8 @@
 //! inodes no entry names (orphans of files unlinked while open, then crashed) are found;
 //! chunk lengths and chunk bytes agree, no chunk lies past end of file; each inode's
 //! stored bytes and chunk count, and the volume's usage counters, equal what is stored.
+//! The inode-number counter is past every inode; the records of recent answers (replay
+//! ring) and the mount generation are readable.
 //! With `repair`, all fixes go into one `WriteBatch`: orphans with no links are deleted,
 //! unreachable inodes that still have links are re-attached under `/lost+found`.
 
@@ -16,8 +18,12 @@ use serde::Serialize;
 
 use crate::fs::charge::{chunks_charge, dirent_charge, inode_charge, xattr_charge};
 use crate::fs::data::decode_chunk_len;
+use crate::fs::RING_SLOTS;
 use crate::store::key_codec::{self as keys, Ino, VolumeId};
-use crate::store::records::{CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage};
+use crate::store::records::{
+    decode_counter, encode_counter, CookieValue, DirentValue, InodeRecord, Kind, ReplayRecord,
+    Timestamp, Usage,
+};
 use crate::store::{self, Store, ROOT_INO};
 
 /// What fsck found in one volume.
@@ -109,6 +115,8 @@ struct Checker<'a> {
     repair: bool,
     /// Charges of the directory entries `attach` adds (lost+found and what goes into it).
     attached_bytes: u64,
+    /// The first inode number never given out (for a new `/lost+found`).
+    next_ino: Ino,
 }
 
 impl<'a> Checker<'a> {
@@ -122,7 +130,66 @@ impl<'a> Checker<'a> {
             name,
             repair,
             attached_bytes: 0,
+            next_ino: ROOT_INO + 1,
         }
+    }
+
+    /// Checks that the inode-number counter is past every inode (a number is never given
+    /// out twice); remembers the first free number. A volume made before the counter has
+    /// none: not a problem.
+    fn check_next_ino(&mut self, inodes: &BTreeMap<Ino, InodeRecord>) -> Result<(), store::Error> {
+        let highest = inodes.keys().next_back().copied().unwrap_or(ROOT_INO);
+        let counter = self.store.next_ino(self.vid)?;
+        self.next_ino = counter.unwrap_or(0).max(highest + 1);
+        if counter.is_some_and(|next| next <= highest) {
+            self.problem(format!(
+                "next inode number {} is not past inode {highest}; raised",
+                counter.unwrap_or(0)
+            ));
+            self.stage_next_ino();
+        }
+        Ok(())
+    }
+
+    /// Checks the records of recent answers (see `crate::fs::Answering`): an unreadable
+    /// one is dropped (only the replay of one request is lost); an unreadable mount
+    /// generation is dropped with every record, as the next mount would count again from
+    /// the start and could match them.
+    fn check_replay_ring(&mut self) -> Result<(), store::Error> {
+        let (store, v) = (self.store, self.vid);
+        let gen_key = keys::mount_gen_key(v);
+        if let Some(raw) = store.get_meta(&gen_key)? {
+            if decode_counter("mount generation", &raw).is_err() {
+                self.problem("unreadable mount generation; removed with the replay records".into());
+                let ring = keys::tag_prefix(v, keys::TAG_REPLAY);
+                self.batch.delete_cf(store.meta(), gen_key);
+                self.batch
+                    .delete_range_cf(store.meta(), &ring, &keys::prefix_end(&ring));
+                return Ok(());
+            }
+        }
+        let mut bad = Vec::new();
+        store.scan_meta(&keys::tag_prefix(v, keys::TAG_REPLAY), |k, val| {
+            let slot = keys::parse_replay_key(v, k)?;
+            if u64::from(slot) >= RING_SLOTS || ReplayRecord::decode(val).is_err() {
+                bad.push(slot);
+            }
+            Ok(true)
+        })?;
+        for slot in bad {
+            self.problem(format!("replay record {slot}: unreadable; removed"));
+            self.batch
+                .delete_cf(store.meta(), keys::replay_key(v, slot));
+        }
+        Ok(())
+    }
+
+    fn stage_next_ino(&mut self) {
+        self.batch.put_cf(
+            self.store.meta(),
+            keys::next_ino_key(self.vid),
+            encode_counter(self.next_ino),
+        );
     }
 
     /// Records a problem. `msg` is "what is wrong; what the fix does" (the fix in the
@@ -165,6 +232,8 @@ impl<'a> Checker<'a> {
             root.next_cookie = u64::MAX / 2;
             inodes.insert(ROOT_INO, root);
         }
+        self.check_next_ino(&inodes)?;
+        self.check_replay_ring()?;
         let mut dirty: HashSet<Ino> = HashSet::new();
 
         // Directory entries by name.
@@ -660,7 +729,9 @@ impl<'a> Checker<'a> {
                 return Ok(d.ino);
             }
         }
-        let ino = inodes.keys().next_back().copied().unwrap_or(ROOT_INO) + 1;
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.stage_next_ino();
         let mut r = InodeRecord::new(Kind::Dir, 0o700, 0, 0, Timestamp::now());
         r.parent = ROOT_INO;
         inodes.insert(ino, r);
@@ -731,6 +802,87 @@ mod tests {
         let fixed = check_volume(&store, "v", true).unwrap();
         assert!(fixed.repaired);
         assert!(fixed.problems.iter().all(|p| !p.contains("--repair")));
+        assert_eq!(
+            check_volume(&store, "v", false).unwrap().problems,
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn lost_and_found_takes_a_number_never_given_out() {
+        let (_d, store, f) = store_with_file();
+        let id = store.open_volume("v").unwrap().id;
+        let gone = {
+            let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+            let g = fs.create_node(ME, ROOT_INO, b"g", libc::S_IFREG, 0, None);
+            fs.unlink(ROOT_INO, b"g").unwrap();
+            g.unwrap().ino
+        };
+        assert!(gone > f);
+        // Corrupt: f's name is gone, so f is unreachable and goes to /lost+found.
+        let mut b = WriteBatch::default();
+        b.delete_cf(store.meta(), keys::dirent_key(id, ROOT_INO, b"f"));
+        store.write(b).unwrap();
+        assert!(check_volume(&store, "v", true).unwrap().repaired);
+        let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+        let lf = fs.lookup(ROOT_INO, b"lost+found").unwrap().ino;
+        assert!(
+            lf > gone,
+            "lost+found got {lf}; {gone} was given out before"
+        );
+        let next = fs.create_node(ME, ROOT_INO, b"n", libc::S_IFREG, 0, None);
+        assert!(next.unwrap().ino > lf, "numbering goes on past lost+found");
+        drop(fs);
+        assert_eq!(
+            check_volume(&store, "v", false).unwrap().problems,
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn unreadable_replay_records_and_mount_generations_are_removed() {
+        let (_d, store, _) = store_with_file();
+        let id = store.open_volume("v").unwrap().id;
+        {
+            let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+            let a = fs.answering(crate::fs::Unique(2));
+            a.create_node(ME, ROOT_INO, b"d", libc::S_IFDIR | 0o755, 0, None)
+                .unwrap();
+        }
+        let mut b = WriteBatch::default();
+        b.put_cf(store.meta(), keys::replay_key(id, 7), b"junk");
+        store.write(b).unwrap();
+        let r = check_volume(&store, "v", true).unwrap();
+        assert_eq!(r.problems, vec!["replay record 7: unreadable; removed"]);
+        assert_eq!(store.get_meta(&keys::replay_key(id, 7)).unwrap(), None);
+        assert!(store.get_meta(&keys::replay_key(id, 1)).unwrap().is_some());
+
+        let mut b = WriteBatch::default();
+        b.put_cf(store.meta(), keys::mount_gen_key(id), b"junk");
+        store.write(b).unwrap();
+        assert!(check_volume(&store, "v", true).unwrap().repaired);
+        assert_eq!(store.get_meta(&keys::mount_gen_key(id)).unwrap(), None);
+        assert_eq!(store.get_meta(&keys::replay_key(id, 1)).unwrap(), None);
+        assert_eq!(
+            check_volume(&store, "v", false).unwrap().problems,
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn an_inode_number_counter_behind_an_inode_is_raised() {
+        let (_d, store, f) = store_with_file();
+        let id = store.open_volume("v").unwrap().id;
+        let mut b = WriteBatch::default();
+        b.put_cf(store.meta(), keys::next_ino_key(id), encode_counter(f));
+        store.write(b).unwrap();
+        let r = check_volume(&store, "v", false).unwrap();
+        assert!(
+            r.problems.iter().any(|p| p.contains("next inode number")),
+            "{r:?}"
+        );
+        assert!(check_volume(&store, "v", true).unwrap().repaired);
+        assert_eq!(store.next_ino(id).unwrap(), Some(f + 1));
         assert_eq!(
             check_volume(&store, "v", false).unwrap().problems,
             Vec::<String>::new()

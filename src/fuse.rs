@@ -24,7 +24,7 @@ use fuser::{
 
 use crate::fs::data::Seek;
 use crate::fs::xattr::XattrReply;
-use crate::fs::{Attr, Caller, Fs, FsError, SetAttr, SetTime, BLOCK_SIZE};
+use crate::fs::{Answering, Attr, Caller, Fs, FsError, SetAttr, SetTime, Unique, BLOCK_SIZE};
 use crate::metrics::OpMetrics;
 use crate::store::records::{Kind, Timestamp};
 
@@ -33,14 +33,44 @@ use crate::store::records::{Kind, Timestamp};
 pub const TTL: Duration = Duration::from_secs(3600);
 pub const MAX_WRITE: u32 = 1 << 20;
 
+/// Test hook: `FUSEVOL_TEST_CRASH_BEFORE_REPLY=<op>` (a FUSE operation: `mkdir`,
+/// `rename`, ...) makes the server kill itself (SIGKILL) once it has carried out and
+/// committed that operation, before it answers: the moment a crash does the most harm,
+/// as the request is sent again to the next server. Only tests set it.
+pub const CRASH_BEFORE_REPLY_ENV: &str = "FUSEVOL_TEST_CRASH_BEFORE_REPLY";
+
 pub struct FuseFs {
     fs: Arc<Fs>,
     metrics: Arc<OpMetrics>,
+    /// The operation of [`CRASH_BEFORE_REPLY_ENV`], if set.
+    crash_before_reply: Option<String>,
 }
 
 impl FuseFs {
     pub fn new(fs: Arc<Fs>, metrics: Arc<OpMetrics>) -> Self {
-        FuseFs { fs, metrics }
+        let crash_before_reply = std::env::var(CRASH_BEFORE_REPLY_ENV).ok();
+        FuseFs {
+            fs,
+            metrics,
+            crash_before_reply,
+        }
+    }
+
+    /// The namespace operations as answers to `req` (a resent request is answered from
+    /// its record: see [`Answering`]).
+    fn answering(&self, req: &Request) -> Answering<'_> {
+        self.fs.answering(Unique(req.unique().0))
+    }
+
+    /// See [`CRASH_BEFORE_REPLY_ENV`].
+    fn crash_point<T>(&self, op: &str, r: &Result<T, FsError>) {
+        if r.is_ok() && self.crash_before_reply.as_deref() == Some(op) {
+            tracing::warn!(
+                op,
+                "{CRASH_BEFORE_REPLY_ENV}: killing this server before it answers"
+            );
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
@@ -233,9 +263,15 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .fs
-            .create_node(caller(req), parent.0, name.as_bytes(), mode, rdev, None);
+        let r = self.answering(req).create_node(
+            caller(req),
+            parent.0,
+            name.as_bytes(),
+            mode,
+            rdev,
+            None,
+        );
+        self.crash_point("mknod", &r);
         op!(self, "mknod", reply, r, |a| reply.entry(
             &TTL,
             &to_attr(&a),
@@ -253,9 +289,10 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let mode = (mode & 0o7777) | libc::S_IFDIR;
-        let r = self
-            .fs
-            .create_node(caller(req), parent.0, name.as_bytes(), mode, 0, None);
+        let r =
+            self.answering(req)
+                .create_node(caller(req), parent.0, name.as_bytes(), mode, 0, None);
+        self.crash_point("mkdir", &r);
         op!(self, "mkdir", reply, r, |a| reply.entry(
             &TTL,
             &to_attr(&a),
@@ -263,24 +300,16 @@ impl Filesystem for FuseFs {
         ))
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        op!(
-            self,
-            "unlink",
-            reply,
-            self.fs.unlink(parent.0, name.as_bytes()),
-            |_v| reply.ok()
-        )
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.answering(req).unlink(parent.0, name.as_bytes());
+        self.crash_point("unlink", &r);
+        op!(self, "unlink", reply, r, |_v| reply.ok())
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        op!(
-            self,
-            "rmdir",
-            reply,
-            self.fs.rmdir(parent.0, name.as_bytes()),
-            |_v| reply.ok()
-        )
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.answering(req).rmdir(parent.0, name.as_bytes());
+        self.crash_point("rmdir", &r);
+        op!(self, "rmdir", reply, r, |_v| reply.ok())
     }
 
     fn symlink(
@@ -291,7 +320,7 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.fs.create_node(
+        let r = self.answering(req).create_node(
             caller(req),
             parent.0,
             link_name.as_bytes(),
@@ -299,6 +328,7 @@ impl Filesystem for FuseFs {
             0,
             Some(target.as_os_str().as_bytes()),
         );
+        self.crash_point("symlink", &r);
         op!(self, "symlink", reply, r, |a| reply.entry(
             &TTL,
             &to_attr(&a),
@@ -308,7 +338,7 @@ impl Filesystem for FuseFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -316,25 +346,29 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.fs.rename(
+        let r = self.answering(req).rename(
             parent.0,
             name.as_bytes(),
             newparent.0,
             newname.as_bytes(),
             flags.bits(),
         );
+        self.crash_point("rename", &r);
         op!(self, "rename", reply, r, |_v| reply.ok())
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let r = self.fs.link(ino.0, newparent.0, newname.as_bytes());
+        let r = self
+            .answering(req)
+            .link(ino.0, newparent.0, newname.as_bytes());
+        self.crash_point("link", &r);
         op!(self, "link", reply, r, |a| reply.entry(
             &TTL,
             &to_attr(&a),
@@ -519,7 +553,7 @@ impl Filesystem for FuseFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -527,7 +561,10 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let r = self.fs.setxattr(ino.0, name.as_bytes(), value, flags);
+        let r = self
+            .answering(req)
+            .setxattr(ino.0, name.as_bytes(), value, flags);
+        self.crash_point("setxattr", &r);
         op!(self, "setxattr", reply, r, |_v| reply.ok())
     }
 
@@ -551,8 +588,9 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.fs.removexattr(ino.0, name.as_bytes());
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.answering(req).removexattr(ino.0, name.as_bytes());
+        self.crash_point("removexattr", &r);
         op!(self, "removexattr", reply, r, |_v| reply.ok())
     }
 
@@ -571,13 +609,16 @@ impl Filesystem for FuseFs {
         } else {
             mode
         };
+        // Replayed, the entry comes from its record and is opened again: the kernel gets
+        // one handle, as it asked for one.
         let r = self
-            .fs
+            .answering(req)
             .create_node(caller(req), parent.0, name.as_bytes(), mode, 0, None)
             .and_then(|a| {
                 self.fs.open(a.ino)?;
                 Ok(a)
             });
+        self.crash_point("create", &r);
         op!(self, "create", reply, r, |a| reply.created(
             &TTL,
             &to_attr(&a),

@@ -10,7 +10,7 @@
 //! - [`fs`]: POSIX semantics, quota admission and the chunked data path of one volume.
 //! - [`store`]: the RocksDB chunk store holding many volumes; [`store::key_codec`] is the key layout.
 //! - [`fsck`]: offline check and repair.
-//! - [`metrics`], [`size`]: Prometheus metrics and Kubernetes quantities.
+//! - [`metrics`], [`size`], [`fnv`]: Prometheus metrics, Kubernetes quantities, a stable hash.
 //! - [`k8s`]: the Kubernetes side's pure logic (StorageClass parameters, the per-node
 //!   capacity resource, the provisioning decision, the host path layout of PVs).
 //! - [`agent`], [`controller`]: `fusevol agent` and `fusevol controller`, the API side;
@@ -22,6 +22,7 @@ pub mod cli;
 pub mod control;
 pub mod controller;
 pub mod fdstore;
+pub mod fnv;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;

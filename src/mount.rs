@@ -224,6 +224,7 @@ pub fn serve(
     let volume_id = vol.id;
     let ops = metrics.volume_ops(vol.volume());
     let fs = Arc::new(Fs::new(store.clone(), vol)?);
+    let generation = fs.mount_generation();
     let config = session_config(name, opts);
     let mount_err = |source| {
         metrics.forget_volume(name);
@@ -242,7 +243,7 @@ pub fn serve(
             h,
             &mut session,
             store,
-            (name, volume_id),
+            (name, volume_id, generation),
             mountpoint,
             connection,
             opts,
@@ -321,7 +322,7 @@ fn hold(
     holder: &FdStore,
     session: &mut fuser::Session<FuseFs>,
     store: &Store,
-    (name, volume_id): (&str, u32),
+    (name, volume_id, generation): (&str, u32, Option<u64>),
     mountpoint: &Path,
     conn: Option<u32>,
     opts: &ServeOptions,
@@ -340,6 +341,7 @@ fn hold(
         volume_id: Some(volume_id),
         conn,
         init: init.into(),
+        generation,
     };
     let result = fds.map_err(|e| e.to_string()).and_then(|fds| {
         let hold = Hold {
@@ -418,7 +420,7 @@ fn take_over(
             source,
         })?;
     let ops = metrics.volume_ops(vol.volume());
-    let fs = Arc::new(Fs::adopt(store.clone(), vol)?);
+    let fs = Arc::new(Fs::adopt(store.clone(), vol, record.generation)?);
     let mount_err = |source| {
         metrics.forget_volume(name);
         MountError::Mount {

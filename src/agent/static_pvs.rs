@@ -40,10 +40,7 @@ pub fn static_pv_name(node: &str, tier: &str, index: u32) -> String {
     if name.len() <= 63 && crate::store::validate_volume_name(&name).is_ok() {
         return name;
     }
-    // FNV-1a: stable across builds and platforms.
-    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
+    let hash = crate::fnv::fnv1a64(node.bytes());
     format!("fusevol-{hash:016x}-{tier}-{index}")
 }
 

@@ -70,13 +70,7 @@ pub fn desired(classes: &[StorageClass], cluster: &ClusterState<'_>) -> Vec<Capa
 
 /// A stable object name for (class, node): `fusevol-` and a 64-bit FNV-1a hash.
 pub fn object_name(class: &str, node: &str) -> String {
-    let hash = class
-        .bytes()
-        .chain([0u8])
-        .chain(node.bytes())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+    let hash = crate::fnv::fnv1a64(class.bytes().chain([0u8]).chain(node.bytes()));
     format!("fusevol-{hash:016x}")
 }
 

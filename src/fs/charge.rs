@@ -19,7 +19,8 @@
 //! per-key overhead (an 8-byte sequence/type trailer per key; for chunks kept in blob
 //! files, the blob reference and the blob record header). Not charged, at most
 //! [`VOLUME_OVERHEAD_MAX`] bytes per volume: the root directory's record, the volume's
-//! configuration, usage and name keys. Versions superseded by an overwrite and deleted
+//! configuration, usage, name, inode-counter and mount-generation keys, and the ring of
+//! recent answers that replays resent requests (at most [`REPLAY_RING_MAX`]). Versions superseded by an overwrite and deleted
 //! keys stay on disk until RocksDB compacts them; that is the store's space
 //! amplification, bounded by its compaction, not by the quota.
 
@@ -45,9 +46,15 @@ pub const DIRENT_CHARGE: u64 = 128;
 /// (8 B): 21 B.
 pub const XATTR_CHARGE: u64 = 64;
 
+/// The most a volume's ring of recent answers stores (`crate::fs::RING_SLOTS` records of a
+/// 7-byte key, a 34-byte value and an 8-byte trailer, rounded up to 64 B each): 8 KiB.
+pub const REPLAY_RING_MAX: u64 = crate::fs::RING_SLOTS * 64;
+
 /// What a volume stores that no charge covers: the root directory's record (125 B), the
-/// configuration (JSON, ~200 B), usage (29 B) and name (≤ 72 B) keys, with trailers.
-pub const VOLUME_OVERHEAD_MAX: u64 = 1024;
+/// configuration (JSON, ~200 B), usage (29 B), name (≤ 72 B), inode-counter (21 B) and
+/// mount-generation (21 B) keys, with trailers, within 1 KiB; and the replay ring
+/// ([`REPLAY_RING_MAX`]). A fixed bound: nothing a user does grows it.
+pub const VOLUME_OVERHEAD_MAX: u64 = 1024 + REPLAY_RING_MAX;
 
 /// The charge of inode `ino` (not counting its chunks and attributes, which are charged
 /// on their own): [`INODE_CHARGE`] plus the symlink target; the root directory is free.

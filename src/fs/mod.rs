@@ -22,6 +22,7 @@
 pub mod charge;
 pub mod data;
 pub mod error;
+mod replay;
 pub mod xattr;
 
 use std::collections::HashMap;
@@ -32,9 +33,13 @@ use parking_lot::{Mutex, MutexGuard};
 use rocksdb::WriteBatch;
 
 use crate::store::key_codec::{self as keys, Ino};
-use crate::store::records::{CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage};
+use crate::store::records::{
+    encode_counter, CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage,
+};
 use crate::store::{Exhausted, OpenVolume, Store, Volume, ROOT_INO, UNLIMITED};
 pub use error::{FsError, Result};
+use replay::Req;
+pub use replay::{Answering, Unique, RESENT, RING_SLOTS};
 
 /// Longest name of a directory entry, as on ext4.
 pub const NAME_MAX: usize = 255;
@@ -44,9 +49,10 @@ pub const SYMLINK_MAX: usize = 4095;
 pub const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;
 /// Inode flag: the inode has a `security.capability` attribute.
 pub const FLAG_HAS_CAPS: u32 = 1;
-/// How far past the highest inode number a server that took over a live connection
-/// starts numbering (see [`Fs::adopt`]).
-pub const ADOPT_INO_GAP: u64 = 1 << 32;
+/// How far past the highest inode number in use a server that took over a live
+/// connection starts numbering a volume made before the persisted counter
+/// ([`keys::next_ino_key`]) existed: numbers above it may have been given out and deleted.
+const LEGACY_ADOPT_INO_GAP: u64 = 1 << 32;
 /// Block size reported to `stat` and `statfs`.
 pub const BLOCK_SIZE: u32 = 4096;
 
@@ -145,6 +151,13 @@ const LOCK_STRIPES: usize = 256;
 /// with point deletes (see `Fs::stage_delete_inode`).
 const RANGE_DELETE_MIN_CHUNKS: u64 = 4096;
 
+/// One end of a rename: a directory and a name in it.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    dir: Ino,
+    name: &'a [u8],
+}
+
 /// Striped per-inode locks.
 struct InodeLocks {
     stripes: Vec<Mutex<()>>,
@@ -185,6 +198,9 @@ pub struct Fs {
     /// This server took over a live FUSE connection from one that died or handed it over
     /// ([`Fs::adopt`]): files opened before that are open in the kernel but not in `open`.
     adopted: bool,
+    /// The mount generation of the connection served, which tells its requests' records
+    /// apart from another connection's (see [`replay`]); `None`: unknown, nothing recorded.
+    generation: Option<u64>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -225,10 +241,12 @@ pub(crate) fn check_name(name: &[u8]) -> Result<()> {
 }
 
 impl Fs {
-    /// Serves volume `vol` of `store`. Reclaims the inodes of files that were unlinked
-    /// while open when the previous server stopped.
+    /// Serves volume `vol` of `store` on a fresh mount (a new FUSE connection: it takes
+    /// the volume's next mount generation). Reclaims the inodes of files that were
+    /// unlinked while open when the previous server stopped.
     pub fn new(store: Store, vol: OpenVolume) -> Result<Fs> {
-        let fs = Self::with(store, vol, false)?;
+        let generation = replay::next_mount_generation(&store, vol.id)?;
+        let fs = Self::with(store, vol, false, Some(generation))?;
         fs.reclaim_orphans()?;
         Ok(fs)
     }
@@ -239,11 +257,16 @@ impl Fs {
     /// on the strength of this server's own open count: an inode whose last link goes
     /// stays (as an orphan) until the kernel forgets it ([`Fs::forget`]: no dentry and no
     /// open file refers to it any more), or until the next fresh mount reclaims it.
-    pub fn adopt(store: Store, vol: OpenVolume) -> Result<Fs> {
-        Self::with(store, vol, true)
+    ///
+    /// `generation` is the connection's mount generation (the one
+    /// [`Fs::mount_generation`] gave the server that mounted it): requests the kernel
+    /// sends again are answered from what was recorded on this connection. `None`
+    /// (unknown): nothing is recorded or answered from records.
+    pub fn adopt(store: Store, vol: OpenVolume, generation: Option<u64>) -> Result<Fs> {
+        Self::with(store, vol, true, generation)
     }
 
-    fn with(store: Store, vol: OpenVolume, adopted: bool) -> Result<Fs> {
+    fn with(store: Store, vol: OpenVolume, adopted: bool, generation: Option<u64>) -> Result<Fs> {
         let chunk_size = u64::from(store.chunk_size());
         let fs = Fs {
             store,
@@ -254,14 +277,23 @@ impl Fs {
             open: Mutex::new(HashMap::new()),
             next_ino: AtomicU64::new(ROOT_INO + 1),
             adopted,
+            generation,
         };
-        // Taken over, the kernel may still know node ids of inodes the previous server
-        // deleted (a removed directory someone is in, an O_PATH fd): never hand those
-        // numbers out again. Without a persisted high-water mark, skip far past them.
-        let gap = if adopted { ADOPT_INO_GAP } else { 0 };
-        fs.next_ino
-            .store(fs.max_ino()? + 1 + gap, Ordering::Release);
+        fs.next_ino.store(fs.first_free_ino()?, Ordering::Release);
         Ok(fs)
+    }
+
+    /// The first inode number never given out: the persisted counter. A kernel that
+    /// outlived a server (taken over) may still know node ids of inodes that server
+    /// deleted (a removed directory someone is in, an O_PATH fd), and a number is never
+    /// given out twice in a volume's life, so they never name another inode.
+    fn first_free_ino(&self) -> Result<Ino> {
+        let past_highest = self.max_ino()? + 1;
+        Ok(match self.store.next_ino(self.vid())? {
+            Some(next) => next.max(past_highest),
+            None if self.adopted => past_highest + LEGACY_ADOPT_INO_GAP,
+            None => past_highest,
+        })
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -575,14 +607,41 @@ impl Fs {
 
     // ----- namespace -----
 
+    /// A new inode number. Under the namespace lock, like the commit that records it
+    /// ([`Fs::stage_next_ino`]): the persisted counter only grows.
     fn alloc_ino(&self) -> Ino {
         self.next_ino.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Stages the counter past `ino` (a small put in the create's own batch: no extra
+    /// write, no sync), so a restart, even after a crash, numbers on past it.
+    fn stage_next_ino(&self, c: &mut Change, ino: Ino) {
+        c.batch.put_cf(
+            self.store.meta(),
+            keys::next_ino_key(self.vid()),
+            encode_counter(ino + 1),
+        );
     }
 
     /// Creates a file, directory, symlink or special file named `name` in `parent`.
     /// `mode` carries the type bits and the permission bits (umask already applied).
     pub fn create_node(
         &self,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<Attr> {
+        self.create_node_as(None, caller, parent, name, mode, rdev, target)
+    }
+
+    /// [`Fs::create_node`] as the answer to `req` (recorded with it).
+    #[allow(clippy::too_many_arguments)]
+    fn create_node_as(
+        &self,
+        req: Option<Req>,
         caller: Caller,
         parent: Ino,
         name: &[u8],
@@ -638,6 +697,7 @@ impl Fs {
             r.size = t.len() as u64;
         }
         let mut c = Change::new();
+        self.stage_next_ino(&mut c, ino);
         c.usage.inodes = 1;
         c.usage.bytes = charge::inode_charge(ino, &r) as i64;
         self.stage_add_dirent(&mut c, parent, &mut p, name, ino, kind);
@@ -648,11 +708,16 @@ impl Fs {
         p.ctime = now;
         self.stage_inode(&mut c, ino, &r);
         self.stage_inode(&mut c, parent, &p);
+        self.stage_answer(&mut c, req, ino);
         self.commit(c)?;
         Ok(Attr::from_record(ino, &r))
     }
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        self.link_as(None, ino, parent, name)
+    }
+
+    fn link_as(&self, req: Option<Req>, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         check_name(name)?;
         let _ns = self.ns.lock();
         let _g = self.locks.lock(&[ino, parent]);
@@ -679,6 +744,7 @@ impl Fs {
         p.ctime = now;
         self.stage_inode(&mut c, ino, &r);
         self.stage_inode(&mut c, parent, &p);
+        self.stage_answer(&mut c, req, ino);
         self.commit(c)?;
         Ok(Attr::from_record(ino, &r))
     }
@@ -715,6 +781,10 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.unlink_as(None, parent, name)
+    }
+
+    fn unlink_as(&self, req: Option<Req>, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
         let _ns = self.ns.lock();
         let d = self.get_dirent(parent, name)?.ok_or(FsError::NotFound)?;
@@ -731,6 +801,7 @@ impl Fs {
         p.ctime = now;
         self.stage_inode(&mut c, parent, &p);
         self.stage_unlink_inode(&mut c, d.ino, &mut r, now)?;
+        self.stage_answer(&mut c, req, 0);
         self.commit(c)
     }
 
@@ -745,6 +816,10 @@ impl Fs {
     }
 
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.rmdir_as(None, parent, name)
+    }
+
+    fn rmdir_as(&self, req: Option<Req>, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
         if name == b"." {
             return Err(FsError::Invalid);
@@ -771,6 +846,7 @@ impl Fs {
         p.ctime = now;
         self.stage_inode(&mut c, parent, &p);
         self.stage_unlink_inode(&mut c, d.ino, &mut r, now)?;
+        self.stage_answer(&mut c, req, 0);
         self.commit(c)
     }
 
@@ -798,8 +874,17 @@ impl Fs {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
-        check_name(name)?;
-        check_name(new_name)?;
+        let from = Place { dir: parent, name };
+        let to = Place {
+            dir: new_parent,
+            name: new_name,
+        };
+        self.rename_as(None, from, to, flags)
+    }
+
+    fn rename_as(&self, req: Option<Req>, from: Place, to: Place, flags: u32) -> Result<()> {
+        check_name(from.name)?;
+        check_name(to.name)?;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange)
@@ -807,143 +892,138 @@ impl Fs {
             return Err(FsError::Invalid);
         }
         let _ns = self.ns.lock();
-        let src = self.get_dirent(parent, name)?.ok_or(FsError::NotFound)?;
-        let dst = self.get_dirent(new_parent, new_name)?;
-        let mut lock_inos = vec![parent, new_parent, src.ino];
+        let src = self
+            .get_dirent(from.dir, from.name)?
+            .ok_or(FsError::NotFound)?;
+        let dst = self.get_dirent(to.dir, to.name)?;
+        let mut lock_inos = vec![from.dir, to.dir, src.ino];
         if let Some(d) = &dst {
             lock_inos.push(d.ino);
         }
         let _g = self.locks.lock(&lock_inos);
-        let now = Timestamp::now();
         let mut c = Change::new();
-
-        if exchange {
-            let dst = dst.ok_or(FsError::NotFound)?;
-            if src.ino == dst.ino {
-                return Ok(());
-            }
-            // Neither may become its own ancestor.
-            if src.kind == Kind::Dir && self.is_ancestor(src.ino, new_parent)? {
-                return Err(FsError::Invalid);
-            }
-            if dst.kind == Kind::Dir && self.is_ancestor(dst.ino, parent)? {
-                return Err(FsError::Invalid);
-            }
-            let mut a = self.load(src.ino)?;
-            let mut b = self.load(dst.ino)?;
-            let same = parent == new_parent;
-            let mut p1 = self.load_dir(parent)?;
-            let mut p2 = if same {
-                None
-            } else {
-                Some(self.load_dir(new_parent)?)
-            };
-            // Replace each entry in place (same cookies: readdir position is kept).
-            let meta = self.store.meta();
-            let v = self.vid();
-            c.batch.put_cf(
-                meta,
-                keys::dirent_key(v, parent, name),
-                DirentValue {
-                    ino: dst.ino,
-                    kind: dst.kind,
-                    cookie: src.cookie,
-                }
-                .encode(),
-            );
-            c.batch.put_cf(
-                meta,
-                keys::cookie_key(v, parent, src.cookie),
-                CookieValue {
-                    ino: dst.ino,
-                    kind: dst.kind,
-                    name: name.to_vec(),
-                }
-                .encode(),
-            );
-            c.batch.put_cf(
-                meta,
-                keys::dirent_key(v, new_parent, new_name),
-                DirentValue {
-                    ino: src.ino,
-                    kind: src.kind,
-                    cookie: dst.cookie,
-                }
-                .encode(),
-            );
-            c.batch.put_cf(
-                meta,
-                keys::cookie_key(v, new_parent, dst.cookie),
-                CookieValue {
-                    ino: src.ino,
-                    kind: src.kind,
-                    name: new_name.to_vec(),
-                }
-                .encode(),
-            );
-            if let Some(p2) = p2.as_mut() {
-                let a_dir = a.kind == Kind::Dir;
-                let b_dir = b.kind == Kind::Dir;
-                if a_dir {
-                    a.parent = new_parent;
-                }
-                if b_dir {
-                    b.parent = parent;
-                }
-                if a_dir && !b_dir {
-                    p1.nlink -= 1;
-                    p2.nlink += 1;
-                } else if b_dir && !a_dir {
-                    p1.nlink += 1;
-                    p2.nlink -= 1;
-                }
-                p2.mtime = now;
-                p2.ctime = now;
-                self.stage_inode(&mut c, new_parent, p2);
-            }
-            p1.mtime = now;
-            p1.ctime = now;
-            a.ctime = now;
-            b.ctime = now;
-            self.stage_inode(&mut c, parent, &p1);
-            self.stage_inode(&mut c, src.ino, &a);
-            self.stage_inode(&mut c, dst.ino, &b);
-            return self.commit(c);
+        let changed = match dst {
+            Some(dst) if exchange => self.stage_exchange(&mut c, (from, &src), (to, &dst))?,
+            None if exchange => return Err(FsError::NotFound),
+            Some(_) if noreplace => return Err(FsError::Exists),
+            dst => self.stage_replace(&mut c, (from, &src), (to, dst.as_ref()))?,
+        };
+        if !changed {
+            return Ok(());
         }
+        self.stage_answer(&mut c, req, 0);
+        self.commit(c)
+    }
 
-        if let Some(d) = &dst {
-            if noreplace {
-                return Err(FsError::Exists);
-            }
-            if d.ino == src.ino {
-                // Two links to the same inode: POSIX says do nothing.
-                return Ok(());
-            }
-            match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
-                (true, false) => return Err(FsError::NotDir),
-                (false, true) => return Err(FsError::IsDir),
-                (true, true) => {
-                    if !self.dir_is_empty(d.ino)? {
-                        return Err(FsError::NotEmpty);
-                    }
-                }
-                (false, false) => {}
-            }
+    /// Stages a `RENAME_EXCHANGE` of the entries `src` and `dst`; false if they name the
+    /// same inode (nothing to do).
+    fn stage_exchange(
+        &self,
+        c: &mut Change,
+        (from, src): (Place, &DirentValue),
+        (to, dst): (Place, &DirentValue),
+    ) -> Result<bool> {
+        if src.ino == dst.ino {
+            return Ok(false);
         }
-        if src.kind == Kind::Dir && self.is_ancestor(src.ino, new_parent)? {
+        // Neither may become its own ancestor.
+        if src.kind == Kind::Dir && self.is_ancestor(src.ino, to.dir)? {
             return Err(FsError::Invalid);
         }
+        if dst.kind == Kind::Dir && self.is_ancestor(dst.ino, from.dir)? {
+            return Err(FsError::Invalid);
+        }
+        let now = Timestamp::now();
+        let mut a = self.load(src.ino)?;
+        let mut b = self.load(dst.ino)?;
+        let mut p1 = self.load_dir(from.dir)?;
+        let mut p2 = if from.dir == to.dir {
+            None
+        } else {
+            Some(self.load_dir(to.dir)?)
+        };
+        // Replace each entry in place (same cookies: readdir position is kept).
+        self.stage_put_dirent(c, from, src.cookie, dst.ino, dst.kind);
+        self.stage_put_dirent(c, to, dst.cookie, src.ino, src.kind);
+        if let Some(p2) = p2.as_mut() {
+            let a_dir = a.kind == Kind::Dir;
+            let b_dir = b.kind == Kind::Dir;
+            if a_dir {
+                a.parent = to.dir;
+            }
+            if b_dir {
+                b.parent = from.dir;
+            }
+            if a_dir && !b_dir {
+                p1.nlink -= 1;
+                p2.nlink += 1;
+            } else if b_dir && !a_dir {
+                p1.nlink += 1;
+                p2.nlink -= 1;
+            }
+            p2.mtime = now;
+            p2.ctime = now;
+            self.stage_inode(c, to.dir, p2);
+        }
+        p1.mtime = now;
+        p1.ctime = now;
+        a.ctime = now;
+        b.ctime = now;
+        self.stage_inode(c, from.dir, &p1);
+        self.stage_inode(c, src.ino, &a);
+        self.stage_inode(c, dst.ino, &b);
+        Ok(true)
+    }
+
+    /// Points the existing entry `at` (both its keys, cookie kept) at `ino`.
+    fn stage_put_dirent(&self, c: &mut Change, at: Place, cookie: u64, ino: Ino, kind: Kind) {
+        let (meta, v) = (self.store.meta(), self.vid());
+        c.batch.put_cf(
+            meta,
+            keys::dirent_key(v, at.dir, at.name),
+            DirentValue { ino, kind, cookie }.encode(),
+        );
+        c.batch.put_cf(
+            meta,
+            keys::cookie_key(v, at.dir, cookie),
+            CookieValue {
+                ino,
+                kind,
+                name: at.name.to_vec(),
+            }
+            .encode(),
+        );
+    }
+
+    /// Stages a plain rename of entry `src` to `to`, replacing `dst` there if any; false
+    /// if both name the same inode (POSIX: do nothing).
+    fn stage_replace(
+        &self,
+        c: &mut Change,
+        (from, src): (Place, &DirentValue),
+        (to, dst): (Place, Option<&DirentValue>),
+    ) -> Result<bool> {
+        if let Some(d) = dst {
+            if d.ino == src.ino {
+                return Ok(false);
+            }
+            self.check_replaceable(src, d)?;
+        }
+        if src.kind == Kind::Dir && self.is_ancestor(src.ino, to.dir)? {
+            return Err(FsError::Invalid);
+        }
+        let now = Timestamp::now();
         let mut moved = self.load(src.ino)?;
-        let same = parent == new_parent;
-        let mut p1 = self.load_dir(parent)?;
+        let same = from.dir == to.dir;
+        let mut p1 = self.load_dir(from.dir)?;
         let mut p2 = if same {
             None
         } else {
-            Some(self.load_dir(new_parent)?)
+            Some(self.load_dir(to.dir)?)
         };
-        self.stage_remove_dirent(&mut c, parent, name, &src);
-        if let Some(d) = &dst {
-            self.stage_remove_dirent(&mut c, new_parent, new_name, d);
+        self.stage_remove_dirent(c, from.dir, from.name, src);
+        if let Some(d) = dst {
+            self.stage_remove_dirent(c, to.dir, to.name, d);
             let mut victim = self.load(d.ino)?;
             if victim.kind == Kind::Dir {
                 // The replaced directory's ".." no longer counts toward its parent.
@@ -952,14 +1032,14 @@ impl Fs {
                     None => p1.nlink = p1.nlink.saturating_sub(1),
                 }
             }
-            self.stage_unlink_inode(&mut c, d.ino, &mut victim, now)?;
+            self.stage_unlink_inode(c, d.ino, &mut victim, now)?;
         }
         {
             let target = p2.as_mut().unwrap_or(&mut p1);
-            self.stage_add_dirent(&mut c, new_parent, target, new_name, src.ino, src.kind);
+            self.stage_add_dirent(c, to.dir, target, to.name, src.ino, src.kind);
         }
         if moved.kind == Kind::Dir && !same {
-            moved.parent = new_parent;
+            moved.parent = to.dir;
             p1.nlink = p1.nlink.saturating_sub(1);
             if let Some(p2) = p2.as_mut() {
                 p2.nlink += 1;
@@ -971,11 +1051,22 @@ impl Fs {
         if let Some(p2) = p2.as_mut() {
             p2.mtime = now;
             p2.ctime = now;
-            self.stage_inode(&mut c, new_parent, p2);
+            self.stage_inode(c, to.dir, p2);
         }
-        self.stage_inode(&mut c, parent, &p1);
-        self.stage_inode(&mut c, src.ino, &moved);
-        self.commit(c)
+        self.stage_inode(c, from.dir, &p1);
+        self.stage_inode(c, src.ino, &moved);
+        Ok(true)
+    }
+
+    /// May entry `src` replace entry `dst` (another inode)? A directory replaces only an
+    /// empty directory, a non-directory only a non-directory.
+    fn check_replaceable(&self, src: &DirentValue, dst: &DirentValue) -> Result<()> {
+        match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+            (true, false) => Err(FsError::NotDir),
+            (false, true) => Err(FsError::IsDir),
+            (true, true) if !self.dir_is_empty(dst.ino)? => Err(FsError::NotEmpty),
+            _ => Ok(()),
+        }
     }
 
     // ----- open files -----

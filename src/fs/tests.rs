@@ -342,6 +342,56 @@ fn unlinked_open_file_keeps_data_until_release_and_survives_a_restart_as_orphan(
     assert_eq!(fs.volume().inodes(), 1);
 }
 
+/// No inode number is given out twice in a volume's life: after the highest inode was
+/// deleted, a reopen of the store (with nothing but what the batches committed) or a
+/// take-over numbers on past it, and without skipping ahead.
+#[test]
+fn inode_numbers_are_never_given_out_twice_across_reopen_and_take_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let highest;
+    {
+        let store = Store::open_or_create(&path, &StoreOptions::default()).unwrap();
+        store.create_volume("v", None, None).unwrap();
+        let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+        mkfile(&fs, ROOT, "a");
+        highest = mkdir(&fs, ROOT, "b");
+        fs.rmdir(ROOT, b"b").unwrap();
+    }
+    let store = Store::open_existing(&path, &StoreOptions::default()).unwrap();
+    let c = {
+        let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+        let c = mkfile(&fs, ROOT, "c");
+        fs.unlink(ROOT, b"c").unwrap();
+        c
+    };
+    assert!(c > highest, "reopened: {c} after {highest} was deleted");
+    let fs = Fs::adopt(store.clone(), store.open_volume("v").unwrap(), None).unwrap();
+    let d = mkfile(&fs, ROOT, "d");
+    assert_eq!(d, c + 1, "taken over: past every number given out, no gap");
+}
+
+/// A volume made before the counter existed has no record of deleted numbers above the
+/// highest in use: taken over, numbering skips far past it; mounted afresh (the kernel
+/// knows no node id), it goes on right after it. The first create records the counter.
+#[test]
+fn a_volume_without_an_inode_number_counter_skips_ahead_only_when_taken_over() {
+    let t = setup(None, None);
+    let a = mkfile(&t.fs, ROOT, "a");
+    let (store, vid) = (t.fs.store().clone(), t.fs.vid());
+    let mut b = WriteBatch::default();
+    b.delete_cf(store.meta(), keys::next_ino_key(vid));
+    store.write(b).unwrap();
+    drop(t.fs);
+    let fresh = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+    assert_eq!(fresh.first_free_ino().unwrap(), a + 1);
+    drop(fresh);
+    let adopted = Fs::adopt(store.clone(), store.open_volume("v").unwrap(), None).unwrap();
+    let b = mkfile(&adopted, ROOT, "b");
+    assert_eq!(b, a + 1 + LEGACY_ADOPT_INO_GAP);
+    assert_eq!(store.next_ino(vid).unwrap(), Some(b + 1));
+}
+
 #[test]
 fn release_of_the_last_handle_frees_an_unlinked_file() {
     let t = setup(None, None);

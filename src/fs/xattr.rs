@@ -12,7 +12,7 @@
 //! ([`super::charge::xattr_charge`]), so attributes count toward the quota as well.
 
 use super::charge::xattr_charge;
-use super::{Change, Fs, FsError, Result, Timestamp};
+use super::{Change, Fs, FsError, Req, Result, Timestamp};
 use crate::store::key_codec::{self as keys, Ino};
 
 pub const XATTR_NAME_MAX: usize = 255;
@@ -91,6 +91,18 @@ impl Fs {
     }
 
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.setxattr_as(None, ino, name, value, flags)
+    }
+
+    /// [`Fs::setxattr`] as the answer to `req` (recorded with it).
+    pub(super) fn setxattr_as(
+        &self,
+        req: Option<Req>,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
         check_xattr_name(name)?;
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::TooBig);
@@ -121,6 +133,7 @@ impl Fs {
         }
         r.ctime = Timestamp::now();
         self.stage_inode(&mut c, ino, &r);
+        self.stage_answer(&mut c, req, 0);
         self.commit(c)
     }
 
@@ -154,6 +167,11 @@ impl Fs {
     }
 
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.removexattr_as(None, ino, name)
+    }
+
+    /// [`Fs::removexattr`] as the answer to `req` (recorded with it).
+    pub(super) fn removexattr_as(&self, req: Option<Req>, ino: Ino, name: &[u8]) -> Result<()> {
         check_xattr_name(name)?;
         let _g = self.locks.lock(&[ino]);
         let mut r = self.load(ino)?;
@@ -169,6 +187,7 @@ impl Fs {
         }
         r.ctime = Timestamp::now();
         self.stage_inode(&mut c, ino, &r);
+        self.stage_answer(&mut c, req, 0);
         self.commit(c)
     }
 }

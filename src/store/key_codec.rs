@@ -10,6 +10,9 @@
 //!   00000000 'V'                               -> next volume id (u32 BE)     ids are never reused
 //!   <vol u32> 'C'                              -> VolumeConfig (JSON)          quota, inode limit
 //!   <vol u32> 'U'                              -> Usage (3 x i64 BE, merge)    bytes, inodes, chunks
+//!   <vol u32> 'H'                              -> next inode number (u64 BE)  numbers are never reused
+//!   <vol u32> 'G'                              -> mount generation (u64 BE)   one more per fresh mount
+//!   <vol u32> 'R' <slot u16>                   -> ReplayRecord                answers of recent requests
 //!   <vol u32> 'I' <ino u64>                    -> InodeRecord                  attributes
 //!   <vol u32> 'D' <parent u64> <name bytes>    -> DirentByName                 lookup by name
 //!   <vol u32> 'd' <parent u64> <cookie u64>    -> DirentByCookie               readdir order
@@ -47,6 +50,9 @@ pub const TAG_DIRENT_COOKIE: u8 = b'd';
 pub const TAG_CHUNK_LEN: u8 = b'L';
 pub const TAG_ORPHAN: u8 = b'O';
 pub const TAG_XATTR: u8 = b'X';
+pub const TAG_NEXT_INO: u8 = b'H';
+pub const TAG_MOUNT_GEN: u8 = b'G';
+pub const TAG_REPLAY: u8 = b'R';
 
 /// A key that failed to parse: wrong length or wrong prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +153,34 @@ pub fn config_key(vol: VolumeId) -> Vec<u8> {
 
 pub fn usage_key(vol: VolumeId) -> Vec<u8> {
     with_tag(vol, TAG_USAGE, 0)
+}
+
+/// The volume's inode-number counter: one past the highest number ever given out (written
+/// in the batch of every create), so the number of a deleted inode, which a kernel that
+/// outlived its server may still cache, is never given to another one.
+pub fn next_ino_key(vol: VolumeId) -> Vec<u8> {
+    with_tag(vol, TAG_NEXT_INO, 0)
+}
+
+/// The volume's mount generation: one more at each fresh mount (a new FUSE connection,
+/// whose request numbers start again), so records of one connection's requests never
+/// answer another's (see `crate::fs::replay`).
+pub fn mount_gen_key(vol: VolumeId) -> Vec<u8> {
+    with_tag(vol, TAG_MOUNT_GEN, 0)
+}
+
+/// Slot `slot` of the volume's ring of recent answers (see `crate::fs::replay`).
+pub fn replay_key(vol: VolumeId, slot: u16) -> Vec<u8> {
+    let mut k = with_tag(vol, TAG_REPLAY, 2);
+    k.extend_from_slice(&slot.to_be_bytes());
+    k
+}
+
+pub fn parse_replay_key(vol: VolumeId, key: &[u8]) -> Result<u16, KeyError> {
+    if key.len() != 7 || key[..5] != tag_prefix(vol, TAG_REPLAY)[..] {
+        return err("replay", key);
+    }
+    Ok(u16::from_be_bytes([key[5], key[6]]))
 }
 
 pub fn inode_key(vol: VolumeId, ino: Ino) -> Vec<u8> {
@@ -331,11 +365,20 @@ mod tests {
         #[test]
         fn every_volume_key_sorts_inside_its_volume_range(vol in 1u32..u32::MAX, ino in any::<u64>(), name in proptest::collection::vec(any::<u8>(), 1..32)) {
             let (lo, hi) = (volume_start(vol), volume_end(vol));
-            for k in [config_key(vol), usage_key(vol), inode_key(vol, ino), dirent_key(vol, ino, &name),
+            for k in [config_key(vol), usage_key(vol), next_ino_key(vol), mount_gen_key(vol),
+                      replay_key(vol, ino as u16), inode_key(vol, ino), dirent_key(vol, ino, &name),
                       cookie_key(vol, ino, 7), chunk_len_key(vol, ino, 3), orphan_key(vol, ino),
                       xattr_key(vol, ino, &name), chunk_key(vol, ino, 9)] {
                 prop_assert!(k >= lo && k < hi, "{:?} outside volume {}", k, vol);
             }
+        }
+
+        #[test]
+        fn replay_key_round_trips_and_orders(vol in 1u32.., a in any::<u16>(), b in any::<u16>()) {
+            let (ka, kb) = (replay_key(vol, a), replay_key(vol, b));
+            prop_assert_eq!(parse_replay_key(vol, &ka), Ok(a));
+            prop_assert_eq!(a.cmp(&b), ka.cmp(&kb));
+            prop_assert!(ka.starts_with(&tag_prefix(vol, TAG_REPLAY)));
         }
 
         #[test]
@@ -352,6 +395,8 @@ mod tests {
         assert!(parse_cookie_key(1, &dirent_key(1, 1, b"abcdefgh")).is_err());
         assert!(parse_dirent_key(1, &dirent_prefix(1, 1)).is_err());
         assert!(parse_orphan_key(1, &inode_key(1, 1)).is_err());
+        assert!(parse_replay_key(1, &replay_key(2, 1)).is_err());
+        assert!(parse_replay_key(1, &mount_gen_key(1)).is_err());
         assert!(parse_volume_name_key(&config_key(0)).is_err());
     }
 

@@ -990,6 +990,15 @@ impl Store {
         Ok(self.inner.db.get_cf(self.meta(), key)?)
     }
 
+    /// The persisted inode-number counter of volume `vid` ([`key_codec::next_ino_key`]):
+    /// `None` for a volume made before the counter existed.
+    pub fn next_ino(&self, vid: VolumeId) -> Result<Option<Ino>> {
+        match self.get_meta(&key_codec::next_ino_key(vid))? {
+            None => Ok(None),
+            Some(raw) => Ok(Some(records::decode_counter("next inode number", &raw)?)),
+        }
+    }
+
     fn volume_id(&self, name: &str) -> Result<Option<VolumeId>> {
         match self.get_meta(&key_codec::volume_name_key(name))? {
             None => Ok(None),
@@ -1117,6 +1126,11 @@ impl Store {
         b.put_cf(meta, key_codec::config_key(id), encode_config(&cfg)?);
         b.put_cf(meta, key_codec::usage_key(id), usage.encode());
         b.put_cf(meta, key_codec::inode_key(id, ROOT_INO), root.encode());
+        b.put_cf(
+            meta,
+            key_codec::next_ino_key(id),
+            records::encode_counter(ROOT_INO + 1),
+        );
         self.write(b)?;
         self.sync()?;
         self.inspect_volume(name)
