@@ -252,20 +252,43 @@ fn connect(path: &Path) -> std::io::Result<OwnedFd> {
 
 // ----- client -----
 
+/// How often a server whose ownership session ended (the holder restarted) tries to open
+/// a new one.
+const REREGISTER_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A server's handle on the holder at a socket path.
 #[derive(Debug, Clone)]
 pub struct FdStore {
     path: PathBuf,
-    /// This process's ownership session, once [`FdStore::register`]ed.
-    owner: Option<u64>,
+    /// This process's ownership session, once [`FdStore::register`]ed (0: none). Shared by
+    /// the clones: a session opened again after a holder restart is every clone's.
+    owner: Arc<AtomicU64>,
+    /// How many ownership sessions this process opened (0: never registered).
+    sessions: Arc<AtomicU64>,
 }
 
 impl FdStore {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         FdStore {
             path: path.into(),
-            owner: None,
+            owner: Arc::new(AtomicU64::new(0)),
+            sessions: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The number of the ownership session this process has now: it changes when the
+    /// holder restarted and a new session was opened, and then every connection must be
+    /// handed again under the new one ([`FdStore::put`]). `None` while a registered
+    /// process has lost its session and not opened the next (a put then would be held
+    /// for no live owner, and a hand-over could not reach this process).
+    pub fn session(&self) -> Option<u64> {
+        let n = self.sessions.load(Ordering::Acquire);
+        (n == 0 || self.owner().is_some()).then_some(n)
+    }
+
+    /// The id of this process's ownership session, if it has one now.
+    fn owner(&self) -> Option<u64> {
+        Some(self.owner.load(Ordering::Acquire)).filter(|&o| o != 0)
     }
 
     pub fn path(&self) -> &Path {
@@ -318,7 +341,21 @@ impl FdStore {
     /// Opens this process's ownership session: what it puts or gets is its own until it
     /// exits, and `on_release` runs (on a thread of its own) when another server asks to
     /// take over ([`FdStore::takeover`]); the holder then waits for this process to exit.
-    pub fn register(&mut self, on_release: impl Fn() + Send + 'static) -> Result<()> {
+    /// When the holder restarts, the session is opened again with the new one (every
+    /// [`REREGISTER_INTERVAL`] until it answers); the server must then hand it its
+    /// connections again under the new session (see [`FdStore::session`]).
+    pub fn register(&mut self, on_release: impl Fn() + Send + Sync + 'static) -> Result<()> {
+        let sock = self.hello()?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("fdstore-owner".into())
+            .spawn(move || me.keep_session(sock, on_release))
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Opens an ownership session: its socket, kept open for the session's life.
+    fn hello(&self) -> Result<OwnedFd> {
         let sock = connect(&self.path).map_err(|e| self.err(e))?;
         let hello = Request::Hello {
             pid: std::process::id(),
@@ -326,22 +363,35 @@ impl FdStore {
         let (resp, _) = self.exchange(sock.as_fd(), &hello, &[])?;
         let owner = resp
             .owner
+            .filter(|&o| o != 0)
             .ok_or_else(|| FdStoreError::Protocol("no owner id".into()))?;
-        self.owner = Some(owner);
-        std::thread::Builder::new()
-            .name("fdstore-owner".into())
-            .spawn(move || {
-                // The session lives as long as this thread (the process): the socket is
-                // never closed before exit.
-                while let Ok(Some((msg, _))) = recv(sock.as_fd()) {
-                    if msg == RELEASE_EVENT {
-                        on_release();
-                    }
+        self.owner.store(owner, Ordering::Release);
+        self.sessions.fetch_add(1, Ordering::AcqRel);
+        Ok(sock)
+    }
+
+    /// Waits for release events on session `sock`, and opens a new session when the holder
+    /// goes away; runs for the life of the process.
+    fn keep_session(&self, mut sock: OwnedFd, on_release: impl Fn()) {
+        loop {
+            while let Ok(Some((msg, _))) = recv(sock.as_fd()) {
+                if msg == RELEASE_EVENT {
+                    on_release();
                 }
-                tracing::warn!("fd holder session ended (the holder exited?)");
-            })
-            .map_err(|e| self.err(e))?;
-        Ok(())
+            }
+            self.owner.store(0, Ordering::Release);
+            tracing::warn!(
+                "fd holder session ended (the holder exited?); opening a new one when it is back"
+            );
+            sock = loop {
+                std::thread::sleep(REREGISTER_INTERVAL);
+                match self.hello() {
+                    Ok(sock) => break sock,
+                    Err(error) => tracing::debug!(%error, "fd holder not back yet"),
+                }
+            };
+            tracing::info!(owner = self.owner(), "fd holder session opened again");
+        }
     }
 
     /// Hands the holder copies of `fds` (a connection's device fd and its clones) under
@@ -354,7 +404,7 @@ impl FdStore {
         let req = Request::Put {
             key: key.to_string(),
             meta,
-            owner: self.owner,
+            owner: self.owner(),
         };
         self.call(&req, fds).map(|_| ())
     }
@@ -363,7 +413,7 @@ impl FdStore {
     pub fn get(&self, key: &str) -> Result<Option<(Held, Vec<OwnedFd>)>> {
         let req = Request::Get {
             key: key.to_string(),
-            owner: self.owner,
+            owner: self.owner(),
         };
         let (resp, fds) = self.call(&req, &[])?;
         let Some(meta) = resp.meta else {
@@ -429,7 +479,7 @@ impl FdStore {
     pub fn takeover(&self, keys: &[String]) -> Result<usize> {
         let req = Request::Takeover {
             keys: keys.to_vec(),
-            owner: self.owner,
+            owner: self.owner(),
         };
         let (resp, _) = self.call(&req, &[])?;
         Ok(resp.released.unwrap_or(0))
@@ -456,7 +506,6 @@ struct Holder {
     table: Mutex<Table>,
     /// Signalled when an ownership session ends.
     owner_gone: Condvar,
-    next_owner: AtomicU64,
 }
 
 /// `fusevol fdstore`: holds FUSE connections at socket `path` until killed. Refuses to
@@ -557,8 +606,12 @@ impl Holder {
                     (Response::error("hello twice"), Vec::new())
                 }
                 Ok(Request::Hello { pid }) => {
-                    let id = self.next_owner.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.table.lock().owners.insert(id, conn.clone());
+                    let id = {
+                        let mut t = self.table.lock();
+                        let id = fresh_owner_id(&t.owners);
+                        t.owners.insert(id, conn.clone());
+                        id
+                    };
                     session = Some(id);
                     tracing::info!(owner = id, pid, "server registered");
                     let resp = Response {
@@ -691,6 +744,26 @@ impl Holder {
     }
 }
 
+/// A random, nonzero owner id that no live session has: ids are never counted from 1, so
+/// one that a server kept from a holder that restarted never names another server's
+/// session in the new holder.
+fn fresh_owner_id(live: &HashMap<u64, Arc<OwnedFd>>) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        // RandomState is seeded from the OS's randomness; each one hashes differently.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        let id = h.finish();
+        if id != 0 && !live.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
 /// Does `/dev/fuse` fd report its connection gone (POLLERR once aborted or unmounted)?
 fn connection_ended(fd: BorrowedFd<'_>) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -775,7 +848,8 @@ mod tests {
             .unwrap();
         let old = FdStore {
             path: path.clone(),
-            owner: resp.owner,
+            owner: Arc::new(AtomicU64::new(resp.owner.unwrap())),
+            sessions: Arc::new(AtomicU64::new(1)),
         };
         let (_r, w) = nix::unistd::pipe().unwrap();
         old.put("/mnt/a", &held(), &[w.as_fd()]).unwrap();

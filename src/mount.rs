@@ -568,6 +568,30 @@ impl Served {
         self.held.as_ref().map(|h| h.key.as_str())
     }
 
+    /// Hands the connection to `holder` again when this process opened a new ownership
+    /// session (the holder restarted and lost it; `held_in`: the session it was last
+    /// handed under, updated), so that a restart of this server, or a hand-over, after
+    /// the holder's still keeps the mount.
+    pub fn hold_again_if_lost(&self, holder: &FdStore, held_in: &mut Option<u64>) {
+        let Some(session) = holder.session() else {
+            return; // Lost, not open again yet: the next check.
+        };
+        if self.held.is_none() || *held_in == Some(session) {
+            return;
+        }
+        match self.hold_again(holder) {
+            Ok(()) => {
+                if held_in.is_some() {
+                    tracing::warn!(volume = %self.volume, "the fd holder restarted; handed it the connection again");
+                }
+                *held_in = Some(session);
+            }
+            Err(error) => {
+                tracing::warn!(volume = %self.volume, %error, "cannot hand the connection to the fd holder again")
+            }
+        }
+    }
+
     /// Hands the connection to `holder` again (a holder that restarted lost it).
     pub fn hold_again(&self, holder: &FdStore) -> Result<(), crate::fdstore::FdStoreError> {
         match &self.held {
@@ -726,6 +750,8 @@ pub fn after_hand_over<T, E>(
 
 /// How often an idle store is checked for memtables to give back.
 pub const IDLE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+/// How often `fusevol mount` checks that the fd holder still holds its connection.
+const HOLD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What `fusevol mount` was asked to do.
 #[derive(Debug, Clone)]
@@ -806,6 +832,9 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         req.mountpoint.display()
     );
     let mut last_idle_check = Instant::now();
+    let mut last_hold_check = Instant::now();
+    // The holder's session the connection was handed under (by `serve`).
+    let mut held_in = serve_opts.fdstore.as_ref().and_then(FdStore::session);
     let sigterm = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, sigterm.clone()).map_err(
         |source| MountError::Io {
@@ -820,6 +849,12 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
             last_idle_check = Instant::now();
             if let Err(e) = store.flush_if_idle(1 << 20) {
                 tracing::warn!(error = %e, "idle flush failed");
+            }
+        }
+        if last_hold_check.elapsed() >= HOLD_CHECK_INTERVAL {
+            last_hold_check = Instant::now();
+            if let Some(holder) = &serve_opts.fdstore {
+                served.hold_again_if_lost(holder, &mut held_in);
             }
         }
     }

@@ -38,25 +38,50 @@ fn private_fd_table() {
 struct Holder {
     child: Child,
     socket: PathBuf,
+    root: PathBuf,
 }
 
 impl Holder {
     fn start(dirs: &Dirs) -> Holder {
-        let socket = dirs.root.join("fdstore.sock");
+        Holder::start_at(&dirs.root, 0)
+    }
+
+    fn start_at(root: &Path, n: u32) -> Holder {
+        let socket = root.join("fdstore.sock");
         let child = Command::new(BIN)
             .args(["fdstore", "--socket"])
             .arg(&socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(dirs.root.join("fdstore.stderr")).unwrap())
+            .stderr(File::create(root.join(format!("fdstore-{n}.stderr"))).unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() && Instant::now() < deadline {
+        while fusevol::fdstore::FdStore::new(&socket).list().is_err() {
+            assert!(Instant::now() < deadline, "fdstore did not start");
             thread::sleep(Duration::from_millis(10));
         }
-        assert!(socket.exists(), "fdstore did not start");
-        Holder { child, socket }
+        Holder {
+            child,
+            socket,
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// Kills the holder (it loses every connection it held) and starts a new one on the
+    /// same socket, as a restart of its container does.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.socket);
+        *self = Holder::start_at(&self.root.clone(), 1);
+    }
+
+    /// The keys the holder holds now.
+    fn keys(&self) -> Vec<String> {
+        fusevol::fdstore::FdStore::new(&self.socket)
+            .list()
+            .unwrap_or_default()
     }
 }
 
@@ -230,16 +255,16 @@ use std::ffi::OsStr;
 
 /// Runs the workload around `restart` (which replaces the server and returns the new
 /// one); checks what the writer saw and that the records are there.
-fn across(restart: impl FnOnce(Mount, &Opts) -> (Server, Dirs), what: &str) {
+fn across(restart: impl FnOnce(Mount, &Opts, &mut Holder) -> (Server, Dirs), what: &str) {
     let dirs = Dirs::new();
-    let holder = Holder::start(&dirs);
+    let mut holder = Holder::start(&dirs);
     let o = opts(&holder);
     let m = Mount::start_in(dirs, o.clone());
     let mnt = m.mnt().to_path_buf();
     let stop = Arc::new(AtomicBool::new(false));
     let w = workload(&mnt, stop.clone());
     thread::sleep(Duration::from_millis(800));
-    let (server, dirs) = restart(m, &o);
+    let (server, dirs) = restart(m, &o, &mut holder);
     thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Release);
     let seen = w.join().unwrap();
@@ -263,7 +288,7 @@ fn across(restart: impl FnOnce(Mount, &Opts) -> (Server, Dirs), what: &str) {
 #[test]
 fn kill9_of_the_server_is_a_pause_not_an_error() {
     across(
-        |m, o| {
+        |m, o, _| {
             let dirs = m.kill9();
             let mut s = Server::start(&dirs, o, 1, &[]);
             s.wait_took_over();
@@ -276,7 +301,7 @@ fn kill9_of_the_server_is_a_pause_not_an_error() {
 #[test]
 fn sigterm_leaves_the_mount_to_the_next_server() {
     across(
-        |m, o| {
+        |m, o, _| {
             let (status, dirs) = m.signal_and_wait(libc::SIGTERM);
             assert!(status.success());
             assert!(
@@ -294,7 +319,7 @@ fn sigterm_leaves_the_mount_to_the_next_server() {
 #[test]
 fn a_second_server_takes_over_from_the_live_one() {
     across(
-        |m, o| {
+        |m, o, _| {
             let mut s = Server::start(m.dirs(), o, 1, &[]);
             s.wait_took_over();
             // Signal 0: only wait; the first server exits by itself once it handed over.
@@ -303,6 +328,35 @@ fn a_second_server_takes_over_from_the_live_one() {
             (s, dirs)
         },
         "hand-over",
+    );
+}
+
+/// The holder restarts (a new version of its container) while a server serves: the server
+/// opens a new ownership session with the new holder and hands it its connection again, so
+/// a hand-over to a second server afterwards is still only a pause.
+#[test]
+fn after_a_holder_restart_a_hand_over_is_still_a_pause() {
+    across(
+        |m, o, holder| {
+            holder.restart();
+            let key = m.mnt().display().to_string();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !holder.keys().contains(&key) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the server did not hand its connection to the new holder"
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
+            // The server's new ownership session is what the hand-over asks to release.
+            thread::sleep(Duration::from_millis(1500));
+            let mut s = Server::start(m.dirs(), o, 1, &[]);
+            s.wait_took_over();
+            let (status, dirs) = m.signal_and_wait(0);
+            assert!(status.success(), "the first server must exit cleanly");
+            (s, dirs)
+        },
+        "holder restart + hand-over",
     );
 }
 
@@ -519,5 +573,105 @@ fn delete_and_repair_refuse_a_volume_whose_mount_is_held() {
     }
     assert!(delete().success());
     assert!(list(&dirs.data).iter().all(|v| v.name != "vol"));
+    drop(holder);
+}
+
+/// Runs `op` on its own thread while the running server is made to die right after it
+/// committed that operation and before it answered (`crash_op`, the test hook), then
+/// starts the next server (which dies the same way after `next_crash_op`, if any): the
+/// kernel sends the unanswered request again, and `op` returns what it returns.
+fn across_a_crash_before_reply<T: Send + 'static>(
+    dirs: &Dirs,
+    o: &Opts,
+    n: u32,
+    server: &mut Server,
+    next_crash_op: Option<&str>,
+    op: impl FnOnce() -> T + Send + 'static,
+) -> (Server, T) {
+    let caller = thread::spawn(op);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not crash before its reply:\n{}",
+            server.log()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !caller.is_finished(),
+        "the caller was answered by a server that crashed before answering"
+    );
+    let env: Vec<(&str, &str)> = next_crash_op
+        .map(|op| ("FUSEVOL_TEST_CRASH_BEFORE_REPLY", op))
+        .into_iter()
+        .collect();
+    let mut next = Server::start(dirs, o, n, &env);
+    next.wait_took_over();
+    let answer = caller.join().unwrap();
+    (next, answer)
+}
+
+/// A server killed after it committed a mkdir, an unlink or a RENAME_EXCHANGE and before
+/// it answered: the next server answers the request the kernel sends again from the
+/// record of its answer, so the caller sees success, not EEXIST or ENOENT, and the
+/// exchange is not swapped back.
+#[test]
+fn a_request_committed_but_unanswered_by_a_dead_server_is_answered_once() {
+    let dirs = Dirs::new();
+    let holder = Holder::start(&dirs);
+    let o = opts(&holder);
+    let env = [("FUSEVOL_TEST_CRASH_BEFORE_REPLY", "mkdir")];
+    let mut first = Server::start(&dirs, &o, 0, &env);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(is_fusevol_mounted(&dirs.mnt) && statfs_answers(&dirs.mnt)) {
+        assert!(Instant::now() < deadline, "not mounted:\n{}", first.log());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mnt = dirs.mnt.clone();
+
+    let dir = mnt.join("d");
+    let (mut second, made) =
+        across_a_crash_before_reply(&dirs, &o, 1, &mut first, Some("unlink"), move || {
+            fs::create_dir(&dir)
+        });
+    made.expect("mkdir answered from its record");
+    assert!(mnt.join("d").is_dir());
+    assert!(
+        second
+            .log()
+            .contains("answered a resent request from its record"),
+        "{}",
+        second.log()
+    );
+
+    fs::write(mnt.join("gone"), b"x").unwrap();
+    let gone = mnt.join("gone");
+    let (mut third, removed) =
+        across_a_crash_before_reply(&dirs, &o, 2, &mut second, Some("rename"), move || {
+            fs::remove_file(&gone)
+        });
+    removed.expect("unlink answered from its record");
+    assert!(!mnt.join("gone").exists());
+
+    fs::write(mnt.join("a"), b"first").unwrap();
+    fs::write(mnt.join("b"), b"second").unwrap();
+    let (a, b) = (mnt.join("a"), mnt.join("b"));
+    let (fourth, swapped) =
+        across_a_crash_before_reply(&dirs, &o, 3, &mut third, None, move || {
+            rename2(&a, &b, libc::RENAME_EXCHANGE)
+        });
+    swapped.expect("exchange answered from its record");
+    assert_eq!(fs::read(mnt.join("a")).unwrap(), b"second", "swapped once");
+    assert_eq!(fs::read(mnt.join("b")).unwrap(), b"first", "swapped once");
+
+    let mut names: Vec<String> = fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "d"]);
+    fourth.interrupt();
+    fsck_clean(&dirs.data);
     drop(holder);
 }

@@ -197,6 +197,8 @@ pub struct VolumeManager {
     known: BTreeSet<String>,
     metrics: Arc<Metrics>,
     serve_options: ServeOptions,
+    /// The fd holder's ownership session the served connections were last handed under.
+    held_session: Option<u64>,
 }
 
 impl VolumeManager {
@@ -236,6 +238,7 @@ impl VolumeManager {
                 max_dirty: config.max_dirty,
                 ..ServeOptions::default()
             },
+            held_session: None,
         })
     }
 
@@ -247,10 +250,17 @@ impl VolumeManager {
 
     /// Hands the holder again every connection it lost (it restarted: its table is empty),
     /// so that an agent restart after a holder restart still ends no mount.
-    pub fn hold_again_if_lost(&self) {
+    /// After a new ownership session (the holder restarted) every connection is handed
+    /// again, under it, so that a hand-over can reach this agent.
+    pub fn hold_again_if_lost(&mut self) {
         let Some(holder) = &self.serve_options.fdstore else {
             return;
         };
+        let Some(session) = holder.session() else {
+            return; // Lost, not open again yet: the next round.
+        };
+        let new_session = self.held_session.is_some_and(|s| s != session);
+        self.held_session = Some(session);
         let Ok(keys) = holder.list() else {
             return;
         };
@@ -258,12 +268,14 @@ impl VolumeManager {
         let mut again = 0;
         for (pv, (served, _, _)) in &self.served {
             match served.held_key() {
-                Some(key) if !keys.contains(key) => match served.hold_again(holder) {
-                    Ok(()) => again += 1,
-                    Err(e) => {
-                        tracing::warn!(pv, error = %e, "cannot hand the connection to the holder again")
+                Some(key) if new_session || !keys.contains(key) => {
+                    match served.hold_again(holder) {
+                        Ok(()) => again += 1,
+                        Err(e) => {
+                            tracing::warn!(pv, error = %e, "cannot hand the connection to the holder again")
+                        }
                     }
-                },
+                }
                 _ => {}
             }
         }
