@@ -640,12 +640,11 @@ class Cluster:
         return sock
 
     def start_agent(self, node, tiers, static=None, wait=True, timeout=60, env=None,
-                    fdstore=True):
+                    fdstore=False):
         """Starts `fusevol agent` for `node` as a host process, with the agent's own token.
         `tiers`: [Tier] (or (name, capacity) pairs); `static`: None or a dict
         {"storage_class": ..., "pools": [{"tier", "count", "size"}]}; `fdstore`: serve
-        through the node's FUSE connection holder (mounts outlive the agent), as deploy/
-        runs it (the default). With `wait`,
+        through the node's FUSE connection holder (mounts outlive the agent). With `wait`,
         returns when /healthz answers 200 and the FusevolNode publishes every tier."""
         if node in self.agents and self.agents[node].proc.alive():
             raise E2EError(f"agent of {node} is already running")

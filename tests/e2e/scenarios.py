@@ -369,10 +369,10 @@ def df_used(path):
 # fusevol processes
 
 
-def start_fusevol(c, tiers, controllers=2, static=None, fdstore=True):
+def start_fusevol(c, tiers, controllers=2, static=None, fdstore=False):
     """Starts one agent per node of `tiers` (node -> [Tier]) and `controllers` controller
     replicas, then waits until all are ready. `fdstore`: agents serve through their node's
-    FUSE connection holder, as deploy/ runs them (the default)."""
+    FUSE connection holder."""
     for node, ts in tiers.items():
         c.start_agent(node, ts, static=(static or {}).get(node), wait=False, fdstore=fdstore)
     for i in range(controllers):
