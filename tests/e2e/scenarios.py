@@ -1112,7 +1112,9 @@ def observability(c):
 def delete_bound_pv(c):
     """Issue 12 §1: `kubectl delete pv` of a Bound PV keeps its data and live mount until the claim goes."""
     ns = "e2e-delpv"
-    start_fusevol(c, {n: [Tier("fast", "4Gi")] for n in c.node_names})
+    # With the fd holder, as deploy/ runs the agents: its copy of the connection must not
+    # keep the deleted volume's mount alive.
+    start_fusevol(c, {n: [Tier("fast", "4Gi")] for n in c.node_names}, fdstore=True)
     c.ensure_namespace(ns)
     v, pod = pod_with_volume(c, ns, "db", hold="wal")
     pod.write_sync(b"committed before the delete\n")
@@ -1153,7 +1155,9 @@ def tenant_isolation(c):
     """Issue 12 §2: a force-deleted pod's bind mount reaches nothing once its volume is gone, never the next tenant's."""
     ns = "e2e-tenants"
     node = c.node_names[0]
-    start_fusevol(c, {node: [Tier("fast", "4Gi")]})
+    # With the fd holder, as deploy/ runs the agents: its copy of the old tenant's connection
+    # must go with the volume, or the old pod would wait on it instead of failing.
+    start_fusevol(c, {node: [Tier("fast", "4Gi")]}, fdstore=True)
     c.ensure_namespace(ns)
     v1, old = pod_with_volume(c, ns, "one", hold="wal")
     old.write_sync(b"tenant one\n")
