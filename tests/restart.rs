@@ -124,6 +124,17 @@ impl Server {
         Server { child, stderr }
     }
 
+    /// The first server of a fresh mount, once it serves.
+    fn mount(dirs: &Dirs, o: &Opts, env: &[(&str, &str)]) -> Server {
+        let s = Server::start(dirs, o, 0, env);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(is_fusevol_mounted(&dirs.mnt) && statfs_answers(&dirs.mnt)) {
+            assert!(Instant::now() < deadline, "not mounted:\n{}", s.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
     fn log(&self) -> String {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
@@ -426,12 +437,7 @@ fn without_resend_the_mount_survives_and_at_most_the_requests_in_flight_fail() {
     let holder = Holder::start(&dirs);
     let o = opts(&holder);
     let env = [("FUSEVOL_NO_RESEND", "1")];
-    let mut first = Server::start(&dirs, &o, 0, &env);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(is_fusevol_mounted(&dirs.mnt) && statfs_answers(&dirs.mnt)) {
-        assert!(Instant::now() < deadline, "not mounted:\n{}", first.log());
-        thread::sleep(Duration::from_millis(20));
-    }
+    let mut first = Server::mount(&dirs, &o, &env);
     let stop = Arc::new(AtomicBool::new(false));
     let w = workload(&dirs.mnt, stop.clone());
     thread::sleep(Duration::from_millis(800));
@@ -622,12 +628,7 @@ fn a_request_committed_but_unanswered_by_a_dead_server_is_answered_once() {
     let holder = Holder::start(&dirs);
     let o = opts(&holder);
     let env = [("FUSEVOL_TEST_CRASH_BEFORE_REPLY", "mkdir")];
-    let mut first = Server::start(&dirs, &o, 0, &env);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(is_fusevol_mounted(&dirs.mnt) && statfs_answers(&dirs.mnt)) {
-        assert!(Instant::now() < deadline, "not mounted:\n{}", first.log());
-        thread::sleep(Duration::from_millis(20));
-    }
+    let mut first = Server::mount(&dirs, &o, &env);
     let mnt = dirs.mnt.clone();
 
     let dir = mnt.join("d");
