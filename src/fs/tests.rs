@@ -6,13 +6,14 @@ use super::xattr::{XattrReply, XATTR_CREATE, XATTR_INODE_MAX, XATTR_LIST_MAX, XA
 use super::*;
 use crate::store::StoreOptions;
 
-const ROOT: Ino = ROOT_INO;
-const ME: Caller = Caller {
+pub(super) const ROOT: Ino = ROOT_INO;
+/// An unprivileged caller.
+pub(super) const ME: Caller = Caller {
     uid: 1000,
     gid: 1000,
 };
-const FILE: u32 = libc::S_IFREG | 0o644;
-const DIR: u32 = libc::S_IFDIR | 0o755;
+pub(super) const FILE: u32 = libc::S_IFREG | 0o644;
+pub(super) const DIR: u32 = libc::S_IFDIR | 0o755;
 
 struct T {
     _dir: tempfile::TempDir,

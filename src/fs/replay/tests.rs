@@ -4,17 +4,10 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use super::*;
+use crate::fs::tests::{DIR, FILE, ME, ROOT};
 use crate::fs::xattr::XattrReply;
 use crate::fs::FsError;
-use crate::store::{StoreOptions, ROOT_INO};
-
-const ROOT: Ino = ROOT_INO;
-const ME: Caller = Caller {
-    uid: 1000,
-    gid: 1000,
-};
-const FILE: u32 = libc::S_IFREG | 0o644;
-const DIR: u32 = libc::S_IFDIR | 0o755;
+use crate::store::StoreOptions;
 
 struct T {
     _dir: tempfile::TempDir,
