@@ -168,21 +168,55 @@ macro_rules! op {
     }};
 }
 
+/// The capabilities fusevol asks for at INIT (beyond fuser's defaults).
+const INIT_FLAGS: [InitFlags; 8] = [
+    InitFlags::FUSE_WRITEBACK_CACHE,
+    InitFlags::FUSE_DO_READDIRPLUS,
+    InitFlags::FUSE_READDIRPLUS_AUTO,
+    InitFlags::FUSE_PARALLEL_DIROPS,
+    InitFlags::FUSE_CACHE_SYMLINKS,
+    InitFlags::FUSE_ASYNC_DIO,
+    InitFlags::FUSE_MAX_PAGES,
+    // We clear set-id bits and capabilities ourselves; in exchange the kernel
+    // marks the superblock SB_NOSEC and stops asking for security.capability
+    // before every write (a round trip per write otherwise).
+    InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+];
+
+/// Why a connection another server initialised cannot be served by this binary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InitMismatch {
+    #[error("FUSE protocol {0}.{1}: this binary speaks 7.x only")]
+    Protocol(u32, u32),
+    #[error("the connection's max_write of {0} bytes exceeds this binary's request buffer ({1} bytes): larger writes would fail with EIO")]
+    MaxWrite(u32, usize),
+}
+
+/// Checks what INIT negotiated on a connection another server (maybe another version of
+/// fusevol) initialised, before this binary serves it: the kernel sends INIT once per
+/// connection, so what it granted then is what this server gets. Refuses what this binary
+/// cannot serve; otherwise returns the capabilities this binary asks for and the kernel
+/// offers but the connection lacks (they take effect at the volume's next fresh mount).
+pub fn check_adopted_init(init: fuser::InitState) -> Result<Vec<InitFlags>, InitMismatch> {
+    if init.major != 7 {
+        return Err(InitMismatch::Protocol(init.major, init.minor));
+    }
+    if init.max_write as usize > fuser::MAX_WRITE_SIZE {
+        return Err(InitMismatch::MaxWrite(
+            init.max_write,
+            fuser::MAX_WRITE_SIZE,
+        ));
+    }
+    let granted = InitFlags::from_bits_retain(init.granted);
+    Ok(INIT_FLAGS
+        .into_iter()
+        .filter(|f| init.kernel_has(*f) && !granted.contains(*f))
+        .collect())
+}
+
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        for flag in [
-            InitFlags::FUSE_WRITEBACK_CACHE,
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_ASYNC_DIO,
-            InitFlags::FUSE_MAX_PAGES,
-            // We clear set-id bits and capabilities ourselves; in exchange the kernel
-            // marks the superblock SB_NOSEC and stops asking for security.capability
-            // before every write (a round trip per write otherwise).
-            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
-        ] {
+        for flag in INIT_FLAGS {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!(?flag, "kernel lacks FUSE capability");
             }
@@ -661,5 +695,48 @@ impl Filesystem for FuseFs {
         }
         let r = self.fs.seek(ino.0, offset as u64, what);
         op!(self, "lseek", reply, r, |o| reply.offset(o as i64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init(granted: InitFlags, kernel: InitFlags) -> fuser::InitState {
+        fuser::InitState {
+            major: 7,
+            minor: 45,
+            kernel_flags: kernel.bits(),
+            granted: granted.bits(),
+            max_write: MAX_WRITE,
+        }
+    }
+
+    #[test]
+    fn an_adopted_connection_is_checked_against_what_this_binary_asks_for() {
+        let all = INIT_FLAGS
+            .into_iter()
+            .fold(InitFlags::empty(), |a, f| a | f);
+        assert_eq!(check_adopted_init(init(all, all)), Ok(vec![]));
+        // Made by an older binary that did not ask for the writeback cache.
+        let older = all - InitFlags::FUSE_WRITEBACK_CACHE;
+        assert_eq!(
+            check_adopted_init(init(older, all)),
+            Ok(vec![InitFlags::FUSE_WRITEBACK_CACHE])
+        );
+        // What the kernel never offered is not missing.
+        assert_eq!(check_adopted_init(init(older, older)), Ok(vec![]));
+        let mut other = init(all, all);
+        other.major = 8;
+        assert_eq!(
+            check_adopted_init(other),
+            Err(InitMismatch::Protocol(8, 45))
+        );
+        let mut big = init(all, all);
+        big.max_write = (fuser::MAX_WRITE_SIZE + 4096) as u32;
+        assert!(matches!(
+            check_adopted_init(big),
+            Err(InitMismatch::MaxWrite(..))
+        ));
     }
 }

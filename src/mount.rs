@@ -42,6 +42,11 @@ pub enum MountError {
     Holder(#[from] crate::fdstore::FdStoreError),
     #[error("{path}: the fd holder keeps this mount point's live connection for {held}; refusing to serve another volume on it (stop that mount first: Ctrl-C of its server, or `umount`)")]
     HeldByOther { path: PathBuf, held: String },
+    #[error("{path}: cannot serve the live connection another server initialised: {mismatch} (serve it with the binary that made it, or unmount it)")]
+    InitMismatch {
+        path: PathBuf,
+        mismatch: crate::fuse::InitMismatch,
+    },
     #[error("cannot mount {path}: {source}")]
     Mount {
         path: PathBuf,
@@ -395,6 +400,18 @@ fn take_over(
         return Ok(None);
     }
     let init: fuser::InitState = record.init.into();
+    match crate::fuse::check_adopted_init(init) {
+        Err(mismatch) => {
+            return Err(MountError::InitMismatch {
+                path: mountpoint.into(),
+                mismatch,
+            })
+        }
+        Ok(missing) if !missing.is_empty() => {
+            tracing::warn!(volume = name, ?missing, "the live connection was initialised without capabilities this binary asks for: serving without them until the volume's next fresh mount");
+        }
+        Ok(_) => {}
+    }
     let vol = store.open_volume(name)?;
     let same_store =
         std::fs::canonicalize(&record.store).ok() == std::fs::canonicalize(store.dir()).ok();
@@ -600,9 +617,20 @@ impl Served {
         }
     }
 
+    /// Stops reading requests on a held connection (the ones read are finished and
+    /// answered; the others stay queued in the kernel for the next server). None if the
+    /// connection is not held (it is stopped, not left) or already ended.
+    fn start_drain(&self) -> Option<fuser::Drain> {
+        self.held.as_ref()?;
+        let drain = self.session.as_ref()?.drain();
+        drain.stop();
+        Some(drain)
+    }
+
     /// Leaves the mount and its connection to the next server, for a process about to
     /// exit (a restart or an upgrade): nothing is unmounted, the holder keeps the
     /// connection, and requests wait in the kernel until the next server takes it over.
+    /// Call [`drain`] first, then sync the store: then no request is half-done at exit.
     /// Without a holder, hands `self` back: the caller must stop it instead.
     #[must_use]
     pub fn leave_to_next_server(mut self) -> Option<Self> {
@@ -692,6 +720,45 @@ impl Served {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// How long a server leaving its connections waits for their requests in flight.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Drains the held connections of `served` before a hand-over: each stops reading, and
+/// the requests already read are finished and answered, within `limit` for all of them.
+/// Then the next server finds nothing half-done: it need not resend anything (kernels
+/// without `FUSE_NOTIFY_RESEND` would fail such requests with ECONNABORTED) nor answer
+/// anything from the replay ring. Returns how many connections did not drain in time
+/// (their requests in flight are resent to the next server, as after a crash).
+pub fn drain<'a>(served: impl IntoIterator<Item = &'a Served>, limit: Duration) -> usize {
+    let started = Instant::now();
+    let deadline = started + limit;
+    let drains: Vec<(&str, fuser::Drain)> = served
+        .into_iter()
+        .filter_map(|s| Some((s.volume.as_str(), s.start_drain()?)))
+        .collect();
+    let late = drains
+        .iter()
+        .filter(|(volume, d)| {
+            let done = d.wait(deadline);
+            if !done {
+                tracing::warn!(
+                    volume,
+                    workers = d.workers(),
+                    "requests still in flight at the hand-over: the next server gets them resent"
+                );
+            }
+            !done
+        })
+        .count();
+    tracing::info!(
+        connections = drains.len(),
+        late,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "drained for the hand-over"
+    );
+    late
 }
 
 fn wait_finished(session: &fuser::BackgroundSession, limit: Duration) -> bool {
@@ -860,6 +927,8 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     }
     // SIGTERM or a take-over with a holder: leave the mount to the next server.
     let served = if handover.load(Ordering::Acquire) || sigterm.load(Ordering::Acquire) {
+        // Nothing half-done at exit: drain, then make everything answered durable.
+        drain([&served], DRAIN_LIMIT);
         store.sync()?;
         match served.leave_to_next_server() {
             None => {

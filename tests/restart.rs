@@ -467,6 +467,62 @@ fn without_resend_the_mount_survives_and_at_most_the_requests_in_flight_fail() {
     drop(holder);
 }
 
+/// A planned restart (a hand-over to a second server, or SIGTERM and a new server) drains
+/// the connection first: the old server stops reading, finishes and answers what it had
+/// read, and only then exits. So even on a kernel without FUSE_NOTIFY_RESEND (forced
+/// here), where a request left half-done would fail with ECONNABORTED, no caller sees an
+/// error across several planned restarts under a write + fsync loop with no pause.
+#[test]
+fn without_resend_planned_restarts_are_drained_and_no_request_fails() {
+    let dirs = Dirs::new();
+    let holder = Holder::start(&dirs);
+    let o = opts(&holder);
+    let env = [("FUSEVOL_NO_RESEND", "1")];
+    let mut server = Server::mount(&dirs, &o, &env);
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = workload(&dirs.mnt, stop.clone());
+    thread::sleep(Duration::from_millis(500));
+    for n in 1..=6u32 {
+        let sigterm = n % 2 == 0;
+        if sigterm {
+            // SIGTERM first (a container stop), then the next server.
+            unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+            let status = server.child.wait().unwrap();
+            assert!(status.success(), "exit {status}:\n{}", server.log());
+        }
+        let mut next = Server::start(&dirs, &o, n, &env);
+        next.wait_took_over();
+        if !sigterm {
+            // A hand-over: the old server exits by itself once it has drained.
+            let status = server.child.wait().unwrap();
+            assert!(status.success(), "exit {status}:\n{}", server.log());
+        }
+        assert!(
+            server.log().contains("drained for the hand-over"),
+            "restart {n}: no drain:\n{}",
+            server.log()
+        );
+        server = next;
+        thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Release);
+    let seen = w.join().unwrap();
+    eprintln!(
+        "no resend, 6 planned restarts: {} records, errors {:?}, longest write+fsync {:?}",
+        seen.written, seen.errors, seen.longest
+    );
+    assert!(
+        seen.errors.is_empty(),
+        "callers saw errors: {:?}",
+        seen.errors
+    );
+    assert!(seen.written > 50, "too few records: {}", seen.written);
+    check_records(&dirs.mnt.join("log"), seen.written);
+    server.interrupt();
+    fsck_clean(&dirs.data);
+    drop(holder);
+}
+
 /// A held connection is served on only by the volume it was made for: another store's
 /// volume of the same name is refused with a clear error, and the held mount lives on for
 /// its own server.

@@ -358,7 +358,6 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
         .map_err(|e| AgentError::Config(format!("cannot handle SIGTERM: {e}")))?;
     *health.last_tick.lock() = Some(Instant::now());
     let mut synced = false;
-    let mut first_round = false;
     loop {
         tokio::select! {
             _ = changed.notified() => {}
@@ -380,16 +379,19 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
                 continue;
             }
             synced = true;
-            first_round = true;
         }
         let all: Arc<Vec<PersistentVolume>> =
             Arc::new(reader.state().iter().map(|pv| (**pv).clone()).collect());
         let plan = plan(&node, &all);
         let mut served = local_state::Served::from_plan(&plan);
+        let release = Arc::new(plan.clone());
         let outcome = apply_blocking(&manager, &health, plan).await?;
-        if std::mem::take(&mut first_round) {
+        // Every round, not only the first: a PV cleaned up while its volume was not
+        // served, or a release that failed, must not leave callers waiting forever.
+        {
             let m = manager.clone();
-            let _ = tokio::task::spawn_blocking(move || m.lock().release_unserved_held()).await;
+            let _ =
+                tokio::task::spawn_blocking(move || m.lock().release_unwanted_held(&release)).await;
         }
         // Only what really is served now (a volume that failed to start is not "known").
         let now_served: std::collections::BTreeSet<String> =

@@ -287,31 +287,42 @@ impl VolumeManager {
         }
     }
 
-    /// Drops the held connections of this node's volumes that no volume is served on
-    /// (a volume the last run served and this one does not: its mount ends, instead of
-    /// keeping its callers waiting for a server that will not come).
-    pub fn release_unserved_held(&self) {
+    /// Drops the held connections of this node's volumes that nothing will serve: not
+    /// served now, and no PV of `plan` wants them served (a volume the last run served
+    /// whose PV was cleaned up or vanished meanwhile, or a connection whose release
+    /// failed before). Their mounts end (ENOTCONN) instead of keeping callers waiting
+    /// for a server that will not come. A wanted volume that failed to start keeps its
+    /// held connection: the next round tries again, and its callers only wait.
+    pub fn release_unwanted_held(&self, plan: &Plan) {
         let Some(holder) = &self.serve_options.fdstore else {
             return;
         };
-        let prefix = held_key_prefix(&self.root);
+        let Ok(keys) = holder.list() else {
+            return;
+        };
         let served: BTreeSet<String> = self
             .served
             .values()
             .map(|(s, _, _)| s.mountpoint.display().to_string())
             .collect();
-        let Ok(keys) = holder.list() else {
-            return;
-        };
-        for key in keys {
-            if key.starts_with(&prefix) && !served.contains(&key) {
-                tracing::warn!(
-                    mountpoint = key,
-                    "a held connection no served volume uses; ending it"
-                );
-                if let Err(e) = holder.remove(&key) {
-                    tracing::warn!(error = %e, "cannot drop a held connection");
+        let root = self.root.display().to_string();
+        let wanted: BTreeSet<String> = plan
+            .wanted
+            .iter()
+            .filter_map(|w| match w {
+                Wanted::Serve { pv, .. } | Wanted::Broken { pv, .. } => {
+                    Some(crate::k8s::layout::volume_paths(&root, pv).mount_point)
                 }
+                Wanted::Cleanup { .. } => None,
+            })
+            .collect();
+        for key in unwanted_held(&held_key_prefix(&self.root), keys, &served, &wanted) {
+            tracing::warn!(
+                mountpoint = key,
+                "a held connection that no volume is served on or wanted for; ending it"
+            );
+            if let Err(e) = holder.remove(&key) {
+                tracing::warn!(error = %e, "cannot drop a held connection");
             }
         }
     }
@@ -715,6 +726,9 @@ impl VolumeManager {
         if self.serve_options.fdstore.is_none() || served.is_empty() {
             return served;
         }
+        // First every connection stops and finishes what it read (one shared limit),
+        // then the stores are synced: nothing answered is lost, nothing is half-done.
+        crate::mount::drain(&served, crate::mount::DRAIN_LIMIT);
         for d in &self.disks {
             if let Err(e) = d.store.sync() {
                 tracing::error!(disk = %d.path.display(), error = %e, "sync before the hand-over failed");
@@ -741,6 +755,19 @@ impl Drop for VolumeManager {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The held keys of this node's volumes (under `prefix`) that are neither served nor
+/// wanted.
+fn unwanted_held(
+    prefix: &str,
+    held: Vec<String>,
+    served: &BTreeSet<String>,
+    wanted: &BTreeSet<String>,
+) -> Vec<String> {
+    held.into_iter()
+        .filter(|k| k.starts_with(prefix) && !served.contains(k) && !wanted.contains(k))
+        .collect()
 }
 
 /// The prefix of the holder's keys of this node's volumes (their mount points under
@@ -821,5 +848,30 @@ impl VolumeError {
             | VolumeError::BadSpec { pv, .. }
             | VolumeError::Unsupported { pv, .. } => pv,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_held_connections_of_this_node_that_nothing_serves_or_wants_are_released() {
+        let prefix = held_key_prefix(Path::new("/var/lib/fusevol"));
+        let key = |pv: &str| format!("{prefix}{pv}/mnt");
+        let held = vec![
+            key("served"),
+            key("wanted-but-failing"),
+            key("cleaned-up"),
+            key("vanished"),
+            "/other/root/volumes/x/mnt".to_string(),
+        ];
+        let served = BTreeSet::from([key("served")]);
+        let wanted = BTreeSet::from([key("served"), key("wanted-but-failing")]);
+        assert_eq!(
+            unwanted_held(&prefix, held, &served, &wanted),
+            vec![key("cleaned-up"), key("vanished")],
+            "a wanted volume that failed to start keeps its connection; another root's keys are not ours"
+        );
     }
 }

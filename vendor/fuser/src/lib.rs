@@ -75,7 +75,8 @@ pub use crate::reply::ReplyWrite;
 pub use crate::reply::ReplyXattr;
 pub use crate::request_param::Request;
 pub use crate::session::BackgroundSession;
-use crate::session::MAX_WRITE_SIZE;
+pub use crate::drain::Drain;
+pub use crate::session::MAX_WRITE_SIZE;
 pub use crate::session::InitState;
 pub use crate::session::Session;
 pub use crate::session::SessionACL;
@@ -101,6 +102,7 @@ mod reply;
 mod request;
 mod request_param;
 mod session;
+mod drain;
 mod time;
 
 /// We generally support async reads

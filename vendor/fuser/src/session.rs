@@ -33,6 +33,7 @@ use crate::Request;
 use crate::channel::Channel;
 use crate::channel::ChannelSender;
 use crate::dev_fuse::DevFuse;
+use crate::drain::Drain;
 use crate::ll;
 use crate::ll::Operation;
 use crate::ll::ResponseErrno;
@@ -52,7 +53,8 @@ use crate::request::RequestWithSender;
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
 /// and 128k on other systems.
-pub(crate) const MAX_WRITE_SIZE: usize = 16 * 1024 * 1024;
+/// fusevol patch: public, so that a server can check a connection's max_write against it.
+pub const MAX_WRITE_SIZE: usize = 16 * 1024 * 1024;
 
 #[derive(Default, Debug, Eq, PartialEq, Clone, Copy)]
 /// How requests should be filtered based on the calling UID.
@@ -171,6 +173,8 @@ pub struct Session<FS: Filesystem> {
     /// fusevol patch: workers read only through clones of the device fd, never through
     /// the fd itself (see [`Session::read_through_clones`]).
     read_through_clones: bool,
+    /// fusevol patch: stops the workers between requests (see [`Drain`]).
+    drain: Drain,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -221,6 +225,7 @@ impl<FS: Filesystem> Session<FS> {
             init_state: None,
             channels: Vec::new(),
             read_through_clones: false,
+            drain: Drain::default(),
         };
 
         session.handshake()?;
@@ -252,6 +257,7 @@ impl<FS: Filesystem> Session<FS> {
             init_state: None,
             channels: Vec::new(),
             read_through_clones: false,
+            drain: Drain::default(),
         };
 
         session.handshake()?;
@@ -296,6 +302,7 @@ impl<FS: Filesystem> Session<FS> {
             init_state: Some(init),
             channels,
             read_through_clones: false,
+            drain: Drain::default(),
         })
     }
 
@@ -370,6 +377,7 @@ impl<FS: Filesystem> Session<FS> {
     /// the filesystem is unmounted and the given session ends.
     pub fn spawn(self) -> io::Result<BackgroundSession> {
         let sender = self.ch.sender();
+        let drain = self.drain.clone();
         // Take the fuse_session, so that we can unmount it
         let mount = std::mem::take(&mut *self.mount.mount.lock());
         let guard = thread::Builder::new()
@@ -379,6 +387,7 @@ impl<FS: Filesystem> Session<FS> {
             guard,
             sender,
             mount,
+            drain,
         })
     }
 
@@ -412,6 +421,7 @@ impl<FS: Filesystem> Session<FS> {
             init_state: _,
             channels,
             read_through_clones: _,
+            drain,
         } = self;
 
         let mut filesystem = Arc::new(filesystem);
@@ -426,6 +436,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                drain: drain.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -655,6 +666,8 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    /// fusevol patch: stops the loop between requests (see [`Drain`]).
+    pub(crate) drain: Drain,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -663,10 +676,26 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
+        // fusevol patch: listed until the loop ends, so that a drain can wake its read.
+        let enlisted = self.drain.enlist();
         loop {
+            // fusevol patch: a drained session reads no more requests; the ones not
+            // read stay queued in the kernel for the next server.
+            enlisted.reading(true);
+            if self.drain.stopping() {
+                enlisted.reading(false);
+                return Ok(());
+            }
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_retrying(buf) {
+            let received = self.ch.receive(buf);
+            enlisted.reading(false);
+            match received {
+                // fusevol patch: retried here rather than in `receive_retrying`, so that
+                // the drain flag is checked again after an EINTR.
+                Err(
+                    nix::errno::Errno::ENOENT | nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN,
+                ) => continue,
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
@@ -701,6 +730,8 @@ pub struct BackgroundSession {
     sender: ChannelSender,
     /// Ensures the filesystem is unmounted when the session ends
     mount: Option<Mount>,
+    /// fusevol patch: stops the workers between requests.
+    drain: Drain,
 }
 
 impl BackgroundSession {
@@ -724,6 +755,12 @@ impl BackgroundSession {
         if let Some(mount) = self.mount.take() {
             std::mem::forget(mount);
         }
+    }
+
+    /// fusevol patch: stops the workers between requests, for a process about to leave
+    /// the connection to the next server (see [`Drain`]).
+    pub fn drain(&self) -> Drain {
+        self.drain.clone()
     }
 
     /// Join the filesystem thread.
