@@ -640,7 +640,7 @@ class Cluster:
         return sock
 
     def start_agent(self, node, tiers, static=None, wait=True, timeout=60, env=None,
-                    fdstore=False):
+                    fdstore=True):
         """Starts `fusevol agent` for `node` as a host process, with the agent's own token.
         `tiers`: [Tier] (or (name, capacity) pairs); `static`: None or a dict
         {"storage_class": ..., "pools": [{"tier", "count", "size"}]}; `fdstore`: serve

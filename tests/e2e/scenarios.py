@@ -369,10 +369,10 @@ def df_used(path):
 # fusevol processes
 
 
-def start_fusevol(c, tiers, controllers=2, static=None, fdstore=False):
+def start_fusevol(c, tiers, controllers=2, static=None, fdstore=True):
     """Starts one agent per node of `tiers` (node -> [Tier]) and `controllers` controller
     replicas, then waits until all are ready. `fdstore`: agents serve through their node's
-    FUSE connection holder."""
+    FUSE connection holder, as deploy/ runs them (False: the fallback without a holder)."""
     for node, ts in tiers.items():
         c.start_agent(node, ts, static=(static or {}).get(node), wait=False, fdstore=fdstore)
     for i in range(controllers):
@@ -641,7 +641,11 @@ def rbac(c):
 def statefulset(c):
     """Issue 7 §1: a 3-replica StatefulSet gets one live, correctly sized volume per pod."""
     ns = "e2e-sts"
-    start_fusevol(c, {n: [Tier("fast", "10Gi"), Tier("standard", "10Gi")] for n in c.node_names})
+    # Without the fd holder (an agent deployed without it): a SIGTERM'd agent unmounts
+    # its volumes, and the next one mounts them afresh. With the holder (every other
+    # scenario, as deploy/ runs it) the mounts outlive the agent: agent-restart.
+    start_fusevol(c, {n: [Tier("fast", "10Gi"), Tier("standard", "10Gi")] for n in c.node_names},
+                  fdstore=False)
     c.ensure_namespace(ns)
     sts = {
         "apiVersion": "apps/v1", "kind": "StatefulSet",
@@ -688,7 +692,7 @@ def statefulset(c):
         if v.node == node:
             check(fuse_mount_count(v.mnt) == 0, f"{v.mnt} still mounted after its agent stopped")
     a = c.agents[node]
-    c.start_agent(node, a.tiers, a.static)
+    c.start_agent(node, a.tiers, a.static, fdstore=a.fdstore)
     for p, v in views.items():
         (v2,) = wait_kubelet_view(c, ns, p)
         check(v2.path == v.path, f"{p}: path changed across the restart: {v.path} -> {v2.path}")
@@ -899,7 +903,7 @@ def restarts(c):
     node = views["v-0"].node
     c.stop_agent(node, signal.SIGKILL)
     a = c.agents[node]
-    c.start_agent(node, a.tiers, a.static)
+    c.start_agent(node, a.tiers, a.static, fdstore=a.fdstore)
     for n, v in views.items():
         (v2,) = wait_kubelet_view(c, ns, n)
         check(v2.path == v.path, f"{n}: path changed: {v.path} -> {v2.path}")
@@ -1224,11 +1228,11 @@ def api_freeze(c):
         lines = read_file(pod.dir / "log").count(b"\n")
         check(lines == writes, f"{writes} fsync'd writes, {lines} in the file")
         # Still frozen: the agent dies and starts again. It cannot reach the API server, so
-        # it serves the volumes of its last run from local state (the old pod's bind mount
-        # dies with the old agent: restartable FUSE sessions are issue 13).
+        # it serves the volumes of its last run from local state, taking the live
+        # connection over from the node's fd holder.
         pod.release()
         c.stop_agent(v.node, signal.SIGKILL)
-        c.start_agent(v.node, agent.tiers, agent.static, wait=False)
+        c.start_agent(v.node, agent.tiers, agent.static, wait=False, fdstore=agent.fdstore)
         agent = c.agents[v.node]
         wait_for(lambda: is_live_fuse_mount(v.mnt), 60,
                  f"{v.mnt} to be served again by an agent that started while the API server is frozen")
@@ -1613,6 +1617,11 @@ def agent_restart(c):
                      log.read_bytes().split(b"=== ")[-1], 60,
                      f"the agent restarted after {sig.name} to take the mount over")
             windows.append((sig.name, t0, time.time()))
+            if sig == signal.SIGTERM:
+                # A planned stop drains: the old agent answered what it had read first.
+                old = log.read_bytes().split(b"=== ")[-2]
+                check(b"drained for the hand-over" in old,
+                      f"the SIGTERM'd agent did not drain its connections:\n{old[-2000:].decode(errors='replace')}")
             c.wait_agent_ready(node, 60)
             time.sleep(2)
         # The holder itself dies and comes back empty: the agent hands it its connections
