@@ -23,6 +23,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The e2e tests parse /metrics with Prometheus' own OpenMetrics parser (PyPI prometheus_client).
+if [ "${1:-}" != "--minimal" ] && ! python3 -c "import prometheus_client" 2>/dev/null; then
+  echo "installing: prometheus_client (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "prometheus_client==0.26.0"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "error: cargo not found: install Rust with rustup (https://rustup.rs) and run again" >&2
   exit 1

@@ -51,6 +51,7 @@ use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -97,16 +98,28 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
-/// The controller's metrics.
+/// The controller's metrics: one registry per process, made once at start and kept across
+/// leadership terms (a follower serves the same families, at zero), so that `/metrics` is
+/// one valid OpenMetrics exposition whatever the replica's role.
 pub struct ControllerMetrics {
     registry: Mutex<Registry>,
     pub outcomes: Family<OutcomeLabels, Counter>,
     pub latency: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
+    /// 1 while this replica holds the Lease.
+    pub leader: Gauge,
+    pub node_loss: nodes::NodeLossMetrics,
 }
 
 impl Default for ControllerMetrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("fusevol_controller");
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "Whether this replica leads (holds the Lease)",
+            leader.clone(),
+        );
+        let node_loss = nodes::NodeLossMetrics::register(&mut registry);
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         let latency =
             Family::<OutcomeLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
@@ -126,6 +139,8 @@ impl Default for ControllerMetrics {
             registry: Mutex::new(registry),
             outcomes,
             latency,
+            leader,
+            node_loss,
         }
     }
 }
@@ -162,7 +177,7 @@ pub struct Context {
     pub classes: Store<StorageClass>,
     /// In-flight reservations; decisions are taken under this lock (see module doc).
     pub reservations: Mutex<Vec<Reservation>>,
-    pub metrics: ControllerMetrics,
+    pub metrics: Arc<ControllerMetrics>,
 }
 
 /// How soon a reconcile that found the caches still listing tries again (a sync also
@@ -416,8 +431,7 @@ fn error_policy_pv(pv: Arc<PersistentVolume>, error: &Error, _ctx: Arc<Context>)
 }
 
 struct Endpoints {
-    ctx: Mutex<Option<Arc<Context>>>,
-    leading: Mutex<bool>,
+    metrics: Arc<ControllerMetrics>,
 }
 
 impl crate::http::Endpoints for Endpoints {
@@ -426,19 +440,7 @@ impl crate::http::Endpoints for Endpoints {
         Ok(())
     }
     fn metrics(&self) -> String {
-        let mut out = match self.ctx.lock().as_ref() {
-            Some(ctx) => ctx.metrics.render(),
-            None => String::new(),
-        };
-        let leading = u8::from(*self.leading.lock());
-        out = out.replace(
-            "# EOF\n",
-            &format!("# HELP fusevol_controller_leader Whether this replica leads.\n# TYPE fusevol_controller_leader gauge\nfusevol_controller_leader {leading}\n# EOF\n"),
-        );
-        if !out.contains("fusevol_controller_leader") {
-            out.push_str(&format!("fusevol_controller_leader {leading}\n"));
-        }
-        out
+        self.metrics.render()
     }
 }
 
@@ -449,9 +451,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let client = Client::try_default()
         .await
         .map_err(|e| Error::Config(e.to_string()))?;
+    let metrics = Arc::new(ControllerMetrics::default());
     let endpoints = Arc::new(Endpoints {
-        ctx: Mutex::new(None),
-        leading: Mutex::new(false),
+        metrics: metrics.clone(),
     });
     crate::http::serve(settings.listen, endpoints.clone())
         .await
@@ -495,7 +497,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             return Ok(());
         }
         tracing::info!(identity = %settings.identity, "leading");
-        *endpoints.leading.lock() = true;
+        metrics.leader.set(1);
         // The caches start empty and unsynced with every leadership: a decision waits
         // for them.
         let (pvs, pv_stream) = reflect::<PersistentVolume>(&client);
@@ -519,9 +521,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             nodes,
             classes,
             reservations: Mutex::new(Vec::new()),
-            metrics: ControllerMetrics::default(),
+            metrics: metrics.clone(),
         });
-        *endpoints.ctx.lock() = Some(ctx.clone());
         let work = provision(
             ctx,
             caches,
@@ -535,7 +536,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             }
         };
         let ended = election.lead(work, shutdown).await;
-        *endpoints.leading.lock() = false;
+        metrics.leader.set(0);
         match ended {
             leader::Ended::Shutdown => return Ok(()),
             leader::Ended::Lost(why) => {

@@ -34,6 +34,7 @@ use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 use super::{drive, reflect, store_ready, Context, ControllerMetrics, Error};
 use crate::k8s::crd::FusevolNode;
@@ -55,16 +56,17 @@ pub struct ActionLabels {
 }
 
 /// Counters of the node-loss cleanup, in the controller's registry.
+#[derive(Clone)]
 pub struct NodeLossMetrics {
     pub actions: Family<ActionLabels, Counter>,
     pub failures: Counter,
 }
 
 impl NodeLossMetrics {
-    fn register(metrics: &ControllerMetrics) -> Self {
+    /// Registers the counters (once per process: see [`ControllerMetrics`]).
+    pub(super) fn register(registry: &mut Registry) -> Self {
         let actions = Family::<ActionLabels, Counter>::default();
         let failures = Counter::default();
-        let mut registry = metrics.registry.lock();
         registry.register(
             "node_loss_actions",
             "Cleanups for gone nodes, by action (finalizer_removed, claim_deleted, fusevolnode_deleted)",
@@ -126,7 +128,7 @@ impl NodeLoss {
             grace,
             gone: Mutex::new(GoneSince::default()),
             told: Mutex::new(BTreeSet::new()),
-            metrics: NodeLossMetrics::register(metrics),
+            metrics: metrics.node_loss.clone(),
         }
     }
 

@@ -103,7 +103,7 @@ fn context(
         nodes: store_of(nodes),
         classes: store_of(vec![class(binding)]),
         reservations: Mutex::new(Vec::new()),
-        metrics: ControllerMetrics::default(),
+        metrics: Arc::new(ControllerMetrics::default()),
     })
 }
 
@@ -440,7 +440,7 @@ fn unsynced_context(client: Client) -> (Arc<Context>, Unsynced) {
         nodes: writers.nodes.as_reader(),
         classes: writers.classes.as_reader(),
         reservations: Mutex::new(Vec::new()),
-        metrics: ControllerMetrics::default(),
+        metrics: Arc::new(ControllerMetrics::default()),
     });
     (ctx, writers)
 }
@@ -491,7 +491,7 @@ async fn a_claim_arriving_before_the_caches_sync_is_not_provisioned_until_they_d
         nodes: ctx.nodes.clone(),
         classes: ctx.classes.clone(),
         reservations: Mutex::new(Vec::new()),
-        metrics: ControllerMetrics::default(),
+        metrics: Arc::new(ControllerMetrics::default()),
     });
     w.pvs.apply_watcher_event(&watcher::Event::InitDone);
     assert!(ctx.caches_ready());
@@ -547,7 +547,7 @@ async fn each_unsynced_store_alone_holds_every_decision() {
             nodes: ctx.nodes.clone(),
             classes: ctx.classes.clone(),
             reservations: Mutex::new(Vec::new()),
-            metrics: ControllerMetrics::default(),
+            metrics: Arc::new(ControllerMetrics::default()),
         });
         let ar = kube::api::ApiResource::from_gvk_with_plural(
             &kube::api::GroupVersionKind::gvk("storage.k8s.io", "v1", "CSIStorageCapacity"),
@@ -817,4 +817,27 @@ mod election {
         assert_eq!(Instant::now() - t0, timing().call_timeout);
         server.await.unwrap();
     }
+}
+
+/// A follower's `/metrics` (no leadership ever) is one valid OpenMetrics exposition: every
+/// family once, with its TYPE, the leader gauge at 0, and the closing `# EOF`.
+#[test]
+fn a_followers_metrics_are_one_exposition_with_the_leader_gauge() {
+    let metrics = ControllerMetrics::default();
+    let text = metrics.render();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+    assert!(
+        text.contains("# TYPE fusevol_controller_leader gauge\nfusevol_controller_leader 0\n"),
+        "{text}"
+    );
+    let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+    let unique: std::collections::BTreeSet<&&str> = types.iter().collect();
+    assert_eq!(
+        types.len(),
+        unique.len(),
+        "a family registered twice: {text}"
+    );
+    metrics.leader.set(1);
+    assert!(metrics.render().contains("fusevol_controller_leader 1\n"));
 }

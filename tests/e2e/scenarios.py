@@ -1090,10 +1090,19 @@ def observability(c):
     # /metrics and /healthz.
     for n, ag in c.agents.items():
         check(http_get(ag.url + "/healthz")[0] == 200, f"agent {n} /healthz")
+    leaders = 0
     for i, ctl in c.controllers.items():
         code, text = http_get(ctl.url + "/metrics")
-        check(code == 200 and "fusevol_controller" in text,
-              f"controller {i} /metrics: {code} {text[:200]!r}")
+        check(code == 200, f"controller {i} /metrics: {code} {text[:200]!r}")
+        families = openmetrics(text, f"controller {i}")
+        leader = [s.value for s in families.get("fusevol_controller_leader", [])]
+        check(len(leader) == 1, f"controller {i}: fusevol_controller_leader samples {leader}")
+        leaders += int(leader[0])
+    check(leaders == 1, f"{leaders} controller replicas say they lead, expected 1 (and 1 follower)")
+    for n, ag in c.agents.items():
+        code, text = http_get(ag.url + "/metrics")
+        check(code == 200, f"agent {n} /metrics: {code}")
+        openmetrics(text, f"agent {n}")
 
     def used_matches():
         code, text = http_get(c.agents[v.node].url + "/metrics")
@@ -1110,6 +1119,21 @@ def observability(c):
     used = wait_for(used_matches, 20, f"fusevol_volume_used_bytes of {v.pv_name} to match df")
     check(used >= 3 * MiB, f"used bytes {used} < the 3 MiB written")
     check_alive(c)
+
+
+def openmetrics(text, who):
+    """Parses a /metrics body with Prometheus' own OpenMetrics parser (strict: one `# EOF`,
+    every family once, valid names and types); returns family name -> its samples."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    try:
+        families = list(text_string_to_metric_families(text))
+    except Exception as e:  # the parser raises ValueError and others on invalid input
+        raise E2EError(f"{who} /metrics is not valid OpenMetrics: {e}\n{text[-1500:]}") from None
+    out = {}
+    for f in families:
+        for sample in f.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
 
 
 @scenario("delete-bound-pv")

@@ -96,7 +96,7 @@ fn context(client: Client, nodes: Vec<FusevolNode>, pvs: Vec<PersistentVolume>) 
         nodes: store_of(nodes),
         classes: store_of(vec![class()]),
         reservations: Mutex::new(Vec::new()),
-        metrics: ControllerMetrics::default(),
+        metrics: std::sync::Arc::new(ControllerMetrics::default()),
     })
 }
 

@@ -136,7 +136,7 @@ fn contexts(client: Client, w: World) -> (Context, NodeLoss, Writer<Node>) {
         nodes: store(vec![fusevol_node("n1"), fusevol_node("n2")], true).0,
         classes: store(vec![class()], true).0,
         reservations: Mutex::new(Vec::new()),
-        metrics: ControllerMetrics::default(),
+        metrics: std::sync::Arc::new(ControllerMetrics::default()),
     };
     let loss = NodeLoss::new(nodes, claims, GRACE, &ctx.metrics);
     (ctx, loss, node_writer)
