@@ -190,13 +190,29 @@ pub enum InitMismatch {
     Protocol(u32, u32),
     #[error("the connection's max_write of {0} bytes exceeds this binary's request buffer ({1} bytes): larger writes would fail with EIO")]
     MaxWrite(u32, usize),
+    #[error("the connection was granted capabilities this binary does not serve ({0:?}): it was made by another (newer?) fusevol")]
+    Unknown(InitFlags),
+}
+
+/// Every capability this binary may grant: its own, and what fuser asks for by itself.
+fn servable_flags() -> InitFlags {
+    INIT_FLAGS.into_iter().fold(
+        InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_INIT_EXT,
+        |all, f| all | f,
+    )
 }
 
 /// Checks what INIT negotiated on a connection another server (maybe another version of
 /// fusevol) initialised, before this binary serves it: the kernel sends INIT once per
 /// connection, so what it granted then is what this server gets. Refuses what this binary
-/// cannot serve; otherwise returns the capabilities this binary asks for and the kernel
-/// offers but the connection lacks (they take effect at the volume's next fresh mount).
+/// cannot serve (another protocol major, a larger `max_write` than its request buffer,
+/// or a capability it never grants, which may change what requests look like or what the
+/// server must do: a rolled-back binary must not guess); otherwise returns the
+/// capabilities this binary asks for and the kernel offers but the connection lacks (they
+/// take effect at the volume's next fresh mount).
 pub fn check_adopted_init(init: fuser::InitState) -> Result<Vec<InitFlags>, InitMismatch> {
     if init.major != 7 {
         return Err(InitMismatch::Protocol(init.major, init.minor));
@@ -208,6 +224,10 @@ pub fn check_adopted_init(init: fuser::InitState) -> Result<Vec<InitFlags>, Init
         ));
     }
     let granted = InitFlags::from_bits_retain(init.granted);
+    let unknown = granted - servable_flags();
+    if !unknown.is_empty() {
+        return Err(InitMismatch::Unknown(unknown));
+    }
     Ok(INIT_FLAGS
         .into_iter()
         .filter(|f| init.kernel_has(*f) && !granted.contains(*f))
@@ -732,6 +752,15 @@ mod tests {
             check_adopted_init(other),
             Err(InitMismatch::Protocol(8, 45))
         );
+        // Granted by a binary that serves more than this one.
+        let newer = all | InitFlags::FUSE_POSIX_ACL;
+        assert_eq!(
+            check_adopted_init(init(newer, newer)),
+            Err(InitMismatch::Unknown(InitFlags::FUSE_POSIX_ACL))
+        );
+        // fuser's own requests are servable.
+        let with_fuser = all | InitFlags::FUSE_ASYNC_READ | InitFlags::FUSE_BIG_WRITES;
+        assert_eq!(check_adopted_init(init(with_fuser, with_fuser)), Ok(vec![]));
         let mut big = init(all, all);
         big.max_write = (fuser::MAX_WRITE_SIZE + 4096) as u32;
         assert!(matches!(

@@ -738,10 +738,16 @@ pub fn drain<'a>(served: impl IntoIterator<Item = &'a Served>, limit: Duration) 
         .into_iter()
         .filter_map(|s| Some((s.volume.as_str(), s.start_drain()?)))
         .collect();
+    // All together: every connection's readers are signalled again every few ms, so a
+    // slow request on one volume does not leave another's workers reading.
+    while !drains.iter().all(|(_, d)| d.drained()) && Instant::now() < deadline {
+        drains.iter().for_each(|(_, d)| d.poke());
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let late = drains
         .iter()
         .filter(|(volume, d)| {
-            let done = d.wait(deadline);
+            let done = d.drained();
             if !done {
                 tracing::warn!(
                     volume,
@@ -929,7 +935,12 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     let served = if handover.load(Ordering::Acquire) || sigterm.load(Ordering::Acquire) {
         // Nothing half-done at exit: drain, then make everything answered durable.
         drain([&served], DRAIN_LIMIT);
-        store.sync()?;
+        // A failed sync (a full or failing disk) still leaves the mount to the next server
+        // (ending it would fail every caller for good); the exit status says so.
+        let synced = store.sync();
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, "sync before leaving the mount failed: what was written since the last fsync may be lost");
+        }
         match served.leave_to_next_server() {
             None => {
                 eprintln!(
@@ -938,9 +949,12 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
                 );
                 let _ = std::fs::remove_file(crate::control::socket_path(&req.data));
                 // Exit now: no destructor may unmount or close what the next server takes.
-                std::process::exit(0);
+                std::process::exit(if synced.is_ok() { 0 } else { 1 });
             }
-            Some(served) => served,
+            Some(served) => {
+                synced?;
+                served
+            }
         }
     } else {
         served

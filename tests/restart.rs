@@ -498,8 +498,8 @@ fn without_resend_planned_restarts_are_drained_and_no_request_fails() {
             assert!(status.success(), "exit {status}:\n{}", server.log());
         }
         assert!(
-            server.log().contains("drained for the hand-over"),
-            "restart {n}: no drain:\n{}",
+            server.log().contains("drained for the hand-over") && server.log().contains("late=0"),
+            "restart {n}: no complete drain:\n{}",
             server.log()
         );
         server = next;

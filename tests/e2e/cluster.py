@@ -113,21 +113,29 @@ def mounts():
 
 
 def fuse_mount_count(path):
-    """How many fuse.fusevol mounts are stacked at `path`."""
-    path = os.path.realpath(path) if os.path.exists(path) else str(path)
+    """How many fuse.fusevol mounts are stacked at `path`. Never touches `path` itself: a
+    mount the fd holder keeps while no agent serves it would make a stat wait."""
+    path = os.path.join(os.path.realpath(os.path.dirname(str(path))), os.path.basename(str(path)))
     return sum(1 for mp, ty in mounts() if mp == str(path) and ty == FUSE_FSTYPE)
 
 
-def is_live_fuse_mount(path):
-    """Is `path` a fuse.fusevol mount point whose server answers (stat works)?"""
+# A stat of a mount nobody serves waits killably in the kernel (the fd holder keeps the
+# connection): such a probe runs in a child process, SIGKILLed after this.
+LIVE_PROBE_TIMEOUT = 10
+_LIVE_PROBE = "import os, sys; os.statvfs(sys.argv[1]); os.listdir(sys.argv[1])"
+
+
+def is_live_fuse_mount(path, timeout=LIVE_PROBE_TIMEOUT):
+    """Is `path` a fuse.fusevol mount point whose server answers (stat works, within
+    `timeout` s)?"""
     if not any(mp == str(path) and ty == FUSE_FSTYPE for mp, ty in mounts()):
         return False
     try:
-        os.statvfs(path)
-        os.listdir(path)
-        return True
-    except OSError:
+        probe = subprocess.run([sys.executable, "-c", _LIVE_PROBE, str(path)], timeout=timeout,
+                               stdin=subprocess.DEVNULL, capture_output=True)
+    except subprocess.TimeoutExpired:
         return False
+    return probe.returncode == 0
 
 
 def http_get(url, timeout=3):
@@ -782,7 +790,8 @@ class Cluster:
             return
         self._stopped = True
         problems = []
-        # 1. fusevol: controllers first, then agents (which unmount their volumes on SIGTERM).
+        # 1. fusevol: controllers first, then agents (on SIGTERM they unmount their volumes,
+        #    or with the fd holder leave them held: they end with the holder, see 2).
         for c in list(self.controllers.values()):
             self._stop_proc(c.proc, 10, problems)
         for a in list(self.agents.values()):

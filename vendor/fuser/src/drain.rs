@@ -11,9 +11,11 @@
 //! and is installed without `SA_RESTART`: the read returns EINTR. The kernel's wait
 //! there is interruptible and takes a request off the queue only when it returns one,
 //! so nothing is lost. A signal is sent only to a worker that marked itself as reading
-//! (never into a filesystem callback), and again every few milliseconds until every
-//! worker has left its loop ([`Drain::wait`]), because a worker may be signalled just
-//! before it enters the read. Workers enlist their thread under a lock and leave the
+//! (rarely, one that has just returned from its read with a request gets it inside its
+//! callback: the syscalls there retry EINTR, or return it), and again every few
+//! milliseconds until every worker has left its loop ([`Drain::wait`], or
+//! [`Drain::poke`] from a caller draining several sessions at once), because a worker may
+//! be signalled just before it enters the read. `stop` alone is not enough. Workers enlist their thread under a lock and leave the
 //! list before the thread ends, so a listed thread is always alive when signalled.
 //!
 //! If the handler cannot be installed (another one owns `SIGUSR2`), no signal is ever
@@ -82,7 +84,9 @@ impl Drain {
     /// Asks every worker to leave its loop before its next read, and wakes the ones
     /// blocked in a read now. Requests being handled are finished and answered.
     pub fn stop(&self) {
-        self.0.stopping.store(true, Ordering::Release);
+        // SeqCst here and in the worker (`reading` then `stopping`): of the two stores,
+        // at least one is seen by the other side's load.
+        self.0.stopping.store(true, Ordering::SeqCst);
         if handler_installed() {
             self.signal_readers();
         }
@@ -91,19 +95,29 @@ impl Drain {
     /// Waits until every worker has left its loop, signalling the ones still blocked in
     /// a read, until `deadline`. True if all have left.
     pub fn wait(&self, deadline: Instant) -> bool {
-        let usable = handler_installed();
         loop {
-            if self.0.workers.lock().is_empty() {
+            if self.drained() {
                 return true;
             }
             if Instant::now() >= deadline {
                 return false;
             }
-            if usable {
-                self.signal_readers();
-            }
+            self.poke();
             std::thread::sleep(RESIGNAL);
         }
+    }
+
+    /// Signals again the workers still blocked in a read (after [`Drain::stop`]; call it
+    /// every few milliseconds until [`Drain::drained`]).
+    pub fn poke(&self) {
+        if handler_installed() {
+            self.signal_readers();
+        }
+    }
+
+    /// Have all workers left their loop?
+    pub fn drained(&self) -> bool {
+        self.0.workers.lock().is_empty()
     }
 
     /// The number of workers still in their loop.
@@ -114,7 +128,7 @@ impl Drain {
     fn signal_readers(&self) {
         let workers = self.0.workers.lock();
         for w in workers.values() {
-            if w.reading.load(Ordering::Acquire) {
+            if w.reading.load(Ordering::SeqCst) {
                 // SAFETY: the thread is listed, and a worker leaves the list (under this
                 // lock) before its thread ends, so `thread` names a live thread.
                 unsafe {
@@ -125,7 +139,7 @@ impl Drain {
     }
 
     pub(crate) fn stopping(&self) -> bool {
-        self.0.stopping.load(Ordering::Acquire)
+        self.0.stopping.load(Ordering::SeqCst)
     }
 
     /// Lists the calling thread as a worker until the returned guard drops (on that
@@ -161,7 +175,7 @@ pub(crate) struct Enlisted {
 impl Enlisted {
     /// Marks the worker as (not) blocked in its read: only a reading worker is signalled.
     pub(crate) fn reading(&self, now: bool) {
-        self.reading.store(now, Ordering::Release);
+        self.reading.store(now, Ordering::SeqCst);
     }
 }
 
