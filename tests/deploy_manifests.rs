@@ -351,6 +351,11 @@ fn agent_daemon_set_is_privileged_with_dev_fuse_bidirectional_root_and_node_name
         .as_ref()
         .and_then(|p| p.http_get.as_ref());
     assert_eq!(liveness.and_then(|h| h.path.as_deref()), Some("/healthz"));
+    let readiness = container
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref());
+    assert_eq!(readiness.and_then(|h| h.path.as_deref()), Some("/readyz"));
     let ports = container.ports.clone().unwrap_or_default();
     assert!(ports
         .iter()
@@ -546,6 +551,11 @@ fn controller_deployment_runs_two_replicas_with_leader_election_and_health() {
         .as_ref()
         .and_then(|p| p.http_get.as_ref());
     assert_eq!(liveness.and_then(|h| h.path.as_deref()), Some("/healthz"));
+    let readiness = container
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref());
+    assert_eq!(readiness.and_then(|h| h.path.as_deref()), Some("/readyz"));
     let ports = container.ports.clone().unwrap_or_default();
     assert!(ports
         .iter()

@@ -162,6 +162,9 @@ struct Health {
     last_tick: Mutex<Option<Instant>>,
     /// Since when a blocking volume operation (mount, unmount, delete) has been running.
     busy_since: Mutex<Option<Instant>>,
+    /// A first round with the complete list of PVs has been applied: every volume of this
+    /// node that should be served is (or has reported why not).
+    synced: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -189,6 +192,16 @@ impl crate::http::Endpoints for Health {
             )),
             None => Err("starting: serving the volumes of the last run".into()),
         }
+    }
+    /// Ready once a round with the complete list of PVs has been applied (the volumes of
+    /// the last run are served before that, from local state), and while healthy.
+    fn ready(&self) -> Result<(), String> {
+        if !self.synced.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(
+                "waiting for the first complete list of PVs from the API server".to_string(),
+            );
+        }
+        crate::http::Endpoints::health(self)
     }
     fn metrics(&self) -> String {
         self.metrics.render()
@@ -305,6 +318,7 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
     let health = Arc::new(Health {
         last_tick: Mutex::new(None),
         busy_since: Mutex::new(Some(Instant::now())),
+        synced: std::sync::atomic::AtomicBool::new(false),
         metrics: metrics.clone(),
     });
     crate::http::serve(config.listen, health.clone())
@@ -386,6 +400,9 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
         let mut served = local_state::Served::from_plan(&plan);
         let release = Arc::new(plan.clone());
         let outcome = apply_blocking(&manager, &health, plan).await?;
+        health
+            .synced
+            .store(true, std::sync::atomic::Ordering::Release);
         // Every round, not only the first: a PV cleaned up while its volume was not
         // served, or a release that failed, must not leave callers waiting forever.
         {

@@ -439,6 +439,11 @@ impl crate::http::Endpoints for Endpoints {
         // A follower is healthy: it waits for the lease.
         Ok(())
     }
+    /// Ready while running: a follower serves its metrics and waits for the lease, which
+    /// is its job (a Service in front of the replicas should reach both).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
     fn metrics(&self) -> String {
         self.metrics.render()
     }

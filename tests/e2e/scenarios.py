@@ -1087,9 +1087,13 @@ def observability(c):
             shown = parse_quantity(row[col])
             check(abs(shown - st[key]) <= max(st[key] * 0.05, 1),
                   f"{n}: {header[col]} shows {row[col]}, status {key} is {st[key]}")
-    # /metrics and /healthz.
+    # /metrics, /healthz and /readyz (ready: a round with the complete list of PVs applied).
     for n, ag in c.agents.items():
         check(http_get(ag.url + "/healthz")[0] == 200, f"agent {n} /healthz")
+        code, body = http_get(ag.url + "/readyz")
+        check(code == 200, f"agent {n} /readyz: {code} {body[:200]!r}")
+    for i, ctl in c.controllers.items():
+        check(http_get(ctl.url + "/readyz")[0] == 200, f"controller {i} /readyz")
     leaders = 0
     for i, ctl in c.controllers.items():
         code, text = http_get(ctl.url + "/metrics")
@@ -1264,9 +1268,16 @@ def api_freeze(c):
         check(got == writes, f"after the restart the file has {got} lines, {writes} were fsync'd")
         wait_for(lambda: http_get(agent.url + "/healthz", timeout=5)[0] == 200, 30,
                  "the restarted agent's /healthz to answer 200 while the API server is frozen")
+        # Alive and serving its last run's volumes, but not ready: it has not seen the
+        # complete list of PVs yet (a rolling update would wait here).
+        code, body = http_get(agent.url + "/readyz", timeout=5)
+        check(code == 503 and "PVs" in body,
+              f"the restarted agent's /readyz during the freeze: {code} {body[:200]!r}")
     finally:
         apiserver.send(signal.SIGCONT)
     check(is_live_fuse_mount(v.mnt), f"{v.mnt} is not served after the freeze")
+    wait_for(lambda: http_get(agent.url + "/readyz", timeout=5)[0] == 200, 60,
+             "the agent's /readyz to answer 200 once the API server is back")
     # The API is back: new claims are provisioned and served again.
     c.create(*claim_with_pod("after", ns, "fusevol-fast", "1Gi"))
     wait_bound(c, ns, ["after"], 180)
@@ -1644,7 +1655,7 @@ def agent_restart(c):
             if sig == signal.SIGTERM:
                 # A planned stop drains: the old agent answered what it had read first.
                 old = log.read_bytes().split(b"=== ")[-2]
-                check(b"drained for the hand-over" in old,
+                check(b"drained for the hand-over" in old and b"late=0" in old,
                       f"the SIGTERM'd agent did not drain its connections:\n{old[-2000:].decode(errors='replace')}")
             c.wait_agent_ready(node, 60)
             time.sleep(2)
