@@ -290,15 +290,17 @@ impl<'a> Checker<'a> {
                 self.problem(format!(
                     "entry {shown:?} in directory {parent}: {why}; removed"
                 ));
-                self.batch
-                    .delete_cf(meta, keys::dirent_key(v, parent, &name));
                 if cookies
                     .get(&(parent, d.cookie))
                     .is_some_and(|c| c.name == name)
                 {
-                    self.batch
-                        .delete_cf(meta, keys::cookie_key(v, parent, d.cookie));
+                    store.stage_remove_dirent(&mut self.batch, v, parent, &name, d.cookie);
                     used_cookies.insert((parent, d.cookie));
+                } else {
+                    // Its readdir position belongs to another name (or to none): only
+                    // the by-name half goes.
+                    self.batch
+                        .delete_cf(meta, keys::dirent_key(v, parent, &name));
                 }
                 continue;
             }
@@ -337,18 +339,12 @@ impl<'a> Checker<'a> {
                 || kind != d.kind
                 || cookies.get(&(parent, cookie)) != Some(&expected)
             {
-                self.batch.put_cf(
-                    meta,
-                    keys::dirent_key(v, parent, &name),
-                    DirentValue {
-                        ino: d.ino,
-                        kind,
-                        cookie,
-                    }
-                    .encode(),
-                );
-                self.batch
-                    .put_cf(meta, keys::cookie_key(v, parent, cookie), expected.encode());
+                let entry = DirentValue {
+                    ino: d.ino,
+                    kind,
+                    cookie,
+                };
+                store.stage_put_dirent(&mut self.batch, v, parent, &name, entry);
             }
             used_cookies.insert((parent, cookie));
             if let Some(p) = inodes.get_mut(&parent) {
@@ -689,28 +685,15 @@ impl<'a> Checker<'a> {
         ino: Ino,
         kind: Kind,
     ) {
-        let meta = self.store.meta();
         let Some(d) = inodes.get_mut(&dir) else {
             return;
         };
         let cookie = d.next_cookie;
         d.next_cookie += 1;
         self.attached_bytes += dirent_charge(name.len());
-        self.batch.put_cf(
-            meta,
-            keys::dirent_key(self.vid, dir, name),
-            DirentValue { ino, kind, cookie }.encode(),
-        );
-        self.batch.put_cf(
-            meta,
-            keys::cookie_key(self.vid, dir, cookie),
-            CookieValue {
-                ino,
-                kind,
-                name: name.to_vec(),
-            }
-            .encode(),
-        );
+        let entry = DirentValue { ino, kind, cookie };
+        self.store
+            .stage_put_dirent(&mut self.batch, self.vid, dir, name, entry);
     }
 
     /// Finds or creates `/lost+found`.

@@ -400,31 +400,15 @@ impl Fs {
         let cookie = parent_rec.next_cookie;
         parent_rec.next_cookie += 1;
         c.usage.bytes += charge::dirent_charge(name.len()) as i64;
-        let meta = self.store.meta();
-        c.batch.put_cf(
-            meta,
-            keys::dirent_key(self.vid(), parent, name),
-            DirentValue { ino, kind, cookie }.encode(),
-        );
-        c.batch.put_cf(
-            meta,
-            keys::cookie_key(self.vid(), parent, cookie),
-            CookieValue {
-                ino,
-                kind,
-                name: name.to_vec(),
-            }
-            .encode(),
-        );
+        let entry = DirentValue { ino, kind, cookie };
+        self.store
+            .stage_put_dirent(&mut c.batch, self.vid(), parent, name, entry);
     }
 
     fn stage_remove_dirent(&self, c: &mut Change, parent: Ino, name: &[u8], d: &DirentValue) {
         c.usage.bytes -= charge::dirent_charge(name.len()) as i64;
-        let meta = self.store.meta();
-        c.batch
-            .delete_cf(meta, keys::dirent_key(self.vid(), parent, name));
-        c.batch
-            .delete_cf(meta, keys::cookie_key(self.vid(), parent, d.cookie));
+        self.store
+            .stage_remove_dirent(&mut c.batch, self.vid(), parent, name, d.cookie);
     }
 
     /// Stages the removal of an inode with all its chunks and xattrs, crediting all they
@@ -977,22 +961,9 @@ impl Fs {
 
     /// Points the existing entry `at` (both its keys, cookie kept) at `ino`.
     fn stage_put_dirent(&self, c: &mut Change, at: Place, cookie: u64, ino: Ino, kind: Kind) {
-        let (meta, v) = (self.store.meta(), self.vid());
-        c.batch.put_cf(
-            meta,
-            keys::dirent_key(v, at.dir, at.name),
-            DirentValue { ino, kind, cookie }.encode(),
-        );
-        c.batch.put_cf(
-            meta,
-            keys::cookie_key(v, at.dir, cookie),
-            CookieValue {
-                ino,
-                kind,
-                name: at.name.to_vec(),
-            }
-            .encode(),
-        );
+        let entry = DirentValue { ino, kind, cookie };
+        self.store
+            .stage_put_dirent(&mut c.batch, self.vid(), at.dir, at.name, entry);
     }
 
     /// Stages a plain rename of entry `src` to `to`, replacing `dst` there if any; false

@@ -37,7 +37,7 @@ use rocksdb::{
 use serde::Serialize;
 
 use key_codec::{Ino, VolumeId};
-use records::{InodeRecord, Kind, Timestamp, Usage, VolumeConfig};
+use records::{CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage, VolumeConfig};
 
 pub const CF_META: &str = "meta";
 pub const CF_CHUNKS: &str = "chunks";
@@ -877,6 +877,51 @@ impl Store {
             Some(cf) => cf,
             None => unreachable!("column family {name} is created at open"),
         }
+    }
+
+    /// Stages directory entry `name` of directory `parent` in volume `vol`: its by-name
+    /// key (lookup) and its readdir key at `entry.cookie`, always together. The one place
+    /// that writes a directory entry; an existing entry of that name and cookie is
+    /// replaced (both keys).
+    pub fn stage_put_dirent(
+        &self,
+        b: &mut WriteBatch,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+        entry: DirentValue,
+    ) {
+        let meta = self.meta();
+        b.put_cf(
+            meta,
+            key_codec::dirent_key(vol, parent, name),
+            entry.encode(),
+        );
+        b.put_cf(
+            meta,
+            key_codec::cookie_key(vol, parent, entry.cookie),
+            CookieValue {
+                ino: entry.ino,
+                kind: entry.kind,
+                name: name.to_vec(),
+            }
+            .encode(),
+        );
+    }
+
+    /// Stages the removal of directory entry `name` of `parent` whose readdir position
+    /// is `cookie`: both its keys. The one place that removes a directory entry.
+    pub fn stage_remove_dirent(
+        &self,
+        b: &mut WriteBatch,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+        cookie: u64,
+    ) {
+        let meta = self.meta();
+        b.delete_cf(meta, key_codec::dirent_key(vol, parent, name));
+        b.delete_cf(meta, key_codec::cookie_key(vol, parent, cookie));
     }
 
     /// Commits one operation's batch (WAL on, not synced: see [`Store::sync`]).
