@@ -17,12 +17,10 @@ use rocksdb::WriteBatch;
 use serde::Serialize;
 
 use crate::fs::charge::{chunks_charge, dirent_charge, inode_charge, xattr_charge};
-use crate::fs::data::decode_chunk_len;
 use crate::fs::RING_SLOTS;
-use crate::store::key_codec::{self as keys, Ino, VolumeId};
-use crate::store::records::{
-    decode_counter, encode_counter, CookieValue, DirentValue, InodeRecord, Kind, ReplayRecord,
-    Timestamp, Usage,
+use crate::store::codec::{
+    self as keys, decode_chunk_len, decode_counter, encode_counter, CookieValue, DirentValue, Ino,
+    InodeRecord, Kind, ReplayRecord, Timestamp, Usage, VolumeId,
 };
 use crate::store::{self, Store, ROOT_INO};
 
@@ -881,7 +879,7 @@ mod tests {
         }
         let id = store.open_volume("v").unwrap().id;
         // What a volume of the old rule holds: accounting 0, usage of file data only.
-        let mut cfg: crate::store::records::VolumeConfig =
+        let mut cfg: crate::store::codec::VolumeConfig =
             serde_json::from_slice(&store.get_meta(&keys::config_key(id)).unwrap().unwrap())
                 .unwrap();
         cfg.accounting = 0;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::*;
 use fusevol::fs::charge::{chunks_charge, dirent_charge, INODE_CHARGE, VOLUME_OVERHEAD_MAX};
-use fusevol::store::key_codec as keys;
+use fusevol::store::codec as keys;
 use fusevol::store::{Store, StoreOptions};
 
 /// What an empty file named `name` is charged (its inode and its directory entry).

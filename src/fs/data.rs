@@ -16,8 +16,9 @@
 
 use super::charge::CHUNK_CHARGE;
 use super::{Change, Fs, FsError, Result, Timestamp, MAX_FILE_SIZE};
-use crate::store::key_codec::{self as keys, Ino};
-use crate::store::records::{InodeRecord, Kind};
+use crate::store::codec::{
+    self as keys, decode_chunk_len, encode_chunk_len, Ino, InodeRecord, Kind,
+};
 
 /// `fallocate` mode bits (from `linux/falloc.h`).
 pub const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -90,13 +91,13 @@ impl Fs {
         c.batch.put_cf(
             self.store.meta(),
             keys::chunk_len_key(self.vid(), ino, idx),
-            (len as u32).to_be_bytes(),
+            encode_chunk_len(len),
         );
         count_chunk_len(c, len, old_len);
     }
 
     /// Stages `bytes` at `offset` inside chunk `idx` without reading it (a merge operand,
-    /// see [`crate::store::records::merge_chunk`]); the stored length becomes `len`.
+    /// see [`crate::store::codec::merge_chunk`]); the stored length becomes `len`.
     #[allow(clippy::too_many_arguments)]
     fn stage_chunk_patch(
         &self,
@@ -112,7 +113,7 @@ impl Fs {
         c.batch.merge_cf(
             self.store.chunks(),
             keys::chunk_key(v, ino, idx),
-            crate::store::records::encode_chunk_patch(offset, bytes),
+            keys::encode_chunk_patch(offset, bytes),
         );
         self.stage_chunk_len(c, ino, idx, len, old_len);
     }
@@ -374,7 +375,7 @@ impl Fs {
                 c.batch.put_cf(
                     self.store.meta(),
                     keys::chunk_len_key(v, ino, idx),
-                    (hi as u32).to_be_bytes(),
+                    encode_chunk_len(hi),
                 );
                 count_chunk_len(&mut c, hi, old);
             }
@@ -433,16 +434,5 @@ fn count_chunk_len(c: &mut Change, len: u64, old_len: Option<u64>) {
     if old_len.is_none() {
         c.usage.chunks += 1;
         c.usage.bytes += CHUNK_CHARGE as i64;
-    }
-}
-
-/// Decodes a chunk-length value (u32 big-endian).
-pub fn decode_chunk_len(v: &[u8]) -> Result<u64, crate::store::Error> {
-    match <[u8; 4]>::try_from(v) {
-        Ok(b) => Ok(u64::from(u32::from_be_bytes(b))),
-        Err(_) => Err(crate::store::Error::Corrupt(format!(
-            "chunk length of {} bytes",
-            v.len()
-        ))),
     }
 }

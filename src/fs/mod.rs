@@ -32,10 +32,10 @@ use std::sync::Arc;
 use parking_lot::{Mutex, MutexGuard};
 use rocksdb::WriteBatch;
 
-use crate::store::key_codec::{self as keys, Ino};
-use crate::store::records::{
-    encode_counter, CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage,
+use crate::store::codec::{
+    self as keys, encode_counter, CookieValue, DirentValue, Ino, InodeRecord, Usage,
 };
+pub use crate::store::codec::{Kind, Timestamp};
 use crate::store::{Exhausted, OpenVolume, Store, Volume, ROOT_INO, UNLIMITED};
 pub use error::{FsError, Result};
 use replay::Req;

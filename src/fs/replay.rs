@@ -46,9 +46,9 @@
 use super::xattr::{XATTR_CREATE, XATTR_REPLACE};
 use super::{Attr, Caller, Change, Fs, Place, Result};
 use crate::fnv::fnv1a64;
-use crate::store::key_codec::VolumeId;
-use crate::store::key_codec::{self as keys, Ino};
-use crate::store::records::{decode_counter, encode_counter, ReplayRecord};
+use crate::store::codec::VolumeId;
+use crate::store::codec::{self as keys, Ino};
+use crate::store::codec::{decode_counter, encode_counter, ReplayRecord};
 use crate::store::Store;
 
 /// Slots of a volume's ring of recent answers. Each holds one [`ReplayRecord`] (a 7-byte

@@ -76,7 +76,7 @@ fn recount(fs: &Fs) -> u64 {
     })
     .unwrap();
     st.scan_meta(&keys::tag_prefix(v, keys::TAG_CHUNK_LEN), |_, val| {
-        total += chunks_charge(1, data::decode_chunk_len(val)?);
+        total += chunks_charge(1, keys::decode_chunk_len(val)?);
         Ok(true)
     })
     .unwrap();

@@ -13,7 +13,7 @@
 
 use super::charge::xattr_charge;
 use super::{Change, Fs, FsError, Req, Result, Timestamp};
-use crate::store::key_codec::{self as keys, Ino};
+use crate::store::codec::{self as keys, Ino};
 
 pub const XATTR_NAME_MAX: usize = 255;
 pub const XATTR_SIZE_MAX: usize = 65536;

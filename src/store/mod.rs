@@ -14,9 +14,8 @@
 //! DIR/db/            the RocksDB database (column families "meta" and "chunks")
 //! ```
 
-pub mod key_codec;
+pub mod codec;
 mod memory;
-pub mod records;
 
 use memory::MemoryPlan;
 pub use memory::{DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET};
@@ -36,8 +35,10 @@ use rocksdb::{
 };
 use serde::Serialize;
 
-use key_codec::{Ino, VolumeId};
-use records::{CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage, VolumeConfig};
+use codec::{
+    decode_config, encode_config, CookieValue, DirentValue, Ino, InodeRecord, Kind, Timestamp,
+    Usage, VolumeConfig, VolumeId,
+};
 
 pub const CF_META: &str = "meta";
 pub const CF_CHUNKS: &str = "chunks";
@@ -107,14 +108,14 @@ impl Error {
     }
 }
 
-impl From<key_codec::KeyError> for Error {
-    fn from(e: key_codec::KeyError) -> Self {
+impl From<codec::KeyError> for Error {
+    fn from(e: codec::KeyError) -> Self {
         Error::Corrupt(e.to_string())
     }
 }
 
-impl From<records::RecordError> for Error {
-    fn from(e: records::RecordError) -> Self {
+impl From<codec::RecordError> for Error {
+    fn from(e: codec::RecordError) -> Self {
         Error::Corrupt(e.to_string())
     }
 }
@@ -601,11 +602,6 @@ pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A volume's configuration as stored under its config key (JSON).
-fn encode_config(cfg: &VolumeConfig) -> Result<Vec<u8>> {
-    serde_json::to_vec(cfg).map_err(|e| Error::Corrupt(e.to_string()))
-}
-
 /// Volume names: what a Kubernetes PV name can hold, and safe as a path component.
 pub fn validate_volume_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -674,7 +670,7 @@ fn db_options(plan: &MemoryPlan, cache: &Cache) -> (Options, Vec<ColumnFamilyDes
     meta.set_max_write_buffer_number(2);
     meta.set_compression_type(DBCompressionType::Lz4);
     meta.set_level_compaction_dynamic_level_bytes(true);
-    meta.set_merge_operator_associative("fusevol-usage", records::merge_usage);
+    meta.set_merge_operator_associative("fusevol-usage", codec::merge_usage);
 
     let mut chunk_table = BlockBasedOptions::default();
     chunk_table.set_block_cache(cache);
@@ -688,8 +684,8 @@ fn db_options(plan: &MemoryPlan, cache: &Cache) -> (Options, Vec<ColumnFamilyDes
     chunks.set_level_compaction_dynamic_level_bytes(true);
     chunks.set_merge_operator(
         "fusevol-chunk-patch",
-        records::merge_chunk,
-        records::merge_chunk_partial,
+        codec::merge_chunk,
+        codec::merge_chunk_partial,
     );
     // Key-value separation: chunk bytes go to blob files, so compaction moves only keys.
     chunks.set_enable_blob_files(true);
@@ -892,14 +888,10 @@ impl Store {
         entry: DirentValue,
     ) {
         let meta = self.meta();
+        b.put_cf(meta, codec::dirent_key(vol, parent, name), entry.encode());
         b.put_cf(
             meta,
-            key_codec::dirent_key(vol, parent, name),
-            entry.encode(),
-        );
-        b.put_cf(
-            meta,
-            key_codec::cookie_key(vol, parent, entry.cookie),
+            codec::cookie_key(vol, parent, entry.cookie),
             CookieValue {
                 ino: entry.ino,
                 kind: entry.kind,
@@ -920,8 +912,8 @@ impl Store {
         cookie: u64,
     ) {
         let meta = self.meta();
-        b.delete_cf(meta, key_codec::dirent_key(vol, parent, name));
-        b.delete_cf(meta, key_codec::cookie_key(vol, parent, cookie));
+        b.delete_cf(meta, codec::dirent_key(vol, parent, name));
+        b.delete_cf(meta, codec::cookie_key(vol, parent, cookie));
     }
 
     /// Commits one operation's batch (WAL on, not synced: see [`Store::sync`]).
@@ -1035,23 +1027,25 @@ impl Store {
         Ok(self.inner.db.get_cf(self.meta(), key)?)
     }
 
-    /// The persisted inode-number counter of volume `vid` ([`key_codec::next_ino_key`]):
+    /// The persisted inode-number counter of volume `vid` ([`codec::next_ino_key`]):
     /// `None` for a volume made before the counter existed.
     pub fn next_ino(&self, vid: VolumeId) -> Result<Option<Ino>> {
-        match self.get_meta(&key_codec::next_ino_key(vid))? {
+        match self.get_meta(&codec::next_ino_key(vid))? {
             None => Ok(None),
-            Some(raw) => Ok(Some(records::decode_counter("next inode number", &raw)?)),
+            Some(raw) => Ok(Some(codec::decode_counter("next inode number", &raw)?)),
         }
     }
 
     fn volume_id(&self, name: &str) -> Result<Option<VolumeId>> {
-        match self.get_meta(&key_codec::volume_name_key(name))? {
+        match self.get_meta(&codec::volume_name_key(name))? {
             None => Ok(None),
-            Some(v) if v.len() == 4 => Ok(Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]))),
-            Some(v) => Err(Error::Corrupt(format!(
-                "volume id of {name:?} has {} bytes",
-                v.len()
-            ))),
+            Some(v) => match codec::decode_volume_id(&v) {
+                Some(id) => Ok(Some(id)),
+                None => Err(Error::Corrupt(format!(
+                    "volume id of {name:?} has {} bytes",
+                    v.len()
+                ))),
+            },
         }
     }
 
@@ -1063,13 +1057,13 @@ impl Store {
 
     fn config(&self, id: VolumeId) -> Result<VolumeConfig> {
         let raw = self
-            .get_meta(&key_codec::config_key(id))?
+            .get_meta(&codec::config_key(id))?
             .ok_or_else(|| Error::Corrupt(format!("volume {id} has no config")))?;
-        serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("volume {id} config: {e}")))
+        decode_config(id, &raw)
     }
 
     fn usage(&self, id: VolumeId) -> Result<Usage> {
-        match self.get_meta(&key_codec::usage_key(id))? {
+        match self.get_meta(&codec::usage_key(id))? {
             None => Ok(Usage::default()),
             Some(raw) => Ok(Usage::decode(&raw)?),
         }
@@ -1077,10 +1071,10 @@ impl Store {
 
     /// Names of all volumes, sorted.
     pub fn volume_names(&self) -> Result<Vec<String>> {
-        let prefix = key_codec::tag_prefix(key_codec::STORE_VOLUME, key_codec::TAG_VOLUME_NAME);
+        let prefix = codec::tag_prefix(codec::STORE_VOLUME, codec::TAG_VOLUME_NAME);
         let mut names = Vec::new();
         self.scan_meta(&prefix, |k, _| {
-            names.push(key_codec::parse_volume_name_key(k)?);
+            names.push(codec::parse_volume_name_key(k)?);
             Ok(true)
         })?;
         Ok(names)
@@ -1092,7 +1086,7 @@ impl Store {
         prefix: &[u8],
         f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
     ) -> Result<()> {
-        self.scan(self.meta(), prefix, &key_codec::prefix_end(prefix), f)
+        self.scan(self.meta(), prefix, &codec::prefix_end(prefix), f)
     }
 
     /// Calls `f(key, value)` for keys in `[from, to)` of `cf`, until it returns false.
@@ -1143,7 +1137,7 @@ impl Store {
             inode_limit,
             created: Timestamp::now().secs,
             owner: None,
-            accounting: records::ACCOUNTING_VERSION,
+            accounting: codec::ACCOUNTING_VERSION,
         };
         let now = Timestamp::now();
         let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, now);
@@ -1156,25 +1150,29 @@ impl Store {
         let meta = self.meta();
         let mut b = WriteBatch::default();
         // Clear any leftovers of an earlier volume with this id (a crash mid-delete).
-        b.delete_range_cf(meta, key_codec::volume_start(id), key_codec::volume_end(id));
+        b.delete_range_cf(meta, codec::volume_start(id), codec::volume_end(id));
         b.delete_range_cf(
             self.chunks(),
-            key_codec::volume_start(id),
-            key_codec::volume_end(id),
+            codec::volume_start(id),
+            codec::volume_end(id),
         );
-        b.put_cf(meta, key_codec::volume_name_key(name), id.to_be_bytes());
         b.put_cf(
             meta,
-            key_codec::next_volume_id_key(),
-            id.checked_add(1).unwrap_or(id).to_be_bytes(),
+            codec::volume_name_key(name),
+            codec::encode_volume_id(id),
         );
-        b.put_cf(meta, key_codec::config_key(id), encode_config(&cfg)?);
-        b.put_cf(meta, key_codec::usage_key(id), usage.encode());
-        b.put_cf(meta, key_codec::inode_key(id, ROOT_INO), root.encode());
         b.put_cf(
             meta,
-            key_codec::next_ino_key(id),
-            records::encode_counter(ROOT_INO + 1),
+            codec::next_volume_id_key(),
+            codec::encode_volume_id(id.checked_add(1).unwrap_or(id)),
+        );
+        b.put_cf(meta, codec::config_key(id), encode_config(&cfg)?);
+        b.put_cf(meta, codec::usage_key(id), usage.encode());
+        b.put_cf(meta, codec::inode_key(id, ROOT_INO), root.encode());
+        b.put_cf(
+            meta,
+            codec::next_ino_key(id),
+            codec::encode_counter(ROOT_INO + 1),
         );
         self.write(b)?;
         self.sync()?;
@@ -1186,11 +1184,11 @@ impl Store {
     /// never given out twice, so a FUSE session or snapshot that outlived its volume can
     /// never reach the keys of a later one.
     fn next_volume_id(&self) -> Result<VolumeId> {
-        let counter = match self.get_meta(&key_codec::next_volume_id_key())? {
+        let counter = match self.get_meta(&codec::next_volume_id_key())? {
             None => 1,
-            Some(v) => match <[u8; 4]>::try_from(v.as_slice()) {
-                Ok(b) => u32::from_be_bytes(b),
-                Err(_) => {
+            Some(v) => match codec::decode_volume_id(&v) {
+                Some(id) => id,
+                None => {
                     return Err(Error::Corrupt(format!(
                         "next volume id has {} bytes",
                         v.len()
@@ -1335,7 +1333,7 @@ impl Store {
                 .store(cfg.inode_limit.unwrap_or(UNLIMITED), Ordering::Release);
         }
         let mut b = WriteBatch::default();
-        b.put_cf(self.meta(), key_codec::config_key(id), encode_config(&cfg)?);
+        b.put_cf(self.meta(), codec::config_key(id), encode_config(&cfg)?);
         self.write(b)?;
         self.sync()?;
         drop(_g);
@@ -1346,7 +1344,7 @@ impl Store {
     /// [`Store::set_recounted_usage`]) before it is served.
     pub fn needs_recount(&self, name: &str) -> Result<bool> {
         let id = self.existing_id(name)?;
-        Ok(self.config(id)?.accounting < records::ACCOUNTING_VERSION)
+        Ok(self.config(id)?.accounting < codec::ACCOUNTING_VERSION)
     }
 
     /// Replaces the usage counters of a closed volume with `usage` (recounted from what
@@ -1358,10 +1356,10 @@ impl Store {
         }
         let id = self.existing_id(name)?;
         let mut cfg = self.config(id)?;
-        cfg.accounting = records::ACCOUNTING_VERSION;
+        cfg.accounting = codec::ACCOUNTING_VERSION;
         let mut b = WriteBatch::default();
-        b.put_cf(self.meta(), key_codec::usage_key(id), usage.encode());
-        b.put_cf(self.meta(), key_codec::config_key(id), encode_config(&cfg)?);
+        b.put_cf(self.meta(), codec::usage_key(id), usage.encode());
+        b.put_cf(self.meta(), codec::config_key(id), encode_config(&cfg)?);
         self.write(b)?;
         self.sync()
     }
@@ -1386,7 +1384,7 @@ impl Store {
             None => cfg.owner = Some(owner.to_string()),
         }
         let mut b = WriteBatch::default();
-        b.put_cf(self.meta(), key_codec::config_key(id), encode_config(&cfg)?);
+        b.put_cf(self.meta(), codec::config_key(id), encode_config(&cfg)?);
         self.write(b)?;
         self.sync()
     }
@@ -1399,9 +1397,9 @@ impl Store {
             return Err(Error::VolumeBusy(name.to_string()));
         }
         let id = self.existing_id(name)?;
-        let (lo, hi) = (key_codec::volume_start(id), key_codec::volume_end(id));
+        let (lo, hi) = (codec::volume_start(id), codec::volume_end(id));
         let mut b = WriteBatch::default();
-        b.delete_cf(self.meta(), key_codec::volume_name_key(name));
+        b.delete_cf(self.meta(), codec::volume_name_key(name));
         b.delete_range_cf(self.meta(), &lo, &hi);
         b.delete_range_cf(self.chunks(), &lo, &hi);
         self.write(b)?;
