@@ -13,16 +13,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use rocksdb::WriteBatch;
 use serde::Serialize;
 
 use crate::fs::charge::{chunks_charge, dirent_charge, inode_charge, xattr_charge};
 use crate::fs::RING_SLOTS;
 use crate::store::codec::{
-    self as keys, decode_chunk_len, decode_counter, encode_counter, CookieValue, DirentValue, Ino,
-    InodeRecord, Kind, ReplayRecord, Timestamp, Usage, VolumeId,
+    self as keys, CookieValue, DirentValue, Ino, InodeRecord, Kind, Timestamp, Usage,
 };
-use crate::store::{self, Store, ROOT_INO};
+use crate::store::{self, OpenVolume, Store, VolumeTxn, VolumeView, ROOT_INO};
 
 /// What fsck found in one volume.
 #[derive(Debug, Default, Serialize)]
@@ -45,8 +43,9 @@ pub fn recount_if_needed(store: &Store, name: &str) -> Result<(), store::Error> 
     if !store.needs_recount(name)? {
         return Ok(());
     }
-    let vid = store.open_volume(name)?.id;
-    let usage = recount_from_meta(store, vid)?;
+    let vol = store.open_volume(name)?;
+    let usage = recount_from_meta(vol.view())?;
+    drop(vol);
     tracing::warn!(
         volume = name,
         bytes = usage.bytes,
@@ -55,37 +54,38 @@ pub fn recount_if_needed(store: &Store, name: &str) -> Result<(), store::Error> 
     store.set_recounted_usage(name, usage)
 }
 
-/// The usage of volume `vid` by the charge rules, from its metadata keys alone (inodes,
+/// The usage of a volume by the charge rules, from its metadata keys alone (inodes,
 /// directory entries, xattrs, chunk lengths): no chunk is read, so a recount of a large
 /// volume reads megabytes, not its data. Assumes a consistent volume (fsck checks that).
-fn recount_from_meta(store: &Store, v: VolumeId) -> Result<Usage, store::Error> {
+fn recount_from_meta(view: VolumeView) -> Result<Usage, store::Error> {
     let mut u = Usage::default();
     let mut add = |bytes: u64| u.bytes = u.bytes.saturating_add(bytes as i64);
     let mut inodes = 0i64;
-    store.scan_meta(&keys::tag_prefix(v, keys::TAG_INODE), |k, val| {
-        let ino = keys::parse_inode_key(v, k)?;
-        add(inode_charge(ino, &InodeRecord::decode(val)?));
-        inodes += 1;
-        Ok(true)
+    let mut unreadable: Option<store::Error> = None;
+    view.each_inode(|ino, r| match r {
+        Ok(r) => {
+            add(inode_charge(ino, &r));
+            inodes += 1;
+        }
+        Err(e) => {
+            unreadable.get_or_insert(e.into());
+        }
     })?;
-    store.scan_meta(&keys::tag_prefix(v, keys::TAG_DIRENT), |k, _| {
-        add(dirent_charge(keys::parse_dirent_key(v, k)?.1.len()));
-        Ok(true)
-    })?;
-    store.scan_meta(&keys::tag_prefix(v, keys::TAG_XATTR), |k, val| {
-        add(xattr_charge(
-            keys::parse_xattr_key(v, k)?.1.len(),
-            val.len(),
-        ));
-        Ok(true)
-    })?;
+    view.each_dirent(|_, name, _| add(dirent_charge(name.len())))?;
+    view.each_xattr(|_, name, value_len| add(xattr_charge(name.len(), value_len)))?;
     let mut chunks = 0i64;
-    store.scan_meta(&keys::tag_prefix(v, keys::TAG_CHUNK_LEN), |_, val| {
-        let len = decode_chunk_len(val)?;
-        add(chunks_charge(1, len));
-        chunks += 1;
-        Ok(true)
+    view.each_chunk_len(|_, _, len| match len {
+        Ok(len) => {
+            add(chunks_charge(1, len));
+            chunks += 1;
+        }
+        Err(e) => {
+            unreadable.get_or_insert(e);
+        }
     })?;
+    if let Some(e) = unreadable {
+        return Err(e);
+    }
     u.inodes = inodes;
     u.chunks = chunks;
     Ok(u)
@@ -95,7 +95,7 @@ fn recount_from_meta(store: &Store, v: VolumeId) -> Result<Usage, store::Error> 
 pub fn check_volume(store: &Store, name: &str, repair: bool) -> Result<VolumeReport, store::Error> {
     let info = store.inspect_volume(name)?;
     let vol = store.open_volume(name)?;
-    let result = Checker::new(store, vol.id, name, repair).run(repair);
+    let result = Checker::new(store, &vol, name, repair).run(repair);
     drop(vol);
     let mut report = result?;
     report.volume = info.name;
@@ -104,12 +104,13 @@ pub fn check_volume(store: &Store, name: &str, repair: bool) -> Result<VolumeRep
 
 struct Checker<'a> {
     store: &'a Store,
-    vid: VolumeId,
+    view: VolumeView<'a>,
     problems: Vec<String>,
     pending: Vec<String>,
-    batch: WriteBatch,
+    /// The fixes, written only with `repair`.
+    txn: VolumeTxn<'a>,
     name: &'a str,
-    /// Whether the fixes staged in `batch` will be written.
+    /// Whether the fixes staged in `txn` will be written.
     repair: bool,
     /// Charges of the directory entries `attach` adds (lost+found and what goes into it).
     attached_bytes: u64,
@@ -118,13 +119,13 @@ struct Checker<'a> {
 }
 
 impl<'a> Checker<'a> {
-    fn new(store: &'a Store, vid: VolumeId, name: &'a str, repair: bool) -> Self {
+    fn new(store: &'a Store, vol: &'a OpenVolume, name: &'a str, repair: bool) -> Self {
         Checker {
             store,
-            vid,
+            view: vol.view(),
             problems: Vec::new(),
             pending: Vec::new(),
-            batch: WriteBatch::default(),
+            txn: vol.txn(),
             name,
             repair,
             attached_bytes: 0,
@@ -137,7 +138,7 @@ impl<'a> Checker<'a> {
     /// none: not a problem.
     fn check_next_ino(&mut self, inodes: &BTreeMap<Ino, InodeRecord>) -> Result<(), store::Error> {
         let highest = inodes.keys().next_back().copied().unwrap_or(ROOT_INO);
-        let counter = self.store.next_ino(self.vid)?;
+        let counter = self.view.next_ino()?;
         self.next_ino = counter.unwrap_or(0).max(highest + 1);
         if counter.is_some_and(|next| next <= highest) {
             self.problem(format!(
@@ -154,40 +155,27 @@ impl<'a> Checker<'a> {
     /// generation is dropped with every record, as the next mount would count again from
     /// the start and could match them.
     fn check_replay_ring(&mut self) -> Result<(), store::Error> {
-        let (store, v) = (self.store, self.vid);
-        let gen_key = keys::mount_gen_key(v);
-        if let Some(raw) = store.get_meta(&gen_key)? {
-            if decode_counter("mount generation", &raw).is_err() {
-                self.problem("unreadable mount generation; removed with the replay records".into());
-                let ring = keys::tag_prefix(v, keys::TAG_REPLAY);
-                self.batch.delete_cf(store.meta(), gen_key);
-                self.batch
-                    .delete_range_cf(store.meta(), &ring, &keys::prefix_end(&ring));
-                return Ok(());
-            }
+        if let Some(Err(_)) = self.view.mount_generation()? {
+            self.problem("unreadable mount generation; removed with the replay records".into());
+            self.txn.delete_mount_generation();
+            self.txn.delete_replay_ring();
+            return Ok(());
         }
         let mut bad = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_REPLAY), |k, val| {
-            let slot = keys::parse_replay_key(v, k)?;
-            if u64::from(slot) >= RING_SLOTS || ReplayRecord::decode(val).is_err() {
+        self.view.each_replay(|slot, record| {
+            if u64::from(slot) >= RING_SLOTS || record.is_err() {
                 bad.push(slot);
             }
-            Ok(true)
         })?;
         for slot in bad {
             self.problem(format!("replay record {slot}: unreadable; removed"));
-            self.batch
-                .delete_cf(store.meta(), keys::replay_key(v, slot));
+            self.txn.delete_replay(slot);
         }
         Ok(())
     }
 
     fn stage_next_ino(&mut self) {
-        self.batch.put_cf(
-            self.store.meta(),
-            keys::next_ino_key(self.vid),
-            encode_counter(self.next_ino),
-        );
+        self.txn.set_next_ino(self.next_ino);
     }
 
     /// Records a problem. `msg` is "what is wrong; what the fix does" (the fix in the
@@ -202,26 +190,22 @@ impl<'a> Checker<'a> {
     }
 
     fn run(mut self, repair: bool) -> Result<VolumeReport, store::Error> {
-        let (store, v) = (self.store, self.vid);
-        let meta = store.meta();
+        let (store, view) = (self.store, self.view);
+        let v = view.id();
         let cs = u64::from(store.chunk_size());
 
         // Inodes.
         let mut inodes: BTreeMap<Ino, InodeRecord> = BTreeMap::new();
         let mut bad_inodes = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_INODE), |k, val| {
-            let ino = keys::parse_inode_key(v, k)?;
-            match InodeRecord::decode(val) {
-                Ok(r) => {
-                    inodes.insert(ino, r);
-                }
-                Err(e) => bad_inodes.push((ino, e.to_string())),
+        view.each_inode(|ino, r| match r {
+            Ok(r) => {
+                inodes.insert(ino, r);
             }
-            Ok(true)
+            Err(e) => bad_inodes.push((ino, e.to_string())),
         })?;
         for (ino, e) in bad_inodes {
             self.problem(format!("inode {ino}: unreadable record ({e}); removed"));
-            self.batch.delete_cf(meta, keys::inode_key(v, ino));
+            self.txn.delete_inode(ino);
         }
         if !inodes.get(&ROOT_INO).is_some_and(|r| r.kind == Kind::Dir) {
             self.problem("root directory is missing or not a directory; recreated".into());
@@ -237,33 +221,27 @@ impl<'a> Checker<'a> {
         // Directory entries by name.
         let mut entries: Vec<(Ino, Vec<u8>, DirentValue)> = Vec::new();
         let mut bad_entries = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_DIRENT), |k, val| {
-            let (parent, name) = keys::parse_dirent_key(v, k)?;
-            match DirentValue::decode(val) {
-                Ok(d) => entries.push((parent, name, d)),
-                Err(_) => bad_entries.push(k.to_vec()),
-            }
-            Ok(true)
+        view.each_dirent(|parent, name, d| match d {
+            Ok(d) => entries.push((parent, name, d)),
+            Err(_) => bad_entries.push((parent, name)),
         })?;
-        for k in bad_entries {
+        for (parent, name) in bad_entries {
+            let k = keys::dirent_key(v, parent, &name);
             self.problem(format!("unreadable directory entry {k:02x?}; removed"));
-            self.batch.delete_cf(meta, k);
+            self.txn.remove_dirent_name(parent, &name);
         }
         let mut cookies: HashMap<(Ino, u64), CookieValue> = HashMap::new();
         let mut bad_cookies = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_DIRENT_COOKIE), |k, val| {
-            let (parent, cookie) = keys::parse_cookie_key(v, k)?;
-            match CookieValue::decode(val) {
-                Ok(c) => {
-                    cookies.insert((parent, cookie), c);
-                }
-                Err(_) => bad_cookies.push(k.to_vec()),
+        view.each_cookie(|parent, cookie, c| match c {
+            Ok(c) => {
+                cookies.insert((parent, cookie), c);
             }
-            Ok(true)
+            Err(_) => bad_cookies.push((parent, cookie)),
         })?;
-        for k in bad_cookies {
+        for (parent, cookie) in bad_cookies {
+            let k = keys::cookie_key(v, parent, cookie);
             self.problem(format!("unreadable readdir entry {k:02x?}; removed"));
-            self.batch.delete_cf(meta, k);
+            self.txn.remove_dirent_cookie(parent, cookie);
         }
 
         let mut links: HashMap<Ino, u32> = HashMap::new();
@@ -292,13 +270,12 @@ impl<'a> Checker<'a> {
                     .get(&(parent, d.cookie))
                     .is_some_and(|c| c.name == name)
                 {
-                    store.stage_remove_dirent(&mut self.batch, v, parent, &name, d.cookie);
+                    self.txn.remove_dirent(parent, &name, d.cookie);
                     used_cookies.insert((parent, d.cookie));
                 } else {
                     // Its readdir position belongs to another name (or to none): only
                     // the by-name half goes.
-                    self.batch
-                        .delete_cf(meta, keys::dirent_key(v, parent, &name));
+                    self.txn.remove_dirent_name(parent, &name);
                 }
                 continue;
             }
@@ -342,7 +319,7 @@ impl<'a> Checker<'a> {
                     kind,
                     cookie,
                 };
-                store.stage_put_dirent(&mut self.batch, v, parent, &name, entry);
+                self.txn.put_dirent(parent, &name, entry);
             }
             used_cookies.insert((parent, cookie));
             if let Some(p) = inodes.get_mut(&parent) {
@@ -372,69 +349,50 @@ impl<'a> Checker<'a> {
         stale_cookies.sort_unstable();
         for (parent, cookie) in stale_cookies {
             self.problem(format!("readdir entry {cookie} in directory {parent} has no name entry (duplicate); removed"));
-            self.batch
-                .delete_cf(meta, keys::cookie_key(v, parent, cookie));
+            self.txn.remove_dirent_cookie(parent, cookie);
         }
 
         // Orphan markers.
-        let mut orphan_marks = HashSet::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_ORPHAN), |k, _| {
-            orphan_marks.insert(keys::parse_orphan_key(v, k)?);
-            Ok(true)
-        })?;
+        let orphan_marks: HashSet<Ino> = view.orphans()?.into_iter().collect();
 
         // Extended attributes: charged to their inode; those of a missing inode are stale.
         let mut xattr_bytes: HashMap<Ino, u64> = HashMap::new();
         let mut stale_xattrs = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_XATTR), |k, val| {
-            let (ino, name) = keys::parse_xattr_key(v, k)?;
+        view.each_xattr(|ino, name, value_len| {
             if inodes.contains_key(&ino) {
-                *xattr_bytes.entry(ino).or_default() += xattr_charge(name.len(), val.len());
+                *xattr_bytes.entry(ino).or_default() += xattr_charge(name.len(), value_len);
             } else {
                 stale_xattrs.push((ino, name));
             }
-            Ok(true)
         })?;
         for (ino, name) in stale_xattrs {
             let shown = String::from_utf8_lossy(&name).into_owned();
             self.problem(format!(
                 "extended attribute {shown:?} of missing inode {ino}; removed"
             ));
-            self.batch.delete_cf(meta, keys::xattr_key(v, ino, &name));
+            self.txn.delete_xattr(ino, &name);
         }
 
         // Chunks: lengths index, then chunk values.
         let mut lens: BTreeMap<(Ino, u64), u64> = BTreeMap::new();
         let mut bad_lens = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_CHUNK_LEN), |k, val| {
-            let (ino, idx) = keys::parse_chunk_len_key(v, k)?;
-            match decode_chunk_len(val) {
-                Ok(l) => {
-                    lens.insert((ino, idx), l);
-                }
-                Err(_) => bad_lens.push((ino, idx)),
+        view.each_chunk_len(|ino, idx, len| match len {
+            Ok(l) => {
+                lens.insert((ino, idx), l);
             }
-            Ok(true)
+            Err(_) => bad_lens.push((ino, idx)),
         })?;
         for (ino, idx) in bad_lens {
             self.problem(format!(
                 "inode {ino} chunk {idx}: unreadable length; chunk removed"
             ));
-            self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
-            self.batch
-                .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+            self.txn.delete_chunk_len(ino, idx);
+            self.txn.delete_chunk(ino, idx);
         }
         let mut chunk_vals: HashMap<(Ino, u64), u64> = HashMap::new();
-        store.scan(
-            store.chunks(),
-            &keys::volume_start(v),
-            &keys::volume_end(v),
-            |k, val| {
-                let (_, ino, idx) = keys::parse_chunk_key(k)?;
-                chunk_vals.insert((ino, idx), val.len() as u64);
-                Ok(true)
-            },
-        )?;
+        view.each_chunk_size(|ino, idx, stored| {
+            chunk_vals.insert((ino, idx), stored);
+        })?;
 
         // Reachability: which inodes no entry names.
         let unreachable: Vec<Ino> = inodes
@@ -506,7 +464,7 @@ impl<'a> Checker<'a> {
         for ino in &orphan_marks {
             // Markers of inodes that are gone or linked again are stale.
             if !inodes.contains_key(ino) || links.contains_key(ino) {
-                self.batch.delete_cf(meta, keys::orphan_key(v, *ino));
+                self.txn.delete_orphan(*ino);
             }
         }
 
@@ -537,9 +495,8 @@ impl<'a> Checker<'a> {
         for (&(ino, idx), &len) in &lens {
             let Some(r) = inodes.get(&ino) else {
                 self.problem(format!("chunk {idx} of missing inode {ino}; removed"));
-                self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
-                self.batch
-                    .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+                self.txn.delete_chunk_len(ino, idx);
+                self.txn.delete_chunk(ino, idx);
                 continue;
             };
             // Lengths past the end of a file are space that `fallocate(KEEP_SIZE)`
@@ -549,9 +506,8 @@ impl<'a> Checker<'a> {
                 self.problem(format!(
                     "inode {ino} chunk {idx}: invalid length {len}; removed"
                 ));
-                self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
-                self.batch
-                    .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+                self.txn.delete_chunk_len(ino, idx);
+                self.txn.delete_chunk(ino, idx);
                 continue;
             }
             if let Some(&stored) = chunk_vals.get(&(ino, idx)) {
@@ -561,8 +517,7 @@ impl<'a> Checker<'a> {
                     self.problem(format!(
                         "inode {ino} chunk {idx}: {stored} bytes stored past end of file; removed (the space stays reserved)"
                     ));
-                    self.batch
-                        .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+                    self.txn.delete_chunk(ino, idx);
                     let e = per_inode.entry(ino).or_default();
                     e.0 += len;
                     e.1 += 1;
@@ -570,15 +525,8 @@ impl<'a> Checker<'a> {
                 }
                 if stored > len {
                     self.problem(format!("inode {ino} chunk {idx}: {stored} bytes stored beyond its length {len}; trimmed"));
-                    let bytes = store
-                        .db()
-                        .get_cf(store.chunks(), keys::chunk_key(v, ino, idx))?
-                        .unwrap_or_default();
-                    self.batch.put_cf(
-                        store.chunks(),
-                        keys::chunk_key(v, ino, idx),
-                        &bytes[..len as usize],
-                    );
+                    let bytes = view.chunk(ino, idx)?;
+                    self.txn.put_chunk(ino, idx, &bytes[..len as usize]);
                 }
             }
             let e = per_inode.entry(ino).or_default();
@@ -594,8 +542,7 @@ impl<'a> Checker<'a> {
             self.problem(format!(
                 "inode {ino} chunk {idx}: data without a length entry; removed"
             ));
-            self.batch
-                .delete_cf(store.chunks(), keys::chunk_key(v, *ino, *idx));
+            self.txn.delete_chunk(*ino, *idx);
         }
         let mut total = Usage::default();
         for ino in &inos {
@@ -621,8 +568,8 @@ impl<'a> Checker<'a> {
             total.inodes += 1;
         }
         total.bytes += (dirent_bytes + self.attached_bytes) as i64;
-        let recorded = match store.get_meta(&keys::usage_key(v))? {
-            Some(raw) => Usage::decode(&raw).unwrap_or(Usage {
+        let recorded = match view.usage()? {
+            Some(stored) => stored.unwrap_or(Usage {
                 bytes: -1,
                 inodes: -1,
                 chunks: -1,
@@ -634,23 +581,23 @@ impl<'a> Checker<'a> {
             expected.add(&pending_usage);
         }
         if repair && !pending_usage.is_zero() {
-            self.batch.put_cf(meta, keys::usage_key(v), total.encode());
+            self.txn.set_usage(total);
         }
         if recorded != expected {
             self.problem(format!(
                 "usage counters say {} bytes, {} inodes, {} chunks; stored: {} bytes, {} inodes, {} chunks; fixed",
                 recorded.bytes, recorded.inodes, recorded.chunks, total.bytes, total.inodes, total.chunks
             ));
-            self.batch.put_cf(meta, keys::usage_key(v), total.encode());
+            self.txn.set_usage(total);
         }
         for ino in dirty {
             if let Some(r) = inodes.get(&ino) {
-                self.batch.put_cf(meta, keys::inode_key(v, ino), r.encode());
+                self.txn.put_inode(ino, r);
             }
         }
         let repaired = repair && !(self.problems.is_empty() && self.pending.is_empty());
         if repaired {
-            store.write(std::mem::take(&mut self.batch))?;
+            self.txn.commit_unaccounted()?;
             store.sync()?;
         }
         Ok(VolumeReport {
@@ -664,15 +611,10 @@ impl<'a> Checker<'a> {
     }
 
     fn delete_inode(&mut self, ino: Ino) {
-        let (meta, v) = (self.store.meta(), self.vid);
-        self.batch.delete_cf(meta, keys::inode_key(v, ino));
-        self.batch.delete_cf(meta, keys::orphan_key(v, ino));
-        for p in [keys::xattr_prefix(v, ino), keys::chunk_len_prefix(v, ino)] {
-            self.batch.delete_range_cf(meta, &p, &keys::prefix_end(&p));
-        }
-        let cp = keys::chunk_prefix(v, ino);
-        self.batch
-            .delete_range_cf(self.store.chunks(), &cp, &keys::prefix_end(&cp));
+        self.txn.delete_inode(ino);
+        self.txn.delete_orphan(ino);
+        self.txn.delete_all_xattrs(ino);
+        self.txn.delete_all_chunks(ino);
     }
 
     fn attach(
@@ -689,9 +631,8 @@ impl<'a> Checker<'a> {
         let cookie = d.next_cookie;
         d.next_cookie += 1;
         self.attached_bytes += dirent_charge(name.len());
-        let entry = DirentValue { ino, kind, cookie };
-        self.store
-            .stage_put_dirent(&mut self.batch, self.vid, dir, name, entry);
+        self.txn
+            .put_dirent(dir, name, DirentValue { ino, kind, cookie });
     }
 
     /// Finds or creates `/lost+found`.
@@ -701,11 +642,7 @@ impl<'a> Checker<'a> {
         links: &mut HashMap<Ino, u32>,
         subdirs: &mut HashMap<Ino, u32>,
     ) -> Result<Ino, store::Error> {
-        if let Some(raw) =
-            self.store
-                .get_meta(&keys::dirent_key(self.vid, ROOT_INO, b"lost+found"))?
-        {
-            let d = DirentValue::decode(&raw)?;
+        if let Some(d) = self.view.dirent(ROOT_INO, b"lost+found")? {
             if d.kind == Kind::Dir && inodes.contains_key(&d.ino) {
                 return Ok(d.ino);
             }
@@ -728,7 +665,9 @@ mod tests {
     use super::*;
     use crate::fs::data::FALLOC_FL_KEEP_SIZE;
     use crate::fs::{Caller, Fs};
+    use crate::store::codec::encode_counter;
     use crate::store::StoreOptions;
+    use rocksdb::WriteBatch;
 
     const ME: Caller = Caller { uid: 0, gid: 0 };
 

@@ -2,9 +2,13 @@
 //!
 //! Owns: the on-disk directory (marker file, lock file, RocksDB), the RocksDB options
 //! (memory budget, BlobDB for chunks), the volume registry (create, list, resize, delete)
-//! and each open volume's in-memory counters used for quota admission. It knows nothing
-//! of POSIX semantics; the filesystem core in [`crate::fs`] stages its writes through
-//! [`Store::write`] as one `WriteBatch` per operation.
+//! and each open volume's in-memory counters used for quota admission, and every byte of
+//! the database: the RocksDB handles never leave this module. The key layout and every
+//! value encoding are in [`codec`]; an open volume ([`OpenVolume`], closed when dropped)
+//! is read through a [`VolumeView`] and written through a [`VolumeTxn`], one `WriteBatch`
+//! per operation, the one point every write of a volume passes through (quota admission
+//! there). It knows nothing of POSIX semantics: that is the filesystem core's
+//! ([`crate::fs`]), and `fsck`'s checks are passes over a [`VolumeView`].
 //!
 //! Layout of a data directory:
 //! ```text
@@ -16,9 +20,13 @@
 
 pub mod codec;
 mod memory;
+mod txn;
+mod view;
 
 use memory::MemoryPlan;
 pub use memory::{DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET};
+pub use txn::VolumeTxn;
+pub use view::{VolumeSnapshot, VolumeView};
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -36,8 +44,7 @@ use rocksdb::{
 use serde::Serialize;
 
 use codec::{
-    decode_config, encode_config, CookieValue, DirentValue, Ino, InodeRecord, Kind, Timestamp,
-    Usage, VolumeConfig, VolumeId,
+    decode_config, encode_config, Ino, InodeRecord, Kind, Timestamp, Usage, VolumeConfig, VolumeId,
 };
 
 pub const CF_META: &str = "meta";
@@ -89,6 +96,8 @@ pub enum Error {
     InvalidChunkSize(u64),
     #[error("volume {0:?} is mounted; unmount it first")]
     VolumeBusy(String),
+    #[error("no room for the change ({0:?}: quota, inode limit or the disk's free-space floor)")]
+    Exhausted(Exhausted),
     #[error("volume {name:?} belongs to {owner}, not {claimant}: refusing to serve another tenant's data under the same name")]
     OwnerMismatch {
         name: String,
@@ -121,6 +130,17 @@ impl From<codec::RecordError> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A method of [`Store`] that hands out RocksDB handles or takes raw keys: private to this
+/// module (its submodules [`VolumeTxn`] and [`VolumeView`] are how everything else reads
+/// and writes a volume), and `pub(crate)` only for the crate's own unit tests, which
+/// corrupt stores on purpose.
+macro_rules! raw_access {
+    ($(#[$m:meta])* fn $($rest:tt)*) => {
+        $(#[$m])* #[cfg(not(test))] fn $($rest)*
+        $(#[$m])* #[cfg(test)] pub(crate) fn $($rest)*
+    };
+}
 
 /// What `volume list/inspect` report about a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -443,6 +463,16 @@ impl OpenVolume {
     pub fn volume(&self) -> &Arc<Volume> {
         &self.vol
     }
+
+    /// A new transaction on the volume: stages changes, commits them as one batch.
+    pub fn txn(&self) -> VolumeTxn<'_> {
+        VolumeTxn::new(&self.store, &self.vol)
+    }
+
+    /// Reads of the volume.
+    pub fn view(&self) -> VolumeView<'_> {
+        VolumeView::new(&self.store, self.vol.id)
+    }
 }
 
 impl std::ops::Deref for OpenVolume {
@@ -462,6 +492,15 @@ impl Drop for OpenVolume {
             open.remove(&self.vol.name);
         }
     }
+}
+
+/// What [`Store::footprint`] measured of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    /// Bytes of the volume's keys and values.
+    pub logical: u64,
+    /// Bytes of the store's live table and blob files, after compacting the volume.
+    pub disk: u64,
 }
 
 /// A usage change admitted by [`Volume::reserve`].
@@ -855,17 +894,23 @@ impl Store {
         self.inner.format.chunk_size
     }
 
-    pub fn db(&self) -> &DB {
-        &self.inner.db
+    raw_access! {
+        fn db(&self) -> &DB {
+            &self.inner.db
+        }
     }
 
-    pub fn meta(&self) -> &ColumnFamily {
-        // Both column families are opened in `open_db`; their absence is impossible.
-        self.cf(CF_META)
+    raw_access! {
+        fn meta(&self) -> &ColumnFamily {
+            // Both column families are opened in `open_db`; their absence is impossible.
+            self.cf(CF_META)
+        }
     }
 
-    pub fn chunks(&self) -> &ColumnFamily {
-        self.cf(CF_CHUNKS)
+    raw_access! {
+        fn chunks(&self) -> &ColumnFamily {
+            self.cf(CF_CHUNKS)
+        }
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -875,54 +920,15 @@ impl Store {
         }
     }
 
-    /// Stages directory entry `name` of directory `parent` in volume `vol`: its by-name
-    /// key (lookup) and its readdir key at `entry.cookie`, always together. The one place
-    /// that writes a directory entry; an existing entry of that name and cookie is
-    /// replaced (both keys).
-    pub fn stage_put_dirent(
-        &self,
-        b: &mut WriteBatch,
-        vol: VolumeId,
-        parent: Ino,
-        name: &[u8],
-        entry: DirentValue,
-    ) {
-        let meta = self.meta();
-        b.put_cf(meta, codec::dirent_key(vol, parent, name), entry.encode());
-        b.put_cf(
-            meta,
-            codec::cookie_key(vol, parent, entry.cookie),
-            CookieValue {
-                ino: entry.ino,
-                kind: entry.kind,
-                name: name.to_vec(),
-            }
-            .encode(),
-        );
-    }
-
-    /// Stages the removal of directory entry `name` of `parent` whose readdir position
-    /// is `cookie`: both its keys. The one place that removes a directory entry.
-    pub fn stage_remove_dirent(
-        &self,
-        b: &mut WriteBatch,
-        vol: VolumeId,
-        parent: Ino,
-        name: &[u8],
-        cookie: u64,
-    ) {
-        let meta = self.meta();
-        b.delete_cf(meta, codec::dirent_key(vol, parent, name));
-        b.delete_cf(meta, codec::cookie_key(vol, parent, cookie));
-    }
-
-    /// Commits one operation's batch (WAL on, not synced: see [`Store::sync`]).
-    pub fn write(&self, batch: WriteBatch) -> Result<()> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(false);
-        self.inner.db.write_opt(batch, &wo)?;
-        self.inner.writes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+    raw_access! {
+        /// Commits one operation's batch (WAL on, not synced: see [`Store::sync`]).
+        fn write(&self, batch: WriteBatch) -> Result<()> {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(false);
+            self.inner.db.write_opt(batch, &wo)?;
+            self.inner.writes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
     }
 
     /// Flushes the memtables when nothing was written since the previous call and they
@@ -1023,8 +1029,10 @@ impl Store {
         Ok(())
     }
 
-    pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.inner.db.get_cf(self.meta(), key)?)
+    raw_access! {
+        fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            Ok(self.inner.db.get_cf(self.meta(), key)?)
+        }
     }
 
     /// The persisted inode-number counter of volume `vid` ([`codec::next_ino_key`]):
@@ -1080,35 +1088,39 @@ impl Store {
         Ok(names)
     }
 
-    /// Calls `f(key, value)` for every meta key with `prefix`, in order, until it returns false.
-    pub fn scan_meta(
-        &self,
-        prefix: &[u8],
-        f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
-    ) -> Result<()> {
-        self.scan(self.meta(), prefix, &codec::prefix_end(prefix), f)
+    raw_access! {
+        /// Calls `f(key, value)` for every meta key with `prefix`, in order, until it returns false.
+        fn scan_meta(
+            &self,
+            prefix: &[u8],
+            f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+        ) -> Result<()> {
+            self.scan(self.meta(), prefix, &codec::prefix_end(prefix), f)
+        }
     }
 
-    /// Calls `f(key, value)` for keys in `[from, to)` of `cf`, until it returns false.
-    pub fn scan(
-        &self,
-        cf: &ColumnFamily,
-        from: &[u8],
-        to: &[u8],
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
-    ) -> Result<()> {
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(to.to_vec());
-        let mut it = self.inner.db.raw_iterator_cf_opt(cf, ro);
-        it.seek(from);
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if !f(k, v)? {
-                return Ok(());
+    raw_access! {
+        /// Calls `f(key, value)` for keys in `[from, to)` of `cf`, until it returns false.
+        fn scan(
+            &self,
+            cf: &ColumnFamily,
+            from: &[u8],
+            to: &[u8],
+            mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+        ) -> Result<()> {
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_iterate_upper_bound(to.to_vec());
+            let mut it = self.inner.db.raw_iterator_cf_opt(cf, ro);
+            it.seek(from);
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if !f(k, v)? {
+                    return Ok(());
+                }
+                it.next();
             }
-            it.next();
+            it.status()?;
+            Ok(())
         }
-        it.status()?;
-        Ok(())
     }
 
     /// Creates a volume with an empty root directory. Fails if it exists.
@@ -1407,18 +1419,48 @@ impl Store {
         self.reclaim_range(&lo, &hi)
     }
 
-    /// Compacts `[lo, hi)` in both column families so deleted data leaves the disk
-    /// (including blob files whose chunks are all garbage).
-    pub fn reclaim_range(&self, lo: &[u8], hi: &[u8]) -> Result<()> {
+    /// What the store holds for volume `name`, measured the slow way (tests and
+    /// diagnostics): the bytes of its keys and values, and, after its key range is
+    /// compacted, the bytes of the store's live table and blob files (the volume's own
+    /// when it is the store's only one).
+    pub fn footprint(&self, name: &str) -> Result<Footprint> {
+        let id = self.existing_id(name)?;
+        let (lo, hi) = (codec::volume_start(id), codec::volume_end(id));
+        let mut logical = 0;
+        for cf in [self.meta(), self.chunks()] {
+            self.scan(cf, &lo, &hi, |k, v| {
+                logical += (k.len() + v.len()) as u64;
+                Ok(true)
+            })?;
+        }
+        self.reclaim_range(&lo, &hi)?;
         let db = &self.inner.db;
-        db.flush_cf(self.meta())?;
-        db.flush_cf(self.chunks())?;
-        let mut co = CompactOptions::default();
-        co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
-        co.set_exclusive_manual_compaction(false);
-        db.compact_range_cf_opt(self.meta(), Some(lo), Some(hi), &co);
-        db.compact_range_cf_opt(self.chunks(), Some(lo), Some(hi), &co);
-        Ok(())
+        let prop = |cf, name: &str| -> Result<u64> {
+            Ok(db.property_int_value_cf(cf, name)?.unwrap_or(0))
+        };
+        let mut disk = 0;
+        for cf in [self.meta(), self.chunks()] {
+            disk += prop(cf, "rocksdb.live-sst-files-size")?
+                + prop(cf, "rocksdb.live-blob-file-size")?
+                    .saturating_sub(prop(cf, "rocksdb.live-blob-file-garbage-size")?);
+        }
+        Ok(Footprint { logical, disk })
+    }
+
+    raw_access! {
+        /// Compacts `[lo, hi)` in both column families so deleted data leaves the disk
+        /// (including blob files whose chunks are all garbage).
+        fn reclaim_range(&self, lo: &[u8], hi: &[u8]) -> Result<()> {
+            let db = &self.inner.db;
+            db.flush_cf(self.meta())?;
+            db.flush_cf(self.chunks())?;
+            let mut co = CompactOptions::default();
+            co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+            co.set_exclusive_manual_compaction(false);
+            db.compact_range_cf_opt(self.meta(), Some(lo), Some(hi), &co);
+            db.compact_range_cf_opt(self.chunks(), Some(lo), Some(hi), &co);
+            Ok(())
+        }
     }
 }
 
