@@ -10,6 +10,10 @@
 //! ring) and the mount generation are readable.
 //! With `repair`, all fixes go into one `WriteBatch`: orphans with no links are deleted,
 //! unreachable inodes that still have links are re-attached under `/lost+found`.
+//!
+//! Each check is a pass over the volume's [`VolumeView`] (one kind of key), in the order
+//! of [`Checker::run`]; what the passes learn is kept in one `Found`, and their fixes are
+//! staged in one [`VolumeTxn`]. This module reads and writes no key itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -95,13 +99,49 @@ fn recount_from_meta(view: VolumeView) -> Result<Usage, store::Error> {
 pub fn check_volume(store: &Store, name: &str, repair: bool) -> Result<VolumeReport, store::Error> {
     let info = store.inspect_volume(name)?;
     let vol = store.open_volume(name)?;
-    let result = Checker::new(store, &vol, name, repair).run(repair);
+    let result = Checker::new(store, &vol, name, repair).run();
     drop(vol);
     let mut report = result?;
     report.volume = info.name;
     Ok(report)
 }
 
+/// What the passes have learnt of a volume so far: each pass reads what the earlier ones
+/// found, fixes it in place and stages the fixes in the checker's transaction.
+#[derive(Default)]
+struct Found {
+    /// The readable inode records, fixed in place (the `dirty` ones are written back).
+    inodes: BTreeMap<Ino, InodeRecord>,
+    /// Inodes whose record a fix changed.
+    dirty: HashSet<Ino>,
+    /// Number of entries naming each inode.
+    links: HashMap<Ino, u32>,
+    /// Number of subdirectories of each directory.
+    subdirs: HashMap<Ino, u32>,
+    /// Usage charged for the kept entries (see crate::fs::charge).
+    dirent_bytes: u64,
+    /// Inodes marked as unlinked while open.
+    orphan_marks: HashSet<Ino>,
+    /// Charges of each inode's extended attributes.
+    xattr_bytes: HashMap<Ino, u64>,
+    /// Stored length of each chunk.
+    lens: BTreeMap<(Ino, u64), u64>,
+    /// Bytes each chunk's value holds.
+    chunk_vals: HashMap<(Ino, u64), u64>,
+    /// Usage of orphans that --repair reclaims (still counted until then).
+    pending_usage: Usage,
+}
+
+impl Found {
+    /// Forgets inode `ino` and its chunks (deleted by a fix).
+    fn forget(&mut self, ino: Ino) {
+        self.inodes.remove(&ino);
+        self.lens.retain(|(i, _), _| *i != ino);
+        self.chunk_vals.retain(|(i, _), _| *i != ino);
+    }
+}
+
+/// One check of one volume: passes over its [`VolumeView`], in order (see [`Checker::run`]).
 struct Checker<'a> {
     store: &'a Store,
     view: VolumeView<'a>,
@@ -116,6 +156,7 @@ struct Checker<'a> {
     attached_bytes: u64,
     /// The first inode number never given out (for a new `/lost+found`).
     next_ino: Ino,
+    found: Found,
 }
 
 impl<'a> Checker<'a> {
@@ -130,14 +171,67 @@ impl<'a> Checker<'a> {
             repair,
             attached_bytes: 0,
             next_ino: ROOT_INO + 1,
+            found: Found::default(),
         }
+    }
+
+    /// Records a problem. `msg` is "what is wrong; what the fix does" (the fix in the
+    /// past tense): without `--repair` nothing is changed, so the fix is reported as what
+    /// `--repair` would do.
+    fn problem(&mut self, msg: String) {
+        let msg = match msg.rsplit_once("; ") {
+            Some((what, fix)) if !self.repair => format!("{what} (--repair: {fix})"),
+            _ => msg,
+        };
+        self.problems.push(msg);
+    }
+
+    /// The passes, in order; with `repair`, their fixes are written as one batch.
+    fn run(mut self) -> Result<VolumeReport, store::Error> {
+        self.inode_pass()?;
+        self.check_next_ino()?;
+        self.check_replay_ring()?;
+        self.entry_pass()?;
+        self.found.orphan_marks = self.view.orphans()?.into_iter().collect();
+        self.xattr_pass()?;
+        self.chunk_index_pass()?;
+        self.reachability_pass()?;
+        self.link_count_pass();
+        let per_inode = self.chunk_pass()?;
+        let total = self.usage_pass(&per_inode)?;
+        self.finish(total)
+    }
+
+    /// Inodes: unreadable records are removed; a missing root is recreated.
+    fn inode_pass(&mut self) -> Result<(), store::Error> {
+        let mut inodes: BTreeMap<Ino, InodeRecord> = BTreeMap::new();
+        let mut bad_inodes = Vec::new();
+        self.view.each_inode(|ino, r| match r {
+            Ok(r) => {
+                inodes.insert(ino, r);
+            }
+            Err(e) => bad_inodes.push((ino, e.to_string())),
+        })?;
+        for (ino, e) in bad_inodes {
+            self.problem(format!("inode {ino}: unreadable record ({e}); removed"));
+            self.txn.delete_inode(ino);
+        }
+        if !inodes.get(&ROOT_INO).is_some_and(|r| r.kind == Kind::Dir) {
+            self.problem("root directory is missing or not a directory; recreated".into());
+            let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, Timestamp::now());
+            root.parent = ROOT_INO;
+            root.next_cookie = u64::MAX / 2;
+            inodes.insert(ROOT_INO, root);
+        }
+        self.found.inodes = inodes;
+        Ok(())
     }
 
     /// Checks that the inode-number counter is past every inode (a number is never given
     /// out twice); remembers the first free number. A volume made before the counter has
     /// none: not a problem.
-    fn check_next_ino(&mut self, inodes: &BTreeMap<Ino, InodeRecord>) -> Result<(), store::Error> {
-        let highest = inodes.keys().next_back().copied().unwrap_or(ROOT_INO);
+    fn check_next_ino(&mut self) -> Result<(), store::Error> {
+        let highest = (self.found.inodes.keys().next_back().copied()).unwrap_or(ROOT_INO);
         let counter = self.view.next_ino()?;
         self.next_ino = counter.unwrap_or(0).max(highest + 1);
         if counter.is_some_and(|next| next <= highest) {
@@ -178,50 +272,14 @@ impl<'a> Checker<'a> {
         self.txn.set_next_ino(self.next_ino);
     }
 
-    /// Records a problem. `msg` is "what is wrong; what the fix does" (the fix in the
-    /// past tense): without `--repair` nothing is changed, so the fix is reported as what
-    /// `--repair` would do.
-    fn problem(&mut self, msg: String) {
-        let msg = match msg.rsplit_once("; ") {
-            Some((what, fix)) if !self.repair => format!("{what} (--repair: {fix})"),
-            _ => msg,
-        };
-        self.problems.push(msg);
-    }
-
-    fn run(mut self, repair: bool) -> Result<VolumeReport, store::Error> {
-        let (store, view) = (self.store, self.view);
-        let v = view.id();
-        let cs = u64::from(store.chunk_size());
-
-        // Inodes.
-        let mut inodes: BTreeMap<Ino, InodeRecord> = BTreeMap::new();
-        let mut bad_inodes = Vec::new();
-        view.each_inode(|ino, r| match r {
-            Ok(r) => {
-                inodes.insert(ino, r);
-            }
-            Err(e) => bad_inodes.push((ino, e.to_string())),
-        })?;
-        for (ino, e) in bad_inodes {
-            self.problem(format!("inode {ino}: unreadable record ({e}); removed"));
-            self.txn.delete_inode(ino);
-        }
-        if !inodes.get(&ROOT_INO).is_some_and(|r| r.kind == Kind::Dir) {
-            self.problem("root directory is missing or not a directory; recreated".into());
-            let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, Timestamp::now());
-            root.parent = ROOT_INO;
-            root.next_cookie = u64::MAX / 2;
-            inodes.insert(ROOT_INO, root);
-        }
-        self.check_next_ino(&inodes)?;
-        self.check_replay_ring()?;
-        let mut dirty: HashSet<Ino> = HashSet::new();
-
-        // Directory entries by name.
+    /// Directory entries: each by-name entry names an existing inode of its kind in an
+    /// existing directory and has its one readdir entry; a directory has one name.
+    /// Counts links, subdirectories and the entries' charges.
+    fn entry_pass(&mut self) -> Result<(), store::Error> {
+        let v = self.view.id();
         let mut entries: Vec<(Ino, Vec<u8>, DirentValue)> = Vec::new();
         let mut bad_entries = Vec::new();
-        view.each_dirent(|parent, name, d| match d {
+        self.view.each_dirent(|parent, name, d| match d {
             Ok(d) => entries.push((parent, name, d)),
             Err(_) => bad_entries.push((parent, name)),
         })?;
@@ -232,7 +290,7 @@ impl<'a> Checker<'a> {
         }
         let mut cookies: HashMap<(Ino, u64), CookieValue> = HashMap::new();
         let mut bad_cookies = Vec::new();
-        view.each_cookie(|parent, cookie, c| match c {
+        self.view.each_cookie(|parent, cookie, c| match c {
             Ok(c) => {
                 cookies.insert((parent, cookie), c);
             }
@@ -244,14 +302,11 @@ impl<'a> Checker<'a> {
             self.txn.remove_dirent_cookie(parent, cookie);
         }
 
-        let mut links: HashMap<Ino, u32> = HashMap::new();
-        let mut subdirs: HashMap<Ino, u32> = HashMap::new();
         let mut dir_named: HashSet<Ino> = HashSet::new();
         let mut used_cookies: HashSet<(Ino, u64)> = HashSet::new();
-        // Usage charged for the kept entries (see crate::fs::charge).
-        let mut dirent_bytes = 0u64;
         for (parent, name, d) in entries {
             let shown = String::from_utf8_lossy(&name).into_owned();
+            let inodes = &self.found.inodes;
             let parent_ok = inodes.get(&parent).is_some_and(|p| p.kind == Kind::Dir);
             let target = inodes.get(&d.ino).map(|r| r.kind);
             let duplicate_dir = target == Some(Kind::Dir) && dir_named.contains(&d.ino);
@@ -298,10 +353,10 @@ impl<'a> Checker<'a> {
                     self.problem(format!(
                         "entry {shown:?} in directory {parent}: readdir position shared; fixed"
                     ));
-                    if let Some(p) = inodes.get_mut(&parent) {
+                    if let Some(p) = self.found.inodes.get_mut(&parent) {
                         cookie = p.next_cookie;
                         p.next_cookie += 1;
-                        dirty.insert(parent);
+                        self.found.dirty.insert(parent);
                     }
                 }
                 _ => {
@@ -322,21 +377,22 @@ impl<'a> Checker<'a> {
                 self.txn.put_dirent(parent, &name, entry);
             }
             used_cookies.insert((parent, cookie));
-            if let Some(p) = inodes.get_mut(&parent) {
+            let found = &mut self.found;
+            if let Some(p) = found.inodes.get_mut(&parent) {
                 if cookie >= p.next_cookie {
                     p.next_cookie = cookie + 1;
-                    dirty.insert(parent);
+                    found.dirty.insert(parent);
                 }
             }
-            *links.entry(d.ino).or_default() += 1;
-            dirent_bytes += dirent_charge(name.len());
+            *found.links.entry(d.ino).or_default() += 1;
+            found.dirent_bytes += dirent_charge(name.len());
             if kind == Kind::Dir {
                 dir_named.insert(d.ino);
-                *subdirs.entry(parent).or_default() += 1;
-                if let Some(r) = inodes.get_mut(&d.ino) {
+                *found.subdirs.entry(parent).or_default() += 1;
+                if let Some(r) = found.inodes.get_mut(&d.ino) {
                     if r.parent != parent {
                         r.parent = parent;
-                        dirty.insert(d.ino);
+                        found.dirty.insert(d.ino);
                     }
                 }
             }
@@ -351,14 +407,14 @@ impl<'a> Checker<'a> {
             self.problem(format!("readdir entry {cookie} in directory {parent} has no name entry (duplicate); removed"));
             self.txn.remove_dirent_cookie(parent, cookie);
         }
+        Ok(())
+    }
 
-        // Orphan markers.
-        let orphan_marks: HashSet<Ino> = view.orphans()?.into_iter().collect();
-
-        // Extended attributes: charged to their inode; those of a missing inode are stale.
-        let mut xattr_bytes: HashMap<Ino, u64> = HashMap::new();
+    /// Extended attributes: charged to their inode; those of a missing inode are stale.
+    fn xattr_pass(&mut self) -> Result<(), store::Error> {
+        let (inodes, xattr_bytes) = (&self.found.inodes, &mut self.found.xattr_bytes);
         let mut stale_xattrs = Vec::new();
-        view.each_xattr(|ino, name, value_len| {
+        self.view.each_xattr(|ino, name, value_len| {
             if inodes.contains_key(&ino) {
                 *xattr_bytes.entry(ino).or_default() += xattr_charge(name.len(), value_len);
             } else {
@@ -372,11 +428,15 @@ impl<'a> Checker<'a> {
             ));
             self.txn.delete_xattr(ino, &name);
         }
+        Ok(())
+    }
 
-        // Chunks: lengths index, then chunk values.
-        let mut lens: BTreeMap<(Ino, u64), u64> = BTreeMap::new();
+    /// Chunks: the lengths index (unreadable lengths go with their chunk), then what
+    /// each chunk's value holds.
+    fn chunk_index_pass(&mut self) -> Result<(), store::Error> {
+        let lens = &mut self.found.lens;
         let mut bad_lens = Vec::new();
-        view.each_chunk_len(|ino, idx, len| match len {
+        self.view.each_chunk_len(|ino, idx, len| match len {
             Ok(l) => {
                 lens.insert((ino, idx), l);
             }
@@ -389,58 +449,58 @@ impl<'a> Checker<'a> {
             self.txn.delete_chunk_len(ino, idx);
             self.txn.delete_chunk(ino, idx);
         }
-        let mut chunk_vals: HashMap<(Ino, u64), u64> = HashMap::new();
-        view.each_chunk_size(|ino, idx, stored| {
+        let chunk_vals = &mut self.found.chunk_vals;
+        self.view.each_chunk_size(|ino, idx, stored| {
             chunk_vals.insert((ino, idx), stored);
         })?;
+        Ok(())
+    }
 
-        // Reachability: which inodes no entry names.
-        let unreachable: Vec<Ino> = inodes
-            .keys()
-            .filter(|i| **i != ROOT_INO && !links.contains_key(i))
+    /// Reachability: an inode no entry names is an orphan of a file unlinked while open
+    /// (pending: the next mount reclaims it), an orphan left behind (reclaimed), or
+    /// linked but unreachable (moved to `/lost+found`). Stale orphan markers go.
+    fn reachability_pass(&mut self) -> Result<(), store::Error> {
+        let unreachable: Vec<Ino> = (self.found.inodes.keys())
+            .filter(|i| **i != ROOT_INO && !self.found.links.contains_key(i))
             .copied()
             .collect();
         let mut lost_found: Option<Ino> = None;
-        // Usage of orphans that --repair reclaims (still counted until then).
-        let mut pending_usage = Usage::default();
         for ino in unreachable {
-            let Some(r) = inodes.get(&ino).cloned() else {
+            let Some(r) = self.found.inodes.get(&ino).cloned() else {
                 continue;
             };
-            if r.nlink == 0 && orphan_marks.contains(&ino) {
+            let marked = self.found.orphan_marks.contains(&ino);
+            if r.nlink == 0 && marked {
                 // Expected after a crash: the next mount reclaims it (so does --repair).
                 self.pending.push(format!(
                     "inode {ino}: unlinked while open; reclaimed at next mount"
                 ));
                 let charged = chunks_charge(r.chunk_count, r.stored_bytes)
                     + inode_charge(ino, &r)
-                    + xattr_bytes.get(&ino).copied().unwrap_or(0);
-                pending_usage.bytes += charged as i64;
-                pending_usage.chunks += r.chunk_count as i64;
-                pending_usage.inodes += 1;
-                if repair {
+                    + self.found.xattr_bytes.get(&ino).copied().unwrap_or(0);
+                let pending = &mut self.found.pending_usage;
+                pending.bytes += charged as i64;
+                pending.chunks += r.chunk_count as i64;
+                pending.inodes += 1;
+                if self.repair {
                     self.delete_inode(ino);
-                    inodes.remove(&ino);
-                    lens.retain(|(i, _), _| *i != ino);
-                    chunk_vals.retain(|(i, _), _| *i != ino);
+                    self.found.forget(ino);
                 }
                 continue;
             }
-            if r.nlink == 0 || orphan_marks.contains(&ino) || r.kind == Kind::Dir && r.nlink <= 1 {
+            if r.nlink == 0 || marked || r.kind == Kind::Dir && r.nlink <= 1 {
                 self.problem(format!(
                     "inode {ino}: orphan (unlinked, no longer open); reclaimed"
                 ));
                 self.delete_inode(ino);
-                inodes.remove(&ino);
-                lens.retain(|(i, _), _| *i != ino);
-                chunk_vals.retain(|(i, _), _| *i != ino);
+                self.found.forget(ino);
                 continue;
             }
             let lf = match lost_found {
                 Some(lf) => lf,
                 None => {
-                    let lf = self.lost_and_found(&mut inodes, &mut links, &mut subdirs)?;
-                    dirty.insert(ROOT_INO);
+                    let lf = self.lost_and_found()?;
+                    self.found.dirty.insert(ROOT_INO);
                     lost_found = Some(lf);
                     lf
                 }
@@ -450,34 +510,39 @@ impl<'a> Checker<'a> {
                 "inode {ino}: linked but unreachable; moved to /lost+found/#{ino}"
             ));
             let kind = r.kind;
-            self.attach(&mut inodes, lf, &name, ino, kind);
-            *links.entry(ino).or_default() += 1;
+            self.attach(lf, &name, ino, kind);
+            let found = &mut self.found;
+            *found.links.entry(ino).or_default() += 1;
             if kind == Kind::Dir {
-                *subdirs.entry(lf).or_default() += 1;
-                if let Some(rec) = inodes.get_mut(&ino) {
+                *found.subdirs.entry(lf).or_default() += 1;
+                if let Some(rec) = found.inodes.get_mut(&ino) {
                     rec.parent = lf;
                 }
             }
-            dirty.insert(ino);
-            dirty.insert(lf);
+            found.dirty.insert(ino);
+            found.dirty.insert(lf);
         }
-        for ino in &orphan_marks {
+        for ino in &self.found.orphan_marks {
             // Markers of inodes that are gone or linked again are stale.
-            if !inodes.contains_key(ino) || links.contains_key(ino) {
+            if !self.found.inodes.contains_key(ino) || self.found.links.contains_key(ino) {
                 self.txn.delete_orphan(*ino);
             }
         }
+        Ok(())
+    }
 
-        // Link counts.
-        let inos: Vec<Ino> = inodes.keys().copied().collect();
+    /// Link counts: a directory has 2 plus its subdirectories, anything else its entries.
+    fn link_count_pass(&mut self) {
+        let inos: Vec<Ino> = self.found.inodes.keys().copied().collect();
         for ino in &inos {
-            let Some(r) = inodes.get_mut(ino) else {
+            let found = &mut self.found;
+            let Some(r) = found.inodes.get_mut(ino) else {
                 continue;
             };
             let expected = if r.kind == Kind::Dir {
-                2 + subdirs.get(ino).copied().unwrap_or(0)
+                2 + found.subdirs.get(ino).copied().unwrap_or(0)
             } else {
-                links.get(ino).copied().unwrap_or(0)
+                found.links.get(ino).copied().unwrap_or(0)
             };
             if r.nlink != expected {
                 let msg = format!(
@@ -485,15 +550,20 @@ impl<'a> Checker<'a> {
                     r.nlink
                 );
                 r.nlink = expected;
-                dirty.insert(*ino);
+                found.dirty.insert(*ino);
                 self.problem(msg);
             }
         }
+    }
 
-        // Chunk accounting per inode.
+    /// Chunk lengths and chunk bytes agree, no chunk of a file lies past its end, every
+    /// chunk has a length; returns the (bytes, chunks) stored per inode.
+    fn chunk_pass(&mut self) -> Result<HashMap<Ino, (u64, u64)>, store::Error> {
+        let cs = u64::from(self.store.chunk_size());
         let mut per_inode: HashMap<Ino, (u64, u64)> = HashMap::new();
-        for (&(ino, idx), &len) in &lens {
-            let Some(r) = inodes.get(&ino) else {
+        let lens: Vec<((Ino, u64), u64)> = self.found.lens.iter().map(|(k, l)| (*k, *l)).collect();
+        for ((ino, idx), len) in lens {
+            let Some(r) = self.found.inodes.get(&ino) else {
                 self.problem(format!("chunk {idx} of missing inode {ino}; removed"));
                 self.txn.delete_chunk_len(ino, idx);
                 self.txn.delete_chunk(ino, idx);
@@ -510,10 +580,11 @@ impl<'a> Checker<'a> {
                 self.txn.delete_chunk(ino, idx);
                 continue;
             }
-            if let Some(&stored) = chunk_vals.get(&(ino, idx)) {
+            let size = r.size;
+            if let Some(&stored) = self.found.chunk_vals.get(&(ino, idx)) {
                 // Preallocation stores a length only: bytes of a chunk that lies wholly
                 // past the end of file would show up again if the file grew over them.
-                if idx.saturating_mul(cs) >= r.size {
+                if idx.saturating_mul(cs) >= size {
                     self.problem(format!(
                         "inode {ino} chunk {idx}: {stored} bytes stored past end of file; removed (the space stays reserved)"
                     ));
@@ -525,7 +596,7 @@ impl<'a> Checker<'a> {
                 }
                 if stored > len {
                     self.problem(format!("inode {ino} chunk {idx}: {stored} bytes stored beyond its length {len}; trimmed"));
-                    let bytes = view.chunk(ino, idx)?;
+                    let bytes = self.view.chunk(ino, idx)?;
                     self.txn.put_chunk(ino, idx, &bytes[..len as usize]);
                 }
             }
@@ -533,42 +604,53 @@ impl<'a> Checker<'a> {
             e.0 += len;
             e.1 += 1;
         }
-        let mut orphan_chunks: Vec<&(Ino, u64)> = chunk_vals
-            .keys()
-            .filter(|k| !lens.contains_key(k))
+        let mut orphan_chunks: Vec<(Ino, u64)> = (self.found.chunk_vals.keys())
+            .filter(|k| !self.found.lens.contains_key(k))
+            .copied()
             .collect();
         orphan_chunks.sort_unstable();
         for (ino, idx) in orphan_chunks {
             self.problem(format!(
                 "inode {ino} chunk {idx}: data without a length entry; removed"
             ));
-            self.txn.delete_chunk(*ino, *idx);
+            self.txn.delete_chunk(ino, idx);
         }
+        Ok(per_inode)
+    }
+
+    /// Each inode's stored bytes and chunk count, and the volume's usage counters, equal
+    /// what is stored; returns the usage recounted.
+    fn usage_pass(&mut self, per_inode: &HashMap<Ino, (u64, u64)>) -> Result<Usage, store::Error> {
         let mut total = Usage::default();
+        let inos: Vec<Ino> = self.found.inodes.keys().copied().collect();
         for ino in &inos {
-            let Some(r) = inodes.get_mut(ino) else {
+            let found = &mut self.found;
+            let Some(r) = found.inodes.get_mut(ino) else {
                 continue;
             };
             let (bytes, count) = per_inode.get(ino).copied().unwrap_or((0, 0));
+            let mut msg = None;
             if r.stored_bytes != bytes || r.chunk_count != count {
-                let msg = format!(
+                msg = Some(format!(
                     "inode {ino}: records {} bytes in {} chunks, stores {bytes} in {count}; fixed",
                     r.stored_bytes, r.chunk_count
-                );
+                ));
                 r.stored_bytes = bytes;
                 r.chunk_count = count;
-                dirty.insert(*ino);
-                self.problem(msg);
+                found.dirty.insert(*ino);
             }
             let charged = chunks_charge(count, bytes)
                 + inode_charge(*ino, r)
-                + xattr_bytes.get(ino).copied().unwrap_or(0);
+                + found.xattr_bytes.get(ino).copied().unwrap_or(0);
             total.bytes += charged as i64;
             total.chunks += count as i64;
             total.inodes += 1;
+            if let Some(msg) = msg {
+                self.problem(msg);
+            }
         }
-        total.bytes += (dirent_bytes + self.attached_bytes) as i64;
-        let recorded = match view.usage()? {
+        total.bytes += (self.found.dirent_bytes + self.attached_bytes) as i64;
+        let recorded = match self.view.usage()? {
             Some(stored) => stored.unwrap_or(Usage {
                 bytes: -1,
                 inodes: -1,
@@ -576,11 +658,12 @@ impl<'a> Checker<'a> {
             }),
             None => Usage::default(),
         };
+        let pending_usage = self.found.pending_usage;
         let mut expected = total;
-        if repair {
+        if self.repair {
             expected.add(&pending_usage);
         }
-        if repair && !pending_usage.is_zero() {
+        if self.repair && !pending_usage.is_zero() {
             self.txn.set_usage(total);
         }
         if recorded != expected {
@@ -590,15 +673,20 @@ impl<'a> Checker<'a> {
             ));
             self.txn.set_usage(total);
         }
-        for ino in dirty {
-            if let Some(r) = inodes.get(&ino) {
-                self.txn.put_inode(ino, r);
+        Ok(total)
+    }
+
+    /// Writes the fixed records back and, with `repair`, commits every fix as one batch.
+    fn finish(mut self, total: Usage) -> Result<VolumeReport, store::Error> {
+        for ino in &self.found.dirty {
+            if let Some(r) = self.found.inodes.get(ino) {
+                self.txn.put_inode(*ino, r);
             }
         }
-        let repaired = repair && !(self.problems.is_empty() && self.pending.is_empty());
+        let repaired = self.repair && !(self.problems.is_empty() && self.pending.is_empty());
         if repaired {
             self.txn.commit_unaccounted()?;
-            store.sync()?;
+            self.store.sync()?;
         }
         Ok(VolumeReport {
             volume: self.name.to_string(),
@@ -617,15 +705,9 @@ impl<'a> Checker<'a> {
         self.txn.delete_all_chunks(ino);
     }
 
-    fn attach(
-        &mut self,
-        inodes: &mut BTreeMap<Ino, InodeRecord>,
-        dir: Ino,
-        name: &[u8],
-        ino: Ino,
-        kind: Kind,
-    ) {
-        let Some(d) = inodes.get_mut(&dir) else {
+    /// Adds entry `name` of `dir` for `ino` at the directory's next readdir position.
+    fn attach(&mut self, dir: Ino, name: &[u8], ino: Ino, kind: Kind) {
+        let Some(d) = self.found.inodes.get_mut(&dir) else {
             return;
         };
         let cookie = d.next_cookie;
@@ -636,14 +718,9 @@ impl<'a> Checker<'a> {
     }
 
     /// Finds or creates `/lost+found`.
-    fn lost_and_found(
-        &mut self,
-        inodes: &mut BTreeMap<Ino, InodeRecord>,
-        links: &mut HashMap<Ino, u32>,
-        subdirs: &mut HashMap<Ino, u32>,
-    ) -> Result<Ino, store::Error> {
+    fn lost_and_found(&mut self) -> Result<Ino, store::Error> {
         if let Some(d) = self.view.dirent(ROOT_INO, b"lost+found")? {
-            if d.kind == Kind::Dir && inodes.contains_key(&d.ino) {
+            if d.kind == Kind::Dir && self.found.inodes.contains_key(&d.ino) {
                 return Ok(d.ino);
             }
         }
@@ -652,10 +729,10 @@ impl<'a> Checker<'a> {
         self.stage_next_ino();
         let mut r = InodeRecord::new(Kind::Dir, 0o700, 0, 0, Timestamp::now());
         r.parent = ROOT_INO;
-        inodes.insert(ino, r);
-        self.attach(inodes, ROOT_INO, b"lost+found", ino, Kind::Dir);
-        links.insert(ino, 1);
-        *subdirs.entry(ROOT_INO).or_default() += 1;
+        self.found.inodes.insert(ino, r);
+        self.attach(ROOT_INO, b"lost+found", ino, Kind::Dir);
+        self.found.links.insert(ino, 1);
+        *self.found.subdirs.entry(ROOT_INO).or_default() += 1;
         Ok(ino)
     }
 }
