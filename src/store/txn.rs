@@ -261,3 +261,112 @@ impl<'a> VolumeTxn<'a> {
         self.store.write(self.batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::codec::{DirentValue, InodeRecord, Kind, Timestamp};
+    use crate::store::{Error, Exhausted, OpenVolume, Store, StoreOptions, ROOT_INO};
+
+    fn volume(quota: Option<u64>) -> (tempfile::TempDir, Store, OpenVolume) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_or_create(&dir.path().join("s"), &StoreOptions::default()).unwrap();
+        s.create_volume("v", quota, None).unwrap();
+        let vol = s.open_volume("v").unwrap();
+        (dir, s, vol)
+    }
+
+    #[test]
+    fn a_directory_entry_is_written_and_removed_with_both_its_keys() {
+        let (_d, _s, vol) = volume(None);
+        let entry = DirentValue {
+            ino: 7,
+            kind: Kind::File,
+            cookie: 3,
+        };
+        let mut t = vol.txn();
+        t.put_dirent(ROOT_INO, b"a", entry);
+        t.commit().unwrap();
+        let view = vol.view();
+        assert_eq!(view.dirent(ROOT_INO, b"a").unwrap(), Some(entry));
+        let listed = view.readdir(ROOT_INO, 0, usize::MAX).unwrap();
+        assert_eq!(listed.len(), 1);
+        let (cookie, c) = &listed[0];
+        assert_eq!(
+            (*cookie, c.ino, c.kind, &c.name[..]),
+            (3, 7, Kind::File, &b"a"[..])
+        );
+        assert!(!view.dir_is_empty(ROOT_INO).unwrap());
+
+        let mut t = vol.txn();
+        t.remove_dirent(ROOT_INO, b"a", 3);
+        t.commit().unwrap();
+        assert_eq!(view.dirent(ROOT_INO, b"a").unwrap(), None);
+        assert!(view.readdir(ROOT_INO, 0, usize::MAX).unwrap().is_empty());
+        assert!(view.dir_is_empty(ROOT_INO).unwrap());
+    }
+
+    #[test]
+    fn a_refused_commit_writes_nothing_and_a_committed_one_counts_its_usage() {
+        let (_d, _s, vol) = volume(Some(1000));
+        let mut t = vol.txn();
+        t.put_xattr(ROOT_INO, b"user.k", b"v");
+        t.usage.bytes = 2000;
+        let err = t.commit().unwrap_err();
+        assert!(matches!(err, Error::Exhausted(Exhausted::Bytes)), "{err}");
+        assert_eq!(vol.view().xattr(ROOT_INO, b"user.k").unwrap(), None);
+        assert_eq!(vol.used_bytes(), 0);
+
+        let mut t = vol.txn();
+        t.put_xattr(ROOT_INO, b"user.k", b"v");
+        t.usage.bytes = 100;
+        t.commit().unwrap();
+        assert_eq!(
+            vol.view().xattr(ROOT_INO, b"user.k").unwrap(),
+            Some(b"v".to_vec())
+        );
+        assert_eq!(vol.used_bytes(), 100);
+        let stored = vol.view().usage().unwrap().unwrap().unwrap();
+        assert_eq!((stored.bytes, stored.inodes), (100, 1));
+    }
+
+    #[test]
+    fn a_snapshot_reads_chunks_and_patches_as_of_its_moment() {
+        let (_d, _s, vol) = volume(None);
+        let ino = 5;
+        let mut t = vol.txn();
+        t.put_inode(
+            ino,
+            &InodeRecord::new(Kind::File, 0o644, 0, 0, Timestamp::now()),
+        );
+        t.put_chunk(ino, 0, b"hello");
+        t.put_chunk(ino, 1, b"world");
+        t.patch_chunk(ino, 0, 1, b"E");
+        t.put_chunk_len(ino, 0, 5);
+        t.put_chunk_len(ino, 1, 5);
+        t.commit().unwrap();
+        let view = vol.view();
+        let snap = view.snapshot();
+        let mut t = vol.txn();
+        t.put_chunk(ino, 0, b"HELLO");
+        t.delete_inode(ino);
+        t.commit().unwrap();
+
+        assert!(snap.inode(ino).unwrap().is_some());
+        let mut got = Vec::new();
+        snap.chunks(ino, 0, 1, |idx, bytes| got.push((idx, bytes.to_vec())))
+            .unwrap();
+        assert_eq!(got, vec![(0, b"hEllo".to_vec()), (1, b"world".to_vec())]);
+        let mut one = Vec::new();
+        snap.chunks(ino, 1, 1, |idx, bytes| one.push((idx, bytes.to_vec())))
+            .unwrap();
+        assert_eq!(one, vec![(1, b"world".to_vec())]);
+
+        assert!(view.inode(ino).unwrap().is_none());
+        assert_eq!(view.chunk(ino, 0).unwrap(), b"HELLO");
+        assert_eq!(
+            view.chunk_lens(ino, 0, u64::MAX).unwrap(),
+            vec![(0, 5), (1, 5)]
+        );
+        assert_eq!(view.chunk_lens(ino, 1, 1).unwrap(), vec![(1, 5)]);
+    }
+}
