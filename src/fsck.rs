@@ -10,21 +10,21 @@
 //! ring) and the mount generation are readable.
 //! With `repair`, all fixes go into one `WriteBatch`: orphans with no links are deleted,
 //! unreachable inodes that still have links are re-attached under `/lost+found`.
+//!
+//! Each check is a pass over the volume's [`VolumeView`] (one kind of key), in the order
+//! of [`Checker::run`]; what the passes learn is kept in one `Found`, and their fixes are
+//! staged in one [`VolumeTxn`]. This module reads and writes no key itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use rocksdb::WriteBatch;
 use serde::Serialize;
 
 use crate::fs::charge::{chunks_charge, dirent_charge, inode_charge, xattr_charge};
-use crate::fs::data::decode_chunk_len;
 use crate::fs::RING_SLOTS;
-use crate::store::key_codec::{self as keys, Ino, VolumeId};
-use crate::store::records::{
-    decode_counter, encode_counter, CookieValue, DirentValue, InodeRecord, Kind, ReplayRecord,
-    Timestamp, Usage,
+use crate::store::codec::{
+    self as keys, CookieValue, DirentValue, Ino, InodeRecord, Kind, Timestamp, Usage,
 };
-use crate::store::{self, Store, ROOT_INO};
+use crate::store::{self, OpenVolume, Store, VolumeTxn, VolumeView, ROOT_INO};
 
 /// What fsck found in one volume.
 #[derive(Debug, Default, Serialize)]
@@ -47,8 +47,9 @@ pub fn recount_if_needed(store: &Store, name: &str) -> Result<(), store::Error> 
     if !store.needs_recount(name)? {
         return Ok(());
     }
-    let vid = store.open_volume(name)?.id;
-    let usage = recount_from_meta(store, vid)?;
+    let vol = store.open_volume(name)?;
+    let usage = recount_from_meta(vol.view())?;
+    drop(vol);
     tracing::warn!(
         volume = name,
         bytes = usage.bytes,
@@ -57,37 +58,38 @@ pub fn recount_if_needed(store: &Store, name: &str) -> Result<(), store::Error> 
     store.set_recounted_usage(name, usage)
 }
 
-/// The usage of volume `vid` by the charge rules, from its metadata keys alone (inodes,
+/// The usage of a volume by the charge rules, from its metadata keys alone (inodes,
 /// directory entries, xattrs, chunk lengths): no chunk is read, so a recount of a large
 /// volume reads megabytes, not its data. Assumes a consistent volume (fsck checks that).
-fn recount_from_meta(store: &Store, v: VolumeId) -> Result<Usage, store::Error> {
+fn recount_from_meta(view: VolumeView) -> Result<Usage, store::Error> {
     let mut u = Usage::default();
     let mut add = |bytes: u64| u.bytes = u.bytes.saturating_add(bytes as i64);
     let mut inodes = 0i64;
-    store.scan_meta(&keys::tag_prefix(v, keys::TAG_INODE), |k, val| {
-        let ino = keys::parse_inode_key(v, k)?;
-        add(inode_charge(ino, &InodeRecord::decode(val)?));
-        inodes += 1;
-        Ok(true)
+    let mut unreadable: Option<store::Error> = None;
+    view.each_inode(|ino, r| match r {
+        Ok(r) => {
+            add(inode_charge(ino, &r));
+            inodes += 1;
+        }
+        Err(e) => {
+            unreadable.get_or_insert(e.into());
+        }
     })?;
-    store.scan_meta(&keys::tag_prefix(v, keys::TAG_DIRENT), |k, _| {
-        add(dirent_charge(keys::parse_dirent_key(v, k)?.1.len()));
-        Ok(true)
-    })?;
-    store.scan_meta(&keys::tag_prefix(v, keys::TAG_XATTR), |k, val| {
-        add(xattr_charge(
-            keys::parse_xattr_key(v, k)?.1.len(),
-            val.len(),
-        ));
-        Ok(true)
-    })?;
+    view.each_dirent(|_, name, _| add(dirent_charge(name.len())))?;
+    view.each_xattr(|_, name, value_len| add(xattr_charge(name.len(), value_len)))?;
     let mut chunks = 0i64;
-    store.scan_meta(&keys::tag_prefix(v, keys::TAG_CHUNK_LEN), |_, val| {
-        let len = decode_chunk_len(val)?;
-        add(chunks_charge(1, len));
-        chunks += 1;
-        Ok(true)
+    view.each_chunk_len(|_, _, len| match len {
+        Ok(len) => {
+            add(chunks_charge(1, len));
+            chunks += 1;
+        }
+        Err(e) => {
+            unreadable.get_or_insert(e);
+        }
     })?;
+    if let Some(e) = unreadable {
+        return Err(e);
+    }
     u.inodes = inodes;
     u.chunks = chunks;
     Ok(u)
@@ -97,49 +99,140 @@ fn recount_from_meta(store: &Store, v: VolumeId) -> Result<Usage, store::Error> 
 pub fn check_volume(store: &Store, name: &str, repair: bool) -> Result<VolumeReport, store::Error> {
     let info = store.inspect_volume(name)?;
     let vol = store.open_volume(name)?;
-    let result = Checker::new(store, vol.id, name, repair).run(repair);
+    let result = Checker::new(store, &vol, name, repair).run();
     drop(vol);
     let mut report = result?;
     report.volume = info.name;
     Ok(report)
 }
 
+/// What the passes have learnt of a volume so far: each pass reads what the earlier ones
+/// found, fixes it in place and stages the fixes in the checker's transaction.
+#[derive(Default)]
+struct Found {
+    /// The readable inode records, fixed in place (the `dirty` ones are written back).
+    inodes: BTreeMap<Ino, InodeRecord>,
+    /// Inodes whose record a fix changed.
+    dirty: HashSet<Ino>,
+    /// Number of entries naming each inode.
+    links: HashMap<Ino, u32>,
+    /// Number of subdirectories of each directory.
+    subdirs: HashMap<Ino, u32>,
+    /// Usage charged for the kept entries (see crate::fs::charge).
+    dirent_bytes: u64,
+    /// Inodes marked as unlinked while open.
+    orphan_marks: HashSet<Ino>,
+    /// Charges of each inode's extended attributes.
+    xattr_bytes: HashMap<Ino, u64>,
+    /// Stored length of each chunk.
+    lens: BTreeMap<(Ino, u64), u64>,
+    /// Bytes each chunk's value holds.
+    chunk_vals: HashMap<(Ino, u64), u64>,
+    /// Usage of orphans that --repair reclaims (still counted until then).
+    pending_usage: Usage,
+}
+
+impl Found {
+    /// Forgets inode `ino` and its chunks (deleted by a fix).
+    fn forget(&mut self, ino: Ino) {
+        self.inodes.remove(&ino);
+        self.lens.retain(|(i, _), _| *i != ino);
+        self.chunk_vals.retain(|(i, _), _| *i != ino);
+    }
+}
+
+/// One check of one volume: passes over its [`VolumeView`], in order (see [`Checker::run`]).
 struct Checker<'a> {
     store: &'a Store,
-    vid: VolumeId,
+    view: VolumeView<'a>,
     problems: Vec<String>,
     pending: Vec<String>,
-    batch: WriteBatch,
+    /// The fixes, written only with `repair`.
+    txn: VolumeTxn<'a>,
     name: &'a str,
-    /// Whether the fixes staged in `batch` will be written.
+    /// Whether the fixes staged in `txn` will be written.
     repair: bool,
     /// Charges of the directory entries `attach` adds (lost+found and what goes into it).
     attached_bytes: u64,
     /// The first inode number never given out (for a new `/lost+found`).
     next_ino: Ino,
+    found: Found,
 }
 
 impl<'a> Checker<'a> {
-    fn new(store: &'a Store, vid: VolumeId, name: &'a str, repair: bool) -> Self {
+    fn new(store: &'a Store, vol: &'a OpenVolume, name: &'a str, repair: bool) -> Self {
         Checker {
             store,
-            vid,
+            view: vol.view(),
             problems: Vec::new(),
             pending: Vec::new(),
-            batch: WriteBatch::default(),
+            txn: vol.txn(),
             name,
             repair,
             attached_bytes: 0,
             next_ino: ROOT_INO + 1,
+            found: Found::default(),
         }
+    }
+
+    /// Records a problem. `msg` is "what is wrong; what the fix does" (the fix in the
+    /// past tense): without `--repair` nothing is changed, so the fix is reported as what
+    /// `--repair` would do.
+    fn problem(&mut self, msg: String) {
+        let msg = match msg.rsplit_once("; ") {
+            Some((what, fix)) if !self.repair => format!("{what} (--repair: {fix})"),
+            _ => msg,
+        };
+        self.problems.push(msg);
+    }
+
+    /// The passes, in order; with `repair`, their fixes are written as one batch.
+    fn run(mut self) -> Result<VolumeReport, store::Error> {
+        self.inode_pass()?;
+        self.check_next_ino()?;
+        self.check_replay_ring()?;
+        self.entry_pass()?;
+        self.found.orphan_marks = self.view.orphans()?.into_iter().collect();
+        self.xattr_pass()?;
+        self.chunk_index_pass()?;
+        self.reachability_pass()?;
+        self.link_count_pass();
+        let per_inode = self.chunk_pass()?;
+        let total = self.usage_pass(&per_inode)?;
+        self.finish(total)
+    }
+
+    /// Inodes: unreadable records are removed; a missing root is recreated.
+    fn inode_pass(&mut self) -> Result<(), store::Error> {
+        let mut inodes: BTreeMap<Ino, InodeRecord> = BTreeMap::new();
+        let mut bad_inodes = Vec::new();
+        self.view.each_inode(|ino, r| match r {
+            Ok(r) => {
+                inodes.insert(ino, r);
+            }
+            Err(e) => bad_inodes.push((ino, e.to_string())),
+        })?;
+        for (ino, e) in bad_inodes {
+            self.problem(format!("inode {ino}: unreadable record ({e}); removed"));
+            self.txn.delete_inode(ino);
+        }
+        if !inodes.get(&ROOT_INO).is_some_and(|r| r.kind == Kind::Dir) {
+            self.problem("root directory is missing or not a directory; recreated".into());
+            let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, Timestamp::now());
+            root.parent = ROOT_INO;
+            root.next_cookie = u64::MAX / 2;
+            inodes.insert(ROOT_INO, root);
+        }
+        self.found.inodes = inodes;
+        Ok(())
     }
 
     /// Checks that the inode-number counter is past every inode (a number is never given
     /// out twice); remembers the first free number. A volume made before the counter has
     /// none: not a problem.
-    fn check_next_ino(&mut self, inodes: &BTreeMap<Ino, InodeRecord>) -> Result<(), store::Error> {
-        let highest = inodes.keys().next_back().copied().unwrap_or(ROOT_INO);
-        let counter = self.store.next_ino(self.vid)?;
+    fn check_next_ino(&mut self) -> Result<(), store::Error> {
+        let highest = (self.found.inodes.keys().next_back().copied()).unwrap_or(ROOT_INO);
+        let counter = self.view.next_ino()?;
         self.next_ino = counter.unwrap_or(0).max(highest + 1);
         if counter.is_some_and(|next| next <= highest) {
             self.problem(format!(
@@ -156,126 +249,64 @@ impl<'a> Checker<'a> {
     /// generation is dropped with every record, as the next mount would count again from
     /// the start and could match them.
     fn check_replay_ring(&mut self) -> Result<(), store::Error> {
-        let (store, v) = (self.store, self.vid);
-        let gen_key = keys::mount_gen_key(v);
-        if let Some(raw) = store.get_meta(&gen_key)? {
-            if decode_counter("mount generation", &raw).is_err() {
-                self.problem("unreadable mount generation; removed with the replay records".into());
-                let ring = keys::tag_prefix(v, keys::TAG_REPLAY);
-                self.batch.delete_cf(store.meta(), gen_key);
-                self.batch
-                    .delete_range_cf(store.meta(), &ring, &keys::prefix_end(&ring));
-                return Ok(());
-            }
+        if let Some(Err(_)) = self.view.mount_generation()? {
+            self.problem("unreadable mount generation; removed with the replay records".into());
+            self.txn.delete_mount_generation();
+            self.txn.delete_replay_ring();
+            return Ok(());
         }
         let mut bad = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_REPLAY), |k, val| {
-            let slot = keys::parse_replay_key(v, k)?;
-            if u64::from(slot) >= RING_SLOTS || ReplayRecord::decode(val).is_err() {
+        self.view.each_replay(|slot, record| {
+            if u64::from(slot) >= RING_SLOTS || record.is_err() {
                 bad.push(slot);
             }
-            Ok(true)
         })?;
         for slot in bad {
             self.problem(format!("replay record {slot}: unreadable; removed"));
-            self.batch
-                .delete_cf(store.meta(), keys::replay_key(v, slot));
+            self.txn.delete_replay(slot);
         }
         Ok(())
     }
 
     fn stage_next_ino(&mut self) {
-        self.batch.put_cf(
-            self.store.meta(),
-            keys::next_ino_key(self.vid),
-            encode_counter(self.next_ino),
-        );
+        self.txn.set_next_ino(self.next_ino);
     }
 
-    /// Records a problem. `msg` is "what is wrong; what the fix does" (the fix in the
-    /// past tense): without `--repair` nothing is changed, so the fix is reported as what
-    /// `--repair` would do.
-    fn problem(&mut self, msg: String) {
-        let msg = match msg.rsplit_once("; ") {
-            Some((what, fix)) if !self.repair => format!("{what} (--repair: {fix})"),
-            _ => msg,
-        };
-        self.problems.push(msg);
-    }
-
-    fn run(mut self, repair: bool) -> Result<VolumeReport, store::Error> {
-        let (store, v) = (self.store, self.vid);
-        let meta = store.meta();
-        let cs = u64::from(store.chunk_size());
-
-        // Inodes.
-        let mut inodes: BTreeMap<Ino, InodeRecord> = BTreeMap::new();
-        let mut bad_inodes = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_INODE), |k, val| {
-            let ino = keys::parse_inode_key(v, k)?;
-            match InodeRecord::decode(val) {
-                Ok(r) => {
-                    inodes.insert(ino, r);
-                }
-                Err(e) => bad_inodes.push((ino, e.to_string())),
-            }
-            Ok(true)
-        })?;
-        for (ino, e) in bad_inodes {
-            self.problem(format!("inode {ino}: unreadable record ({e}); removed"));
-            self.batch.delete_cf(meta, keys::inode_key(v, ino));
-        }
-        if !inodes.get(&ROOT_INO).is_some_and(|r| r.kind == Kind::Dir) {
-            self.problem("root directory is missing or not a directory; recreated".into());
-            let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, Timestamp::now());
-            root.parent = ROOT_INO;
-            root.next_cookie = u64::MAX / 2;
-            inodes.insert(ROOT_INO, root);
-        }
-        self.check_next_ino(&inodes)?;
-        self.check_replay_ring()?;
-        let mut dirty: HashSet<Ino> = HashSet::new();
-
-        // Directory entries by name.
+    /// Directory entries: each by-name entry names an existing inode of its kind in an
+    /// existing directory and has its one readdir entry; a directory has one name.
+    /// Counts links, subdirectories and the entries' charges.
+    fn entry_pass(&mut self) -> Result<(), store::Error> {
+        let v = self.view.id();
         let mut entries: Vec<(Ino, Vec<u8>, DirentValue)> = Vec::new();
         let mut bad_entries = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_DIRENT), |k, val| {
-            let (parent, name) = keys::parse_dirent_key(v, k)?;
-            match DirentValue::decode(val) {
-                Ok(d) => entries.push((parent, name, d)),
-                Err(_) => bad_entries.push(k.to_vec()),
-            }
-            Ok(true)
+        self.view.each_dirent(|parent, name, d| match d {
+            Ok(d) => entries.push((parent, name, d)),
+            Err(_) => bad_entries.push((parent, name)),
         })?;
-        for k in bad_entries {
+        for (parent, name) in bad_entries {
+            let k = keys::dirent_key(v, parent, &name);
             self.problem(format!("unreadable directory entry {k:02x?}; removed"));
-            self.batch.delete_cf(meta, k);
+            self.txn.remove_dirent_name(parent, &name);
         }
         let mut cookies: HashMap<(Ino, u64), CookieValue> = HashMap::new();
         let mut bad_cookies = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_DIRENT_COOKIE), |k, val| {
-            let (parent, cookie) = keys::parse_cookie_key(v, k)?;
-            match CookieValue::decode(val) {
-                Ok(c) => {
-                    cookies.insert((parent, cookie), c);
-                }
-                Err(_) => bad_cookies.push(k.to_vec()),
+        self.view.each_cookie(|parent, cookie, c| match c {
+            Ok(c) => {
+                cookies.insert((parent, cookie), c);
             }
-            Ok(true)
+            Err(_) => bad_cookies.push((parent, cookie)),
         })?;
-        for k in bad_cookies {
+        for (parent, cookie) in bad_cookies {
+            let k = keys::cookie_key(v, parent, cookie);
             self.problem(format!("unreadable readdir entry {k:02x?}; removed"));
-            self.batch.delete_cf(meta, k);
+            self.txn.remove_dirent_cookie(parent, cookie);
         }
 
-        let mut links: HashMap<Ino, u32> = HashMap::new();
-        let mut subdirs: HashMap<Ino, u32> = HashMap::new();
         let mut dir_named: HashSet<Ino> = HashSet::new();
         let mut used_cookies: HashSet<(Ino, u64)> = HashSet::new();
-        // Usage charged for the kept entries (see crate::fs::charge).
-        let mut dirent_bytes = 0u64;
         for (parent, name, d) in entries {
             let shown = String::from_utf8_lossy(&name).into_owned();
+            let inodes = &self.found.inodes;
             let parent_ok = inodes.get(&parent).is_some_and(|p| p.kind == Kind::Dir);
             let target = inodes.get(&d.ino).map(|r| r.kind);
             let duplicate_dir = target == Some(Kind::Dir) && dir_named.contains(&d.ino);
@@ -290,15 +321,16 @@ impl<'a> Checker<'a> {
                 self.problem(format!(
                     "entry {shown:?} in directory {parent}: {why}; removed"
                 ));
-                self.batch
-                    .delete_cf(meta, keys::dirent_key(v, parent, &name));
                 if cookies
                     .get(&(parent, d.cookie))
                     .is_some_and(|c| c.name == name)
                 {
-                    self.batch
-                        .delete_cf(meta, keys::cookie_key(v, parent, d.cookie));
+                    self.txn.remove_dirent(parent, &name, d.cookie);
                     used_cookies.insert((parent, d.cookie));
+                } else {
+                    // Its readdir position belongs to another name (or to none): only
+                    // the by-name half goes.
+                    self.txn.remove_dirent_name(parent, &name);
                 }
                 continue;
             }
@@ -321,10 +353,10 @@ impl<'a> Checker<'a> {
                     self.problem(format!(
                         "entry {shown:?} in directory {parent}: readdir position shared; fixed"
                     ));
-                    if let Some(p) = inodes.get_mut(&parent) {
+                    if let Some(p) = self.found.inodes.get_mut(&parent) {
                         cookie = p.next_cookie;
                         p.next_cookie += 1;
-                        dirty.insert(parent);
+                        self.found.dirty.insert(parent);
                     }
                 }
                 _ => {
@@ -337,35 +369,30 @@ impl<'a> Checker<'a> {
                 || kind != d.kind
                 || cookies.get(&(parent, cookie)) != Some(&expected)
             {
-                self.batch.put_cf(
-                    meta,
-                    keys::dirent_key(v, parent, &name),
-                    DirentValue {
-                        ino: d.ino,
-                        kind,
-                        cookie,
-                    }
-                    .encode(),
-                );
-                self.batch
-                    .put_cf(meta, keys::cookie_key(v, parent, cookie), expected.encode());
+                let entry = DirentValue {
+                    ino: d.ino,
+                    kind,
+                    cookie,
+                };
+                self.txn.put_dirent(parent, &name, entry);
             }
             used_cookies.insert((parent, cookie));
-            if let Some(p) = inodes.get_mut(&parent) {
+            let found = &mut self.found;
+            if let Some(p) = found.inodes.get_mut(&parent) {
                 if cookie >= p.next_cookie {
                     p.next_cookie = cookie + 1;
-                    dirty.insert(parent);
+                    found.dirty.insert(parent);
                 }
             }
-            *links.entry(d.ino).or_default() += 1;
-            dirent_bytes += dirent_charge(name.len());
+            *found.links.entry(d.ino).or_default() += 1;
+            found.dirent_bytes += dirent_charge(name.len());
             if kind == Kind::Dir {
                 dir_named.insert(d.ino);
-                *subdirs.entry(parent).or_default() += 1;
-                if let Some(r) = inodes.get_mut(&d.ino) {
+                *found.subdirs.entry(parent).or_default() += 1;
+                if let Some(r) = found.inodes.get_mut(&d.ino) {
                     if r.parent != parent {
                         r.parent = parent;
-                        dirty.insert(d.ino);
+                        found.dirty.insert(d.ino);
                     }
                 }
             }
@@ -378,117 +405,102 @@ impl<'a> Checker<'a> {
         stale_cookies.sort_unstable();
         for (parent, cookie) in stale_cookies {
             self.problem(format!("readdir entry {cookie} in directory {parent} has no name entry (duplicate); removed"));
-            self.batch
-                .delete_cf(meta, keys::cookie_key(v, parent, cookie));
+            self.txn.remove_dirent_cookie(parent, cookie);
         }
+        Ok(())
+    }
 
-        // Orphan markers.
-        let mut orphan_marks = HashSet::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_ORPHAN), |k, _| {
-            orphan_marks.insert(keys::parse_orphan_key(v, k)?);
-            Ok(true)
-        })?;
-
-        // Extended attributes: charged to their inode; those of a missing inode are stale.
-        let mut xattr_bytes: HashMap<Ino, u64> = HashMap::new();
+    /// Extended attributes: charged to their inode; those of a missing inode are stale.
+    fn xattr_pass(&mut self) -> Result<(), store::Error> {
+        let (inodes, xattr_bytes) = (&self.found.inodes, &mut self.found.xattr_bytes);
         let mut stale_xattrs = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_XATTR), |k, val| {
-            let (ino, name) = keys::parse_xattr_key(v, k)?;
+        self.view.each_xattr(|ino, name, value_len| {
             if inodes.contains_key(&ino) {
-                *xattr_bytes.entry(ino).or_default() += xattr_charge(name.len(), val.len());
+                *xattr_bytes.entry(ino).or_default() += xattr_charge(name.len(), value_len);
             } else {
                 stale_xattrs.push((ino, name));
             }
-            Ok(true)
         })?;
         for (ino, name) in stale_xattrs {
             let shown = String::from_utf8_lossy(&name).into_owned();
             self.problem(format!(
                 "extended attribute {shown:?} of missing inode {ino}; removed"
             ));
-            self.batch.delete_cf(meta, keys::xattr_key(v, ino, &name));
+            self.txn.delete_xattr(ino, &name);
         }
+        Ok(())
+    }
 
-        // Chunks: lengths index, then chunk values.
-        let mut lens: BTreeMap<(Ino, u64), u64> = BTreeMap::new();
+    /// Chunks: the lengths index (unreadable lengths go with their chunk), then what
+    /// each chunk's value holds.
+    fn chunk_index_pass(&mut self) -> Result<(), store::Error> {
+        let lens = &mut self.found.lens;
         let mut bad_lens = Vec::new();
-        store.scan_meta(&keys::tag_prefix(v, keys::TAG_CHUNK_LEN), |k, val| {
-            let (ino, idx) = keys::parse_chunk_len_key(v, k)?;
-            match decode_chunk_len(val) {
-                Ok(l) => {
-                    lens.insert((ino, idx), l);
-                }
-                Err(_) => bad_lens.push((ino, idx)),
+        self.view.each_chunk_len(|ino, idx, len| match len {
+            Ok(l) => {
+                lens.insert((ino, idx), l);
             }
-            Ok(true)
+            Err(_) => bad_lens.push((ino, idx)),
         })?;
         for (ino, idx) in bad_lens {
             self.problem(format!(
                 "inode {ino} chunk {idx}: unreadable length; chunk removed"
             ));
-            self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
-            self.batch
-                .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+            self.txn.delete_chunk_len(ino, idx);
+            self.txn.delete_chunk(ino, idx);
         }
-        let mut chunk_vals: HashMap<(Ino, u64), u64> = HashMap::new();
-        store.scan(
-            store.chunks(),
-            &keys::volume_start(v),
-            &keys::volume_end(v),
-            |k, val| {
-                let (_, ino, idx) = keys::parse_chunk_key(k)?;
-                chunk_vals.insert((ino, idx), val.len() as u64);
-                Ok(true)
-            },
-        )?;
+        let chunk_vals = &mut self.found.chunk_vals;
+        self.view.each_chunk_size(|ino, idx, stored| {
+            chunk_vals.insert((ino, idx), stored);
+        })?;
+        Ok(())
+    }
 
-        // Reachability: which inodes no entry names.
-        let unreachable: Vec<Ino> = inodes
-            .keys()
-            .filter(|i| **i != ROOT_INO && !links.contains_key(i))
+    /// Reachability: an inode no entry names is an orphan of a file unlinked while open
+    /// (pending: the next mount reclaims it), an orphan left behind (reclaimed), or
+    /// linked but unreachable (moved to `/lost+found`). Stale orphan markers go.
+    fn reachability_pass(&mut self) -> Result<(), store::Error> {
+        let unreachable: Vec<Ino> = (self.found.inodes.keys())
+            .filter(|i| **i != ROOT_INO && !self.found.links.contains_key(i))
             .copied()
             .collect();
         let mut lost_found: Option<Ino> = None;
-        // Usage of orphans that --repair reclaims (still counted until then).
-        let mut pending_usage = Usage::default();
         for ino in unreachable {
-            let Some(r) = inodes.get(&ino).cloned() else {
+            let Some(r) = self.found.inodes.get(&ino).cloned() else {
                 continue;
             };
-            if r.nlink == 0 && orphan_marks.contains(&ino) {
+            let marked = self.found.orphan_marks.contains(&ino);
+            if r.nlink == 0 && marked {
                 // Expected after a crash: the next mount reclaims it (so does --repair).
                 self.pending.push(format!(
                     "inode {ino}: unlinked while open; reclaimed at next mount"
                 ));
                 let charged = chunks_charge(r.chunk_count, r.stored_bytes)
                     + inode_charge(ino, &r)
-                    + xattr_bytes.get(&ino).copied().unwrap_or(0);
-                pending_usage.bytes += charged as i64;
-                pending_usage.chunks += r.chunk_count as i64;
-                pending_usage.inodes += 1;
-                if repair {
+                    + self.found.xattr_bytes.get(&ino).copied().unwrap_or(0);
+                let pending = &mut self.found.pending_usage;
+                pending.bytes += charged as i64;
+                pending.chunks += r.chunk_count as i64;
+                pending.inodes += 1;
+                if self.repair {
                     self.delete_inode(ino);
-                    inodes.remove(&ino);
-                    lens.retain(|(i, _), _| *i != ino);
-                    chunk_vals.retain(|(i, _), _| *i != ino);
+                    self.found.forget(ino);
                 }
                 continue;
             }
-            if r.nlink == 0 || orphan_marks.contains(&ino) || r.kind == Kind::Dir && r.nlink <= 1 {
+            if r.nlink == 0 || marked || r.kind == Kind::Dir && r.nlink <= 1 {
                 self.problem(format!(
                     "inode {ino}: orphan (unlinked, no longer open); reclaimed"
                 ));
                 self.delete_inode(ino);
-                inodes.remove(&ino);
-                lens.retain(|(i, _), _| *i != ino);
-                chunk_vals.retain(|(i, _), _| *i != ino);
+                self.found.forget(ino);
                 continue;
             }
             let lf = match lost_found {
                 Some(lf) => lf,
                 None => {
-                    let lf = self.lost_and_found(&mut inodes, &mut links, &mut subdirs)?;
-                    dirty.insert(ROOT_INO);
+                    let lf = self.lost_and_found()?;
+                    self.found.dirty.insert(ROOT_INO);
                     lost_found = Some(lf);
                     lf
                 }
@@ -498,34 +510,39 @@ impl<'a> Checker<'a> {
                 "inode {ino}: linked but unreachable; moved to /lost+found/#{ino}"
             ));
             let kind = r.kind;
-            self.attach(&mut inodes, lf, &name, ino, kind);
-            *links.entry(ino).or_default() += 1;
+            self.attach(lf, &name, ino, kind);
+            let found = &mut self.found;
+            *found.links.entry(ino).or_default() += 1;
             if kind == Kind::Dir {
-                *subdirs.entry(lf).or_default() += 1;
-                if let Some(rec) = inodes.get_mut(&ino) {
+                *found.subdirs.entry(lf).or_default() += 1;
+                if let Some(rec) = found.inodes.get_mut(&ino) {
                     rec.parent = lf;
                 }
             }
-            dirty.insert(ino);
-            dirty.insert(lf);
+            found.dirty.insert(ino);
+            found.dirty.insert(lf);
         }
-        for ino in &orphan_marks {
+        for ino in &self.found.orphan_marks {
             // Markers of inodes that are gone or linked again are stale.
-            if !inodes.contains_key(ino) || links.contains_key(ino) {
-                self.batch.delete_cf(meta, keys::orphan_key(v, *ino));
+            if !self.found.inodes.contains_key(ino) || self.found.links.contains_key(ino) {
+                self.txn.delete_orphan(*ino);
             }
         }
+        Ok(())
+    }
 
-        // Link counts.
-        let inos: Vec<Ino> = inodes.keys().copied().collect();
+    /// Link counts: a directory has 2 plus its subdirectories, anything else its entries.
+    fn link_count_pass(&mut self) {
+        let inos: Vec<Ino> = self.found.inodes.keys().copied().collect();
         for ino in &inos {
-            let Some(r) = inodes.get_mut(ino) else {
+            let found = &mut self.found;
+            let Some(r) = found.inodes.get_mut(ino) else {
                 continue;
             };
             let expected = if r.kind == Kind::Dir {
-                2 + subdirs.get(ino).copied().unwrap_or(0)
+                2 + found.subdirs.get(ino).copied().unwrap_or(0)
             } else {
-                links.get(ino).copied().unwrap_or(0)
+                found.links.get(ino).copied().unwrap_or(0)
             };
             if r.nlink != expected {
                 let msg = format!(
@@ -533,19 +550,23 @@ impl<'a> Checker<'a> {
                     r.nlink
                 );
                 r.nlink = expected;
-                dirty.insert(*ino);
+                found.dirty.insert(*ino);
                 self.problem(msg);
             }
         }
+    }
 
-        // Chunk accounting per inode.
+    /// Chunk lengths and chunk bytes agree, no chunk of a file lies past its end, every
+    /// chunk has a length; returns the (bytes, chunks) stored per inode.
+    fn chunk_pass(&mut self) -> Result<HashMap<Ino, (u64, u64)>, store::Error> {
+        let cs = u64::from(self.store.chunk_size());
         let mut per_inode: HashMap<Ino, (u64, u64)> = HashMap::new();
-        for (&(ino, idx), &len) in &lens {
-            let Some(r) = inodes.get(&ino) else {
+        let lens: Vec<((Ino, u64), u64)> = self.found.lens.iter().map(|(k, l)| (*k, *l)).collect();
+        for ((ino, idx), len) in lens {
+            let Some(r) = self.found.inodes.get(&ino) else {
                 self.problem(format!("chunk {idx} of missing inode {ino}; removed"));
-                self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
-                self.batch
-                    .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+                self.txn.delete_chunk_len(ino, idx);
+                self.txn.delete_chunk(ino, idx);
                 continue;
             };
             // Lengths past the end of a file are space that `fallocate(KEEP_SIZE)`
@@ -555,20 +576,19 @@ impl<'a> Checker<'a> {
                 self.problem(format!(
                     "inode {ino} chunk {idx}: invalid length {len}; removed"
                 ));
-                self.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
-                self.batch
-                    .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+                self.txn.delete_chunk_len(ino, idx);
+                self.txn.delete_chunk(ino, idx);
                 continue;
             }
-            if let Some(&stored) = chunk_vals.get(&(ino, idx)) {
+            let size = r.size;
+            if let Some(&stored) = self.found.chunk_vals.get(&(ino, idx)) {
                 // Preallocation stores a length only: bytes of a chunk that lies wholly
                 // past the end of file would show up again if the file grew over them.
-                if idx.saturating_mul(cs) >= r.size {
+                if idx.saturating_mul(cs) >= size {
                     self.problem(format!(
                         "inode {ino} chunk {idx}: {stored} bytes stored past end of file; removed (the space stays reserved)"
                     ));
-                    self.batch
-                        .delete_cf(store.chunks(), keys::chunk_key(v, ino, idx));
+                    self.txn.delete_chunk(ino, idx);
                     let e = per_inode.entry(ino).or_default();
                     e.0 += len;
                     e.1 += 1;
@@ -576,88 +596,97 @@ impl<'a> Checker<'a> {
                 }
                 if stored > len {
                     self.problem(format!("inode {ino} chunk {idx}: {stored} bytes stored beyond its length {len}; trimmed"));
-                    let bytes = store
-                        .db()
-                        .get_cf(store.chunks(), keys::chunk_key(v, ino, idx))?
-                        .unwrap_or_default();
-                    self.batch.put_cf(
-                        store.chunks(),
-                        keys::chunk_key(v, ino, idx),
-                        &bytes[..len as usize],
-                    );
+                    let bytes = self.view.chunk(ino, idx)?;
+                    self.txn.put_chunk(ino, idx, &bytes[..len as usize]);
                 }
             }
             let e = per_inode.entry(ino).or_default();
             e.0 += len;
             e.1 += 1;
         }
-        let mut orphan_chunks: Vec<&(Ino, u64)> = chunk_vals
-            .keys()
-            .filter(|k| !lens.contains_key(k))
+        let mut orphan_chunks: Vec<(Ino, u64)> = (self.found.chunk_vals.keys())
+            .filter(|k| !self.found.lens.contains_key(k))
+            .copied()
             .collect();
         orphan_chunks.sort_unstable();
         for (ino, idx) in orphan_chunks {
             self.problem(format!(
                 "inode {ino} chunk {idx}: data without a length entry; removed"
             ));
-            self.batch
-                .delete_cf(store.chunks(), keys::chunk_key(v, *ino, *idx));
+            self.txn.delete_chunk(ino, idx);
         }
+        Ok(per_inode)
+    }
+
+    /// Each inode's stored bytes and chunk count, and the volume's usage counters, equal
+    /// what is stored; returns the usage recounted.
+    fn usage_pass(&mut self, per_inode: &HashMap<Ino, (u64, u64)>) -> Result<Usage, store::Error> {
         let mut total = Usage::default();
+        let inos: Vec<Ino> = self.found.inodes.keys().copied().collect();
         for ino in &inos {
-            let Some(r) = inodes.get_mut(ino) else {
+            let found = &mut self.found;
+            let Some(r) = found.inodes.get_mut(ino) else {
                 continue;
             };
             let (bytes, count) = per_inode.get(ino).copied().unwrap_or((0, 0));
+            let mut msg = None;
             if r.stored_bytes != bytes || r.chunk_count != count {
-                let msg = format!(
+                msg = Some(format!(
                     "inode {ino}: records {} bytes in {} chunks, stores {bytes} in {count}; fixed",
                     r.stored_bytes, r.chunk_count
-                );
+                ));
                 r.stored_bytes = bytes;
                 r.chunk_count = count;
-                dirty.insert(*ino);
-                self.problem(msg);
+                found.dirty.insert(*ino);
             }
             let charged = chunks_charge(count, bytes)
                 + inode_charge(*ino, r)
-                + xattr_bytes.get(ino).copied().unwrap_or(0);
+                + found.xattr_bytes.get(ino).copied().unwrap_or(0);
             total.bytes += charged as i64;
             total.chunks += count as i64;
             total.inodes += 1;
+            if let Some(msg) = msg {
+                self.problem(msg);
+            }
         }
-        total.bytes += (dirent_bytes + self.attached_bytes) as i64;
-        let recorded = match store.get_meta(&keys::usage_key(v))? {
-            Some(raw) => Usage::decode(&raw).unwrap_or(Usage {
+        total.bytes += (self.found.dirent_bytes + self.attached_bytes) as i64;
+        let recorded = match self.view.usage()? {
+            Some(stored) => stored.unwrap_or(Usage {
                 bytes: -1,
                 inodes: -1,
                 chunks: -1,
             }),
             None => Usage::default(),
         };
+        let pending_usage = self.found.pending_usage;
         let mut expected = total;
-        if repair {
+        if self.repair {
             expected.add(&pending_usage);
         }
-        if repair && !pending_usage.is_zero() {
-            self.batch.put_cf(meta, keys::usage_key(v), total.encode());
+        if self.repair && !pending_usage.is_zero() {
+            self.txn.set_usage(total);
         }
         if recorded != expected {
             self.problem(format!(
                 "usage counters say {} bytes, {} inodes, {} chunks; stored: {} bytes, {} inodes, {} chunks; fixed",
                 recorded.bytes, recorded.inodes, recorded.chunks, total.bytes, total.inodes, total.chunks
             ));
-            self.batch.put_cf(meta, keys::usage_key(v), total.encode());
+            self.txn.set_usage(total);
         }
-        for ino in dirty {
-            if let Some(r) = inodes.get(&ino) {
-                self.batch.put_cf(meta, keys::inode_key(v, ino), r.encode());
+        Ok(total)
+    }
+
+    /// Writes the fixed records back and, with `repair`, commits every fix as one batch.
+    fn finish(mut self, total: Usage) -> Result<VolumeReport, store::Error> {
+        for ino in &self.found.dirty {
+            if let Some(r) = self.found.inodes.get(ino) {
+                self.txn.put_inode(*ino, r);
             }
         }
-        let repaired = repair && !(self.problems.is_empty() && self.pending.is_empty());
+        let repaired = self.repair && !(self.problems.is_empty() && self.pending.is_empty());
         if repaired {
-            store.write(std::mem::take(&mut self.batch))?;
-            store.sync()?;
+            self.txn.commit_unaccounted()?;
+            self.store.sync()?;
         }
         Ok(VolumeReport {
             volume: self.name.to_string(),
@@ -670,62 +699,28 @@ impl<'a> Checker<'a> {
     }
 
     fn delete_inode(&mut self, ino: Ino) {
-        let (meta, v) = (self.store.meta(), self.vid);
-        self.batch.delete_cf(meta, keys::inode_key(v, ino));
-        self.batch.delete_cf(meta, keys::orphan_key(v, ino));
-        for p in [keys::xattr_prefix(v, ino), keys::chunk_len_prefix(v, ino)] {
-            self.batch.delete_range_cf(meta, &p, &keys::prefix_end(&p));
-        }
-        let cp = keys::chunk_prefix(v, ino);
-        self.batch
-            .delete_range_cf(self.store.chunks(), &cp, &keys::prefix_end(&cp));
+        self.txn.delete_inode(ino);
+        self.txn.delete_orphan(ino);
+        self.txn.delete_all_xattrs(ino);
+        self.txn.delete_all_chunks(ino);
     }
 
-    fn attach(
-        &mut self,
-        inodes: &mut BTreeMap<Ino, InodeRecord>,
-        dir: Ino,
-        name: &[u8],
-        ino: Ino,
-        kind: Kind,
-    ) {
-        let meta = self.store.meta();
-        let Some(d) = inodes.get_mut(&dir) else {
+    /// Adds entry `name` of `dir` for `ino` at the directory's next readdir position.
+    fn attach(&mut self, dir: Ino, name: &[u8], ino: Ino, kind: Kind) {
+        let Some(d) = self.found.inodes.get_mut(&dir) else {
             return;
         };
         let cookie = d.next_cookie;
         d.next_cookie += 1;
         self.attached_bytes += dirent_charge(name.len());
-        self.batch.put_cf(
-            meta,
-            keys::dirent_key(self.vid, dir, name),
-            DirentValue { ino, kind, cookie }.encode(),
-        );
-        self.batch.put_cf(
-            meta,
-            keys::cookie_key(self.vid, dir, cookie),
-            CookieValue {
-                ino,
-                kind,
-                name: name.to_vec(),
-            }
-            .encode(),
-        );
+        self.txn
+            .put_dirent(dir, name, DirentValue { ino, kind, cookie });
     }
 
     /// Finds or creates `/lost+found`.
-    fn lost_and_found(
-        &mut self,
-        inodes: &mut BTreeMap<Ino, InodeRecord>,
-        links: &mut HashMap<Ino, u32>,
-        subdirs: &mut HashMap<Ino, u32>,
-    ) -> Result<Ino, store::Error> {
-        if let Some(raw) =
-            self.store
-                .get_meta(&keys::dirent_key(self.vid, ROOT_INO, b"lost+found"))?
-        {
-            let d = DirentValue::decode(&raw)?;
-            if d.kind == Kind::Dir && inodes.contains_key(&d.ino) {
+    fn lost_and_found(&mut self) -> Result<Ino, store::Error> {
+        if let Some(d) = self.view.dirent(ROOT_INO, b"lost+found")? {
+            if d.kind == Kind::Dir && self.found.inodes.contains_key(&d.ino) {
                 return Ok(d.ino);
             }
         }
@@ -734,10 +729,10 @@ impl<'a> Checker<'a> {
         self.stage_next_ino();
         let mut r = InodeRecord::new(Kind::Dir, 0o700, 0, 0, Timestamp::now());
         r.parent = ROOT_INO;
-        inodes.insert(ino, r);
-        self.attach(inodes, ROOT_INO, b"lost+found", ino, Kind::Dir);
-        links.insert(ino, 1);
-        *subdirs.entry(ROOT_INO).or_default() += 1;
+        self.found.inodes.insert(ino, r);
+        self.attach(ROOT_INO, b"lost+found", ino, Kind::Dir);
+        self.found.links.insert(ino, 1);
+        *self.found.subdirs.entry(ROOT_INO).or_default() += 1;
         Ok(ino)
     }
 }
@@ -747,7 +742,9 @@ mod tests {
     use super::*;
     use crate::fs::data::FALLOC_FL_KEEP_SIZE;
     use crate::fs::{Caller, Fs};
+    use crate::store::codec::encode_counter;
     use crate::store::StoreOptions;
+    use rocksdb::WriteBatch;
 
     const ME: Caller = Caller { uid: 0, gid: 0 };
 
@@ -898,7 +895,7 @@ mod tests {
         }
         let id = store.open_volume("v").unwrap().id;
         // What a volume of the old rule holds: accounting 0, usage of file data only.
-        let mut cfg: crate::store::records::VolumeConfig =
+        let mut cfg: crate::store::codec::VolumeConfig =
             serde_json::from_slice(&store.get_meta(&keys::config_key(id)).unwrap().unwrap())
                 .unwrap();
         cfg.accounting = 0;

@@ -25,8 +25,8 @@ use fuser::{
 use crate::fs::data::Seek;
 use crate::fs::xattr::XattrReply;
 use crate::fs::{Answering, Attr, Caller, Fs, FsError, SetAttr, SetTime, Unique, BLOCK_SIZE};
+use crate::fs::{Kind, Timestamp};
 use crate::metrics::OpMetrics;
-use crate::store::records::{Kind, Timestamp};
 
 /// How long the kernel may cache entries and attributes. fusevol is the only writer of
 /// a volume, so these can be long; the kernel invalidates what it changes itself.

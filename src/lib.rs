@@ -8,7 +8,7 @@
 //! - [`bdi`]: the dirty-page bound of a mount's writeback device, raised after mounting.
 //! - [`fuse`]: the thin FUSE adapter (fuser types in, errno out).
 //! - [`fs`]: POSIX semantics, quota admission and the chunked data path of one volume.
-//! - [`store`]: the RocksDB chunk store holding many volumes; [`store::key_codec`] is the key layout.
+//! - [`store`]: the RocksDB chunk store holding many volumes; [`store::codec`] is the key layout and the encoding of every value.
 //! - [`fsck`]: offline check and repair.
 //! - [`metrics`], [`size`], [`fnv`]: Prometheus metrics, Kubernetes quantities, a stable hash.
 //! - [`k8s`]: the Kubernetes side's pure logic (StorageClass parameters, the per-node

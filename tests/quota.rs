@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use common::*;
 use fusevol::fs::charge::{chunks_charge, dirent_charge, INODE_CHARGE, VOLUME_OVERHEAD_MAX};
-use fusevol::store::key_codec as keys;
 use fusevol::store::{Store, StoreOptions};
 
 /// What an empty file named `name` is charged (its inode and its directory entry).
@@ -537,36 +536,8 @@ fn full() -> io::Error {
 /// volume is the store's only one).
 fn stored_bytes(data: &Path, volume: &str) -> (u64, u64) {
     let store = Store::open_existing(data, &StoreOptions::default()).unwrap();
-    let raw = store
-        .get_meta(&keys::volume_name_key(volume))
-        .unwrap()
-        .unwrap();
-    let id = u32::from_be_bytes(raw[..4].try_into().unwrap());
-    let (lo, hi) = (keys::volume_start(id), keys::volume_end(id));
-    let mut logical = 0;
-    for cf in [store.meta(), store.chunks()] {
-        store
-            .scan(cf, &lo, &hi, |k, v| {
-                logical += (k.len() + v.len()) as u64;
-                Ok(true)
-            })
-            .unwrap();
-    }
-    store.reclaim_range(&lo, &hi).unwrap();
-    let prop = |cf, name: &str| {
-        store
-            .db()
-            .property_int_value_cf(cf, name)
-            .unwrap()
-            .unwrap_or(0)
-    };
-    let mut disk = 0;
-    for cf in [store.meta(), store.chunks()] {
-        disk += prop(cf, "rocksdb.live-sst-files-size")
-            + prop(cf, "rocksdb.live-blob-file-size")
-                .saturating_sub(prop(cf, "rocksdb.live-blob-file-garbage-size"));
-    }
-    (logical, disk)
+    let f = store.footprint(volume).unwrap();
+    (f.logical, f.disk)
 }
 
 /// Removes everything in the mounted volume.

@@ -24,8 +24,8 @@
 //! keys stay on disk until RocksDB compacts them; that is the store's space
 //! amplification, bounded by its compaction, not by the quota.
 
-use crate::store::key_codec::Ino;
-use crate::store::records::InodeRecord;
+use crate::store::codec::Ino;
+use crate::store::codec::InodeRecord;
 use crate::store::ROOT_INO;
 
 /// Per stored chunk, on top of its data bytes: chunk key (20 B) and chunk-length key and

@@ -16,8 +16,7 @@
 
 use super::charge::CHUNK_CHARGE;
 use super::{Change, Fs, FsError, Result, Timestamp, MAX_FILE_SIZE};
-use crate::store::key_codec::{self as keys, Ino};
-use crate::store::records::{InodeRecord, Kind};
+use crate::store::codec::{Ino, InodeRecord, Kind};
 
 /// `fallocate` mode bits (from `linux/falloc.h`).
 pub const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -37,37 +36,11 @@ impl Fs {
 
     /// Stored lengths of chunks `first..=last` that exist, in order.
     pub(super) fn chunk_lens(&self, ino: Ino, first: u64, last: u64) -> Result<Vec<(u64, u64)>> {
-        let v = self.vid();
-        if first == last {
-            // One chunk (every write of at most a chunk that does not straddle two):
-            // a point lookup is several times cheaper than an iterator.
-            return Ok(
-                match self.store.get_meta(&keys::chunk_len_key(v, ino, first))? {
-                    Some(val) => vec![(first, decode_chunk_len(&val)?)],
-                    None => Vec::new(),
-                },
-            );
-        }
-        let from = keys::chunk_len_key(v, ino, first);
-        let to = match last.checked_add(1) {
-            Some(n) => keys::chunk_len_key(v, ino, n),
-            None => keys::prefix_end(&keys::chunk_len_prefix(v, ino)),
-        };
-        let mut out = Vec::new();
-        self.store.scan(self.store.meta(), &from, &to, |k, val| {
-            let (_, idx) = keys::parse_chunk_len_key(v, k)?;
-            out.push((idx, decode_chunk_len(val)?));
-            Ok(true)
-        })?;
-        Ok(out)
+        Ok(self.view().chunk_lens(ino, first, last)?)
     }
 
     fn get_chunk(&self, ino: Ino, idx: u64) -> Result<Vec<u8>> {
-        Ok(self
-            .store
-            .db()
-            .get_cf(self.store.chunks(), keys::chunk_key(self.vid(), ino, idx))?
-            .unwrap_or_default())
+        Ok(self.view().chunk(ino, idx)?)
     }
 
     fn stage_chunk(
@@ -79,24 +52,18 @@ impl Fs {
         len: u64,
         old_len: Option<u64>,
     ) {
-        let v = self.vid();
-        c.batch
-            .put_cf(self.store.chunks(), keys::chunk_key(v, ino, idx), bytes);
+        c.txn.put_chunk(ino, idx, bytes);
         self.stage_chunk_len(c, ino, idx, len, old_len);
     }
 
     /// Stages the stored length of chunk `idx` and counts the change in usage.
     fn stage_chunk_len(&self, c: &mut Change, ino: Ino, idx: u64, len: u64, old_len: Option<u64>) {
-        c.batch.put_cf(
-            self.store.meta(),
-            keys::chunk_len_key(self.vid(), ino, idx),
-            (len as u32).to_be_bytes(),
-        );
+        c.txn.put_chunk_len(ino, idx, len);
         count_chunk_len(c, len, old_len);
     }
 
     /// Stages `bytes` at `offset` inside chunk `idx` without reading it (a merge operand,
-    /// see [`crate::store::records::merge_chunk`]); the stored length becomes `len`.
+    /// see [`crate::store::codec::merge_chunk`]); the stored length becomes `len`.
     #[allow(clippy::too_many_arguments)]
     fn stage_chunk_patch(
         &self,
@@ -108,24 +75,16 @@ impl Fs {
         len: u64,
         old_len: Option<u64>,
     ) {
-        let v = self.vid();
-        c.batch.merge_cf(
-            self.store.chunks(),
-            keys::chunk_key(v, ino, idx),
-            crate::store::records::encode_chunk_patch(offset, bytes),
-        );
+        c.txn.patch_chunk(ino, idx, offset, bytes);
         self.stage_chunk_len(c, ino, idx, len, old_len);
     }
 
     fn stage_drop_chunk(&self, c: &mut Change, ino: Ino, idx: u64, old_len: u64) {
-        let v = self.vid();
-        c.batch
-            .delete_cf(self.store.chunks(), keys::chunk_key(v, ino, idx));
-        c.batch
-            .delete_cf(self.store.meta(), keys::chunk_len_key(v, ino, idx));
+        c.txn.delete_chunk(ino, idx);
+        c.txn.delete_chunk_len(ino, idx);
         c.data -= old_len as i64;
-        c.usage.bytes -= (old_len + CHUNK_CHARGE) as i64;
-        c.usage.chunks -= 1;
+        c.txn.usage.bytes -= (old_len + CHUNK_CHARGE) as i64;
+        c.txn.usage.chunks -= 1;
     }
 
     fn file_record(&self, ino: Ino) -> Result<InodeRecord> {
@@ -154,7 +113,7 @@ impl Fs {
         let (first, last) = (offset / cs, (end - 1) / cs);
         let lens = self.chunk_lens(ino, first, last)?;
         let mut lens = lens.into_iter().peekable();
-        let mut c = Change::new();
+        let mut c = self.change();
         for idx in first..=last {
             let old_len = match lens.peek() {
                 Some((i, l)) if *i == idx => {
@@ -190,7 +149,7 @@ impl Fs {
         r.mtime = now;
         r.ctime = now;
         r.stored_bytes = (r.stored_bytes as i64 + c.data) as u64;
-        r.chunk_count = (r.chunk_count as i64 + c.usage.chunks) as u64;
+        r.chunk_count = (r.chunk_count as i64 + c.txn.usage.chunks) as u64;
         self.stage_inode(&mut c, ino, &r);
         self.commit(c)?;
         Ok(data.len() as u32)
@@ -199,12 +158,9 @@ impl Fs {
     /// Reads up to `size` bytes at `offset` (short at end of file). All chunks are read
     /// from one snapshot, so a read never sees half of a concurrent write.
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let db = self.store.db();
-        let snap = db.snapshot();
-        let raw = snap
-            .get_cf(self.store.meta(), keys::inode_key(self.vid(), ino))?
-            .ok_or(FsError::NotFound)?;
-        let r = InodeRecord::decode(&raw)?;
+        let view = self.view();
+        let snap = view.snapshot();
+        let r = snap.inode(ino)?.ok_or(FsError::NotFound)?;
         match r.kind {
             Kind::File => {}
             Kind::Dir => return Err(FsError::IsDir),
@@ -226,25 +182,7 @@ impl Fs {
                     .copy_from_slice(&bytes[(lo - cstart) as usize..(hi - cstart) as usize]);
             }
         };
-        if first == last {
-            if let Some(bytes) =
-                snap.get_pinned_cf(self.store.chunks(), keys::chunk_key(self.vid(), ino, first))?
-            {
-                place(first, &bytes);
-            }
-        } else {
-            let mut ro = rocksdb::ReadOptions::default();
-            ro.set_snapshot(&snap);
-            ro.set_iterate_upper_bound(keys::chunk_key(self.vid(), ino, last + 1));
-            let mut it = db.raw_iterator_cf_opt(self.store.chunks(), ro);
-            it.seek(keys::chunk_key(self.vid(), ino, first));
-            while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                let (_, _, idx) = keys::parse_chunk_key(k)?;
-                place(idx, v);
-                it.next();
-            }
-            it.status()?;
-        }
+        snap.chunks(ino, first, last, &mut place)?;
         drop(snap);
         self.touch_atime(ino, &r)?;
         Ok(out)
@@ -262,7 +200,7 @@ impl Fs {
             return Ok(());
         };
         cur.atime = now;
-        let mut c = Change::new();
+        let mut c = self.change();
         self.stage_inode(&mut c, ino, &cur);
         self.commit(c)
     }
@@ -285,7 +223,7 @@ impl Fs {
             } else {
                 first_dropped
             };
-            let (data_before, chunks_before) = (c.data, c.usage.chunks);
+            let (data_before, chunks_before) = (c.data, c.txn.usage.chunks);
             for (idx, len) in self.chunk_lens(ino, start, u64::MAX)? {
                 if idx >= first_dropped {
                     self.stage_drop_chunk(c, ino, idx, len);
@@ -299,7 +237,7 @@ impl Fs {
                 }
             }
             r.stored_bytes = (r.stored_bytes as i64 + (c.data - data_before)) as u64;
-            r.chunk_count = (r.chunk_count as i64 + (c.usage.chunks - chunks_before)) as u64;
+            r.chunk_count = (r.chunk_count as i64 + (c.txn.usage.chunks - chunks_before)) as u64;
         }
         r.size = size;
         r.ctime = Timestamp::now();
@@ -326,7 +264,7 @@ impl Fs {
         let cs = self.chunk_size;
         let (first, last) = (offset / cs, (end - 1) / cs);
         let lens = self.chunk_lens(ino, first, last)?;
-        let mut c = Change::new();
+        let mut c = self.change();
         if punch {
             for (idx, old) in lens {
                 let (cstart, _) = self.chunk_span(idx);
@@ -370,12 +308,7 @@ impl Fs {
                     continue;
                 }
                 // Allocated space reads as zeros: only the length grows, bytes stay as stored.
-                let v = self.vid();
-                c.batch.put_cf(
-                    self.store.meta(),
-                    keys::chunk_len_key(v, ino, idx),
-                    (hi as u32).to_be_bytes(),
-                );
+                c.txn.put_chunk_len(ino, idx, hi);
                 count_chunk_len(&mut c, hi, old);
             }
             if !keep_size && end > r.size {
@@ -384,7 +317,7 @@ impl Fs {
             }
         }
         r.stored_bytes = (r.stored_bytes as i64 + c.data) as u64;
-        r.chunk_count = (r.chunk_count as i64 + c.usage.chunks) as u64;
+        r.chunk_count = (r.chunk_count as i64 + c.txn.usage.chunks) as u64;
         r.ctime = Timestamp::now();
         self.stage_inode(&mut c, ino, &r);
         self.commit(c)
@@ -429,20 +362,9 @@ impl Fs {
 fn count_chunk_len(c: &mut Change, len: u64, old_len: Option<u64>) {
     let grown = len as i64 - old_len.unwrap_or(0) as i64;
     c.data += grown;
-    c.usage.bytes += grown;
+    c.txn.usage.bytes += grown;
     if old_len.is_none() {
-        c.usage.chunks += 1;
-        c.usage.bytes += CHUNK_CHARGE as i64;
-    }
-}
-
-/// Decodes a chunk-length value (u32 big-endian).
-pub fn decode_chunk_len(v: &[u8]) -> Result<u64, crate::store::Error> {
-    match <[u8; 4]>::try_from(v) {
-        Ok(b) => Ok(u64::from(u32::from_be_bytes(b))),
-        Err(_) => Err(crate::store::Error::Corrupt(format!(
-            "chunk length of {} bytes",
-            v.len()
-        ))),
+        c.txn.usage.chunks += 1;
+        c.txn.usage.bytes += CHUNK_CHARGE as i64;
     }
 }

@@ -47,14 +47,14 @@ impl From<rocksdb::Error> for FsError {
     }
 }
 
-impl From<store::records::RecordError> for FsError {
-    fn from(e: store::records::RecordError) -> Self {
+impl From<store::codec::RecordError> for FsError {
+    fn from(e: store::codec::RecordError) -> Self {
         FsError::Store(e.into())
     }
 }
 
-impl From<store::key_codec::KeyError> for FsError {
-    fn from(e: store::key_codec::KeyError) -> Self {
+impl From<store::codec::KeyError> for FsError {
+    fn from(e: store::codec::KeyError) -> Self {
         FsError::Store(e.into())
     }
 }

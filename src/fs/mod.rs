@@ -3,8 +3,9 @@
 //! Owns: inode and directory-entry semantics (create, link, unlink, rename with its flags,
 //! readdir cookies), attribute and timestamp rules, open-file tracking for unlinked-but-open
 //! files, quota admission for every change, and the chunked data path (in [`data`]) and
-//! extended attributes (in [`xattr`]). Every operation stages all its key changes in one
-//! `WriteBatch`, so a crash never leaves half an operation. It returns plain
+//! extended attributes (in [`xattr`]). Every operation stages all its changes in one
+//! transaction of the store ([`VolumeTxn`], one `WriteBatch`), so a crash never leaves
+//! half an operation, and reads through a [`VolumeView`]; it never sees a key. It returns plain
 //! `Result<_, FsError>` values and knows nothing of FUSE: the adapter in [`crate::fuse`]
 //! translates requests and errno values, which lets this layer be tested without a mount.
 //!
@@ -30,13 +31,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
-use rocksdb::WriteBatch;
 
-use crate::store::key_codec::{self as keys, Ino};
-use crate::store::records::{
-    encode_counter, CookieValue, DirentValue, InodeRecord, Kind, Timestamp, Usage,
-};
-use crate::store::{Exhausted, OpenVolume, Store, Volume, ROOT_INO, UNLIMITED};
+use crate::store::codec::{DirentValue, Ino, InodeRecord};
+pub use crate::store::codec::{Kind, Timestamp};
+use crate::store::{OpenVolume, Store, Volume, VolumeTxn, VolumeView, ROOT_INO, UNLIMITED};
 pub use error::{FsError, Result};
 use replay::Req;
 pub use replay::{Answering, Unique, RESENT, RING_SLOTS};
@@ -51,7 +49,7 @@ pub const MAX_FILE_SIZE: u64 = (1 << 44) - 4096;
 pub const FLAG_HAS_CAPS: u32 = 1;
 /// How far past the highest inode number in use a server that took over a live
 /// connection starts numbering a volume made before the persisted counter
-/// ([`keys::next_ino_key`]) existed: numbers above it may have been given out and deleted.
+/// ([`crate::store::codec::next_ino_key`]) existed: numbers above it may have been given out and deleted.
 const LEGACY_ADOPT_INO_GAP: u64 = 1 << 32;
 /// Block size reported to `stat` and `statfs`.
 pub const BLOCK_SIZE: u32 = 4096;
@@ -211,23 +209,12 @@ impl std::fmt::Debug for Fs {
     }
 }
 
-/// A batch of one operation with the usage change it accounts for.
-struct Change {
-    batch: WriteBatch,
-    /// The volume's usage change: data and every metadata charge (see [`charge`]).
-    usage: Usage,
+/// The changes of one operation, staged in one transaction of the store; its `usage` is
+/// the volume's usage change: data and every metadata charge (see [`charge`]).
+struct Change<'a> {
+    txn: VolumeTxn<'a>,
     /// The change of file data bytes alone (the `stored_bytes` of the file written).
     data: i64,
-}
-
-impl Change {
-    fn new() -> Self {
-        Change {
-            batch: WriteBatch::default(),
-            usage: Usage::default(),
-            data: 0,
-        }
-    }
 }
 
 pub(crate) fn check_name(name: &[u8]) -> Result<()> {
@@ -245,7 +232,7 @@ impl Fs {
     /// the volume's next mount generation). Reclaims the inodes of files that were
     /// unlinked while open when the previous server stopped.
     pub fn new(store: Store, vol: OpenVolume) -> Result<Fs> {
-        let generation = replay::next_mount_generation(&store, vol.id)?;
+        let generation = replay::next_mount_generation(&vol)?;
         let fs = Self::with(store, vol, false, Some(generation))?;
         fs.reclaim_orphans()?;
         Ok(fs)
@@ -289,7 +276,7 @@ impl Fs {
     /// given out twice in a volume's life, so they never name another inode.
     fn first_free_ino(&self) -> Result<Ino> {
         let past_highest = self.max_ino()? + 1;
-        Ok(match self.store.next_ino(self.vid())? {
+        Ok(match self.view().next_ino()? {
             Some(next) => next.max(past_highest),
             None if self.adopted => past_highest + LEGACY_ADOPT_INO_GAP,
             None => past_highest,
@@ -304,43 +291,41 @@ impl Fs {
         &self.store
     }
 
+    #[cfg(test)]
     fn vid(&self) -> u32 {
         self.vol.id
     }
 
-    fn max_ino(&self) -> Result<Ino> {
-        let mut max = ROOT_INO;
-        let prefix = keys::tag_prefix(self.vid(), keys::TAG_INODE);
-        let mut it = self.store.db().raw_iterator_cf(self.store.meta());
-        it.seek_for_prev(keys::inode_key(self.vid(), u64::MAX));
-        if let Some(k) = it.key() {
-            if k.starts_with(&prefix) {
-                max = max.max(keys::parse_inode_key(self.vid(), k)?);
-            }
+    /// Reads of the volume.
+    fn view(&self) -> VolumeView<'_> {
+        self.vol.view()
+    }
+
+    /// A new change: a transaction on the volume.
+    fn change(&self) -> Change<'_> {
+        Change {
+            txn: self.vol.txn(),
+            data: 0,
         }
-        it.status()?;
-        Ok(max)
+    }
+
+    fn max_ino(&self) -> Result<Ino> {
+        Ok(self.view().max_ino()?)
     }
 
     /// Deletes the inodes left in the orphan list (unlinked while open, then the server
     /// stopped). Called at mount.
     pub fn reclaim_orphans(&self) -> Result<usize> {
-        let mut orphans = Vec::new();
-        self.store
-            .scan_meta(&keys::tag_prefix(self.vid(), keys::TAG_ORPHAN), |k, _| {
-                orphans.push(keys::parse_orphan_key(self.vid(), k)?);
-                Ok(true)
-            })?;
+        let orphans = self.view().orphans()?;
         for ino in &orphans {
             let _g = self.locks.lock(&[*ino]);
-            let mut c = Change::new();
+            let mut c = self.change();
             match self.load_opt(*ino)? {
                 Some(rec) if rec.nlink == 0 => self.stage_delete_inode(&mut c, *ino, &rec)?,
                 // Linked again or already gone: only the marker is stale.
                 _ => {}
             }
-            c.batch
-                .delete_cf(self.store.meta(), keys::orphan_key(self.vid(), *ino));
+            c.txn.delete_orphan(*ino);
             self.commit(c)?;
         }
         if !orphans.is_empty() {
@@ -352,10 +337,7 @@ impl Fs {
     // ----- record access -----
 
     fn load_opt(&self, ino: Ino) -> Result<Option<InodeRecord>> {
-        match self.store.get_meta(&keys::inode_key(self.vid(), ino))? {
-            Some(raw) => Ok(Some(InodeRecord::decode(&raw)?)),
-            None => Ok(None),
-        }
+        Ok(self.view().inode(ino)?)
     }
 
     fn load(&self, ino: Ino) -> Result<InodeRecord> {
@@ -371,21 +353,11 @@ impl Fs {
     }
 
     fn stage_inode(&self, c: &mut Change, ino: Ino, r: &InodeRecord) {
-        c.batch.put_cf(
-            self.store.meta(),
-            keys::inode_key(self.vid(), ino),
-            r.encode(),
-        );
+        c.txn.put_inode(ino, r);
     }
 
     fn get_dirent(&self, parent: Ino, name: &[u8]) -> Result<Option<DirentValue>> {
-        match self
-            .store
-            .get_meta(&keys::dirent_key(self.vid(), parent, name))?
-        {
-            Some(raw) => Ok(Some(DirentValue::decode(&raw)?)),
-            None => Ok(None),
-        }
+        Ok(self.view().dirent(parent, name)?)
     }
 
     fn stage_add_dirent(
@@ -399,32 +371,14 @@ impl Fs {
     ) {
         let cookie = parent_rec.next_cookie;
         parent_rec.next_cookie += 1;
-        c.usage.bytes += charge::dirent_charge(name.len()) as i64;
-        let meta = self.store.meta();
-        c.batch.put_cf(
-            meta,
-            keys::dirent_key(self.vid(), parent, name),
-            DirentValue { ino, kind, cookie }.encode(),
-        );
-        c.batch.put_cf(
-            meta,
-            keys::cookie_key(self.vid(), parent, cookie),
-            CookieValue {
-                ino,
-                kind,
-                name: name.to_vec(),
-            }
-            .encode(),
-        );
+        c.txn.usage.bytes += charge::dirent_charge(name.len()) as i64;
+        c.txn
+            .put_dirent(parent, name, DirentValue { ino, kind, cookie });
     }
 
     fn stage_remove_dirent(&self, c: &mut Change, parent: Ino, name: &[u8], d: &DirentValue) {
-        c.usage.bytes -= charge::dirent_charge(name.len()) as i64;
-        let meta = self.store.meta();
-        c.batch
-            .delete_cf(meta, keys::dirent_key(self.vid(), parent, name));
-        c.batch
-            .delete_cf(meta, keys::cookie_key(self.vid(), parent, d.cookie));
+        c.txn.usage.bytes -= charge::dirent_charge(name.len()) as i64;
+        c.txn.remove_dirent(parent, name, d.cookie);
     }
 
     /// Stages the removal of an inode with all its chunks and xattrs, crediting all they
@@ -435,62 +389,37 @@ impl Fs {
     /// deleting thousands of small files with one range tombstone each made every
     /// lookup and unlink slower than the last.
     fn stage_delete_inode(&self, c: &mut Change, ino: Ino, r: &InodeRecord) -> Result<()> {
-        let (meta, chunks, v) = (self.store.meta(), self.store.chunks(), self.vid());
-        c.batch.delete_cf(meta, keys::inode_key(v, ino));
-        let batch = &mut c.batch;
-        let xattr_prefix = keys::xattr_prefix(v, ino);
+        c.txn.delete_inode(ino);
+        let txn = &mut c.txn;
         let mut xattrs = 0;
-        self.store.scan_meta(&xattr_prefix, |k, val| {
-            batch.delete_cf(meta, k);
-            xattrs += charge::xattr_charge(k.len() - xattr_prefix.len(), val.len());
-            Ok(true)
+        self.view().xattrs(ino, |name, value| {
+            txn.delete_xattr(ino, name);
+            xattrs += charge::xattr_charge(name.len(), value.len());
         })?;
         if r.chunk_count > RANGE_DELETE_MIN_CHUNKS {
-            let lp = keys::chunk_len_prefix(v, ino);
-            c.batch.delete_range_cf(meta, &lp, &keys::prefix_end(&lp));
-            let cp = keys::chunk_prefix(v, ino);
-            c.batch.delete_range_cf(chunks, &cp, &keys::prefix_end(&cp));
+            c.txn.delete_all_chunks(ino);
         } else if r.chunk_count > 0 || r.stored_bytes > 0 {
             for (idx, _) in self.chunk_lens(ino, 0, u64::MAX)? {
-                c.batch.delete_cf(meta, keys::chunk_len_key(v, ino, idx));
-                c.batch.delete_cf(chunks, keys::chunk_key(v, ino, idx));
+                c.txn.delete_chunk_len(ino, idx);
+                c.txn.delete_chunk(ino, idx);
             }
         }
         let charged = charge::chunks_charge(r.chunk_count, r.stored_bytes)
             + charge::inode_charge(ino, r)
             + xattrs;
-        c.usage.bytes -= charged as i64;
-        c.usage.chunks -= r.chunk_count as i64;
-        c.usage.inodes -= 1;
+        c.txn.usage.bytes -= charged as i64;
+        c.txn.usage.chunks -= r.chunk_count as i64;
+        c.txn.usage.inodes -= 1;
         Ok(())
     }
 
-    /// Admits the change's usage against the quota, writes its batch, and settles.
-    fn commit(&self, mut c: Change) -> Result<()> {
-        if !c.usage.is_zero() {
-            c.batch.merge_cf(
-                self.store.meta(),
-                keys::usage_key(self.vid()),
-                c.usage.encode(),
-            );
-        }
-        let physical = c.batch.size_in_bytes() as u64;
-        let reservation = self
-            .vol
-            .reserve_write(c.usage, physical)
-            .map_err(|e| match e {
-                Exhausted::Bytes | Exhausted::Inodes | Exhausted::Disk => FsError::NoSpace,
-            })?;
-        match self.store.write(c.batch) {
-            Ok(()) => {
-                self.vol.settle(reservation);
-                Ok(())
-            }
-            Err(e) => {
-                self.vol.release(reservation);
-                Err(e.into())
-            }
-        }
+    /// Admits the change's usage against the quota, writes its batch, and settles (see
+    /// [`VolumeTxn::commit`]); a refusal is `NoSpace`.
+    fn commit(&self, c: Change) -> Result<()> {
+        c.txn.commit().map_err(|e| match e {
+            crate::store::Error::Exhausted(_) => FsError::NoSpace,
+            e => FsError::Store(e),
+        })
     }
 
     // ----- attributes -----
@@ -522,7 +451,7 @@ impl Fs {
         let _g = self.locks.lock(&[ino]);
         let mut r = self.load(ino)?;
         let now = Timestamp::now();
-        let mut c = Change::new();
+        let mut c = self.change();
         let mut changed = false;
         if let Some(mode) = s.mode {
             r.perm = (mode & 0o7777) as u16;
@@ -587,11 +516,10 @@ impl Fs {
         }
         if r.flags & FLAG_HAS_CAPS != 0 {
             r.flags &= !FLAG_HAS_CAPS;
-            let key = keys::xattr_key(self.vid(), ino, xattr::SECURITY_CAPABILITY);
-            if let Some(v) = self.store.get_meta(&key)? {
-                c.usage.bytes -=
+            if let Some(v) = self.view().xattr(ino, xattr::SECURITY_CAPABILITY)? {
+                c.txn.usage.bytes -=
                     charge::xattr_charge(xattr::SECURITY_CAPABILITY.len(), v.len()) as i64;
-                c.batch.delete_cf(self.store.meta(), key);
+                c.txn.delete_xattr(ino, xattr::SECURITY_CAPABILITY);
             }
         }
         Ok(())
@@ -616,11 +544,7 @@ impl Fs {
     /// Stages the counter past `ino` (a small put in the create's own batch: no extra
     /// write, no sync), so a restart, even after a crash, numbers on past it.
     fn stage_next_ino(&self, c: &mut Change, ino: Ino) {
-        c.batch.put_cf(
-            self.store.meta(),
-            keys::next_ino_key(self.vid()),
-            encode_counter(ino + 1),
-        );
+        c.txn.set_next_ino(ino + 1);
     }
 
     /// Creates a file, directory, symlink or special file named `name` in `parent`.
@@ -696,10 +620,10 @@ impl Fs {
             r.target = t.to_vec();
             r.size = t.len() as u64;
         }
-        let mut c = Change::new();
+        let mut c = self.change();
         self.stage_next_ino(&mut c, ino);
-        c.usage.inodes = 1;
-        c.usage.bytes = charge::inode_charge(ino, &r) as i64;
+        c.txn.usage.inodes = 1;
+        c.txn.usage.bytes = charge::inode_charge(ino, &r) as i64;
         self.stage_add_dirent(&mut c, parent, &mut p, name, ino, kind);
         if kind == Kind::Dir {
             p.nlink += 1;
@@ -736,7 +660,7 @@ impl Fs {
             return Err(FsError::Exists);
         }
         let now = Timestamp::now();
-        let mut c = Change::new();
+        let mut c = self.change();
         self.stage_add_dirent(&mut c, parent, &mut p, name, ino, r.kind);
         r.nlink += 1;
         r.ctime = now;
@@ -772,8 +696,7 @@ impl Fs {
         // Taken over: the kernel may hold it open from before; it goes at `forget`.
         if open > 0 || self.adopted {
             self.stage_inode(c, ino, r);
-            c.batch
-                .put_cf(self.store.meta(), keys::orphan_key(self.vid(), ino), []);
+            c.txn.put_orphan(ino);
         } else {
             self.stage_delete_inode(c, ino, r)?;
         }
@@ -795,7 +718,7 @@ impl Fs {
         }
         let mut p = self.load_dir(parent)?;
         let now = Timestamp::now();
-        let mut c = Change::new();
+        let mut c = self.change();
         self.stage_remove_dirent(&mut c, parent, name, &d);
         p.mtime = now;
         p.ctime = now;
@@ -806,13 +729,7 @@ impl Fs {
     }
 
     fn dir_is_empty(&self, ino: Ino) -> Result<bool> {
-        let mut empty = true;
-        self.store
-            .scan_meta(&keys::dirent_prefix(self.vid(), ino), |_, _| {
-                empty = false;
-                Ok(false)
-            })?;
-        Ok(empty)
+        Ok(self.view().dir_is_empty(ino)?)
     }
 
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
@@ -839,7 +756,7 @@ impl Fs {
         }
         let mut p = self.load_dir(parent)?;
         let now = Timestamp::now();
-        let mut c = Change::new();
+        let mut c = self.change();
         self.stage_remove_dirent(&mut c, parent, name, &d);
         p.nlink = p.nlink.saturating_sub(1);
         p.mtime = now;
@@ -901,7 +818,7 @@ impl Fs {
             lock_inos.push(d.ino);
         }
         let _g = self.locks.lock(&lock_inos);
-        let mut c = Change::new();
+        let mut c = self.change();
         let changed = match dst {
             Some(dst) if exchange => self.stage_exchange(&mut c, (from, &src), (to, &dst))?,
             None if exchange => return Err(FsError::NotFound),
@@ -977,22 +894,8 @@ impl Fs {
 
     /// Points the existing entry `at` (both its keys, cookie kept) at `ino`.
     fn stage_put_dirent(&self, c: &mut Change, at: Place, cookie: u64, ino: Ino, kind: Kind) {
-        let (meta, v) = (self.store.meta(), self.vid());
-        c.batch.put_cf(
-            meta,
-            keys::dirent_key(v, at.dir, at.name),
-            DirentValue { ino, kind, cookie }.encode(),
-        );
-        c.batch.put_cf(
-            meta,
-            keys::cookie_key(v, at.dir, cookie),
-            CookieValue {
-                ino,
-                kind,
-                name: at.name.to_vec(),
-            }
-            .encode(),
-        );
+        c.txn
+            .put_dirent(at.dir, at.name, DirentValue { ino, kind, cookie });
     }
 
     /// Stages a plain rename of entry `src` to `to`, replacing `dst` there if any; false
@@ -1131,10 +1034,9 @@ impl Fs {
     fn delete_if_unlinked(&self, ino: Ino) -> Result<()> {
         match self.load_opt(ino)? {
             Some(r) if r.nlink == 0 => {
-                let mut c = Change::new();
+                let mut c = self.change();
                 self.stage_delete_inode(&mut c, ino, &r)?;
-                c.batch
-                    .delete_cf(self.store.meta(), keys::orphan_key(self.vid(), ino));
+                c.txn.delete_orphan(ino);
                 self.commit(c)
             }
             _ => Ok(()),
@@ -1170,22 +1072,15 @@ impl Fs {
                 name: b"..".to_vec(),
             });
         }
-        let from = keys::cookie_key(self.vid(), dir, offset.max(2) + 1);
-        let to = keys::prefix_end(&keys::cookie_prefix(self.vid(), dir));
-        self.store.scan(self.store.meta(), &from, &to, |k, v| {
-            if out.len() >= max {
-                return Ok(false);
-            }
-            let (_, cookie) = keys::parse_cookie_key(self.vid(), k)?;
-            let cv = CookieValue::decode(v)?;
+        let limit = max.saturating_sub(out.len());
+        for (cookie, cv) in self.view().readdir(dir, offset.max(2) + 1, limit)? {
             out.push(DirEntry {
                 ino: cv.ino,
                 cookie,
                 kind: cv.kind,
                 name: cv.name,
             });
-            Ok(true)
-        })?;
+        }
         Ok(out)
     }
 

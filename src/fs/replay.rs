@@ -8,14 +8,14 @@
 //! ENOENT, and an exchange would swap back. So every operation that is not idempotent
 //! puts, into the `WriteBatch` that commits it, a [`ReplayRecord`] of the request's
 //! `unique` and what it answered, in one slot of a small per-volume ring
-//! ([`RING_SLOTS`] slots, [`keys::replay_key`]; its bytes are part of the volume's
+//! ([`RING_SLOTS`] slots, [`crate::store::codec::replay_key`]; its bytes are part of the volume's
 //! fixed overhead, not charged to the quota). A resent request whose record is found
 //! is answered from it: the same success, nothing done again (an entry's attributes are
 //! read again from its inode). Only resent requests look the ring up; every other
 //! recorded request pays one small put in its own batch.
 //!
 //! Connections: unique numbers start again on every new FUSE connection. Each fresh
-//! mount takes the volume's next mount generation ([`keys::mount_gen_key`]); the fd
+//! mount takes the volume's next mount generation ([`crate::store::codec::mount_gen_key`]); the fd
 //! holder keeps it with the connection and hands it to the server that takes the
 //! connection over ([`Fs::adopt`]). A record answers only a request of its own
 //! generation, with the same unique, operation and arguments (a fingerprint of them).
@@ -46,10 +46,8 @@
 use super::xattr::{XATTR_CREATE, XATTR_REPLACE};
 use super::{Attr, Caller, Change, Fs, Place, Result};
 use crate::fnv::fnv1a64;
-use crate::store::key_codec::VolumeId;
-use crate::store::key_codec::{self as keys, Ino};
-use crate::store::records::{decode_counter, encode_counter, ReplayRecord};
-use crate::store::Store;
+use crate::store::codec::{Ino, ReplayRecord};
+use crate::store::OpenVolume;
 
 /// Slots of a volume's ring of recent answers. Each holds one [`ReplayRecord`] (a 7-byte
 /// key, a 34-byte value, an 8-byte trailer), so a volume's ring is at most ~6 KiB, a
@@ -158,11 +156,10 @@ impl Fs {
         if !req.unique.is_resent() {
             return Ok(None);
         }
-        let key = keys::replay_key(self.vid(), req.unique.slot());
-        let Some(raw) = self.store.get_meta(&key)? else {
+        let Some(r) = self.view().replay(req.unique.slot())? else {
             return Ok(None);
         };
-        let r = match ReplayRecord::decode(&raw) {
+        let r = match r {
             Ok(r) => r,
             Err(error) => {
                 // Only a replay is lost: run the request again, as without the ring.
@@ -193,26 +190,18 @@ impl Fs {
             fingerprint: req.op.fingerprint,
             ino,
         };
-        c.batch.put_cf(
-            self.store.meta(),
-            keys::replay_key(self.vid(), req.unique.slot()),
-            record.encode(),
-        );
+        c.txn.put_replay(req.unique.slot(), &record);
     }
 }
 
-/// Takes the next mount generation of volume `vid` for a fresh mount (a new connection).
+/// Takes the next mount generation of volume `vol` for a fresh mount (a new connection).
 /// Not synced: a record of this generation is written after it, so none outlives it.
-pub(super) fn next_mount_generation(store: &Store, vid: VolumeId) -> Result<u64> {
-    let key = keys::mount_gen_key(vid);
-    let last = match store.get_meta(&key)? {
-        Some(raw) => decode_counter("mount generation", &raw)?,
-        None => 0,
-    };
+pub(super) fn next_mount_generation(vol: &OpenVolume) -> Result<u64> {
+    let last = vol.view().mount_generation()?.transpose()?.unwrap_or(0);
     let generation = last + 1;
-    let mut b = rocksdb::WriteBatch::default();
-    b.put_cf(store.meta(), key, encode_counter(generation));
-    store.write(b)?;
+    let mut txn = vol.txn();
+    txn.set_mount_generation(generation);
+    txn.commit()?;
     Ok(generation)
 }
 

@@ -4,7 +4,9 @@ use super::charge::{chunks_charge, dirent_charge, inode_charge, xattr_charge, IN
 use super::data::{Seek, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE};
 use super::xattr::{XattrReply, XATTR_CREATE, XATTR_INODE_MAX, XATTR_LIST_MAX, XATTR_REPLACE};
 use super::*;
+use crate::store::codec as keys;
 use crate::store::StoreOptions;
+use rocksdb::WriteBatch;
 
 pub(super) const ROOT: Ino = ROOT_INO;
 /// An unprivileged caller.
@@ -76,7 +78,7 @@ fn recount(fs: &Fs) -> u64 {
     })
     .unwrap();
     st.scan_meta(&keys::tag_prefix(v, keys::TAG_CHUNK_LEN), |_, val| {
-        total += chunks_charge(1, data::decode_chunk_len(val)?);
+        total += chunks_charge(1, keys::decode_chunk_len(val)?);
         Ok(true)
     })
     .unwrap();

@@ -12,8 +12,8 @@
 //! ([`super::charge::xattr_charge`]), so attributes count toward the quota as well.
 
 use super::charge::xattr_charge;
-use super::{Change, Fs, FsError, Req, Result, Timestamp};
-use crate::store::key_codec::{self as keys, Ino};
+use super::{Fs, FsError, Req, Result, Timestamp};
+use crate::store::codec::Ino;
 
 pub const XATTR_NAME_MAX: usize = 255;
 pub const XATTR_SIZE_MAX: usize = 65536;
@@ -73,19 +73,16 @@ struct InodeXattrs {
 }
 
 impl Fs {
-    /// Sums the attributes of `ino`, telling apart the one stored under `key`.
-    fn inode_xattrs(&self, ino: Ino, key: &[u8]) -> Result<InodeXattrs> {
-        let prefix = keys::xattr_prefix(self.vid(), ino);
+    /// Sums the attributes of `ino`, telling apart the one named `name`.
+    fn inode_xattrs(&self, ino: Ino, name: &[u8]) -> Result<InodeXattrs> {
         let mut x = InodeXattrs::default();
-        self.store.scan_meta(&prefix, |k, v| {
-            if k == key {
+        self.view().xattrs(ino, |n, v| {
+            if n == name {
                 x.existing = Some(v.len());
             } else {
-                let name_len = k.len() - prefix.len();
-                x.bytes += name_len + v.len();
-                x.list += name_len + 1;
+                x.bytes += n.len() + v.len();
+                x.list += n.len() + 1;
             }
-            Ok(true)
         })?;
         Ok(x)
     }
@@ -109,8 +106,7 @@ impl Fs {
         }
         let _g = self.locks.lock(&[ino]);
         let mut r = self.load(ino)?;
-        let key = keys::xattr_key(self.vid(), ino, name);
-        let others = self.inode_xattrs(ino, &key)?;
+        let others = self.inode_xattrs(ino, name)?;
         if flags & XATTR_CREATE != 0 && others.existing.is_some() {
             return Err(FsError::Exists);
         }
@@ -122,12 +118,12 @@ impl Fs {
         {
             return Err(FsError::NoSpace);
         }
-        let mut c = Change::new();
-        c.usage.bytes += xattr_charge(name.len(), value.len()) as i64;
+        let mut c = self.change();
+        c.txn.usage.bytes += xattr_charge(name.len(), value.len()) as i64;
         if let Some(old) = others.existing {
-            c.usage.bytes -= xattr_charge(name.len(), old) as i64;
+            c.txn.usage.bytes -= xattr_charge(name.len(), old) as i64;
         }
-        c.batch.put_cf(self.store.meta(), key, value);
+        c.txn.put_xattr(ino, name, value);
         if name == SECURITY_CAPABILITY {
             r.flags |= super::FLAG_HAS_CAPS;
         }
@@ -139,10 +135,7 @@ impl Fs {
 
     pub fn getxattr(&self, ino: Ino, name: &[u8], size: u32) -> Result<XattrReply> {
         check_xattr_name(name)?;
-        match self
-            .store
-            .get_meta(&keys::xattr_key(self.vid(), ino, name))?
-        {
+        match self.view().xattr(ino, name)? {
             Some(v) => sized(v, size),
             None => {
                 // Tell a missing inode apart from a missing attribute.
@@ -156,13 +149,10 @@ impl Fs {
     pub fn listxattr(&self, ino: Ino, size: u32) -> Result<XattrReply> {
         self.load(ino)?;
         let mut out = Vec::new();
-        self.store
-            .scan_meta(&keys::xattr_prefix(self.vid(), ino), |k, _| {
-                let (_, name) = keys::parse_xattr_key(self.vid(), k)?;
-                out.extend_from_slice(&name);
-                out.push(0);
-                Ok(true)
-            })?;
+        self.view().xattrs(ino, |name, _| {
+            out.extend_from_slice(name);
+            out.push(0);
+        })?;
         sized(out, size)
     }
 
@@ -175,13 +165,12 @@ impl Fs {
         check_xattr_name(name)?;
         let _g = self.locks.lock(&[ino]);
         let mut r = self.load(ino)?;
-        let key = keys::xattr_key(self.vid(), ino, name);
-        let Some(old) = self.store.get_meta(&key)? else {
+        let Some(old) = self.view().xattr(ino, name)? else {
             return Err(FsError::NoData);
         };
-        let mut c = Change::new();
-        c.usage.bytes -= xattr_charge(name.len(), old.len()) as i64;
-        c.batch.delete_cf(self.store.meta(), key);
+        let mut c = self.change();
+        c.txn.usage.bytes -= xattr_charge(name.len(), old.len()) as i64;
+        c.txn.delete_xattr(ino, name);
         if name == SECURITY_CAPABILITY {
             r.flags &= !super::FLAG_HAS_CAPS;
         }

@@ -2,9 +2,13 @@
 //!
 //! Owns: the on-disk directory (marker file, lock file, RocksDB), the RocksDB options
 //! (memory budget, BlobDB for chunks), the volume registry (create, list, resize, delete)
-//! and each open volume's in-memory counters used for quota admission. It knows nothing
-//! of POSIX semantics; the filesystem core in [`crate::fs`] stages its writes through
-//! [`Store::write`] as one `WriteBatch` per operation.
+//! and each open volume's in-memory counters used for quota admission, and every byte of
+//! the database: the RocksDB handles never leave this module. The key layout and every
+//! value encoding are in [`codec`]; an open volume ([`OpenVolume`], closed when dropped)
+//! is read through a [`VolumeView`] and written through a [`VolumeTxn`], one `WriteBatch`
+//! per operation, the one point every write of a volume passes through (quota admission
+//! there). It knows nothing of POSIX semantics: that is the filesystem core's
+//! ([`crate::fs`]), and `fsck`'s checks are passes over a [`VolumeView`].
 //!
 //! Layout of a data directory:
 //! ```text
@@ -14,12 +18,15 @@
 //! DIR/db/            the RocksDB database (column families "meta" and "chunks")
 //! ```
 
-pub mod key_codec;
+pub mod codec;
 mod memory;
-pub mod records;
+mod txn;
+mod view;
 
 use memory::MemoryPlan;
 pub use memory::{DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET};
+pub use txn::VolumeTxn;
+pub use view::{VolumeSnapshot, VolumeView};
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -36,8 +43,9 @@ use rocksdb::{
 };
 use serde::Serialize;
 
-use key_codec::{Ino, VolumeId};
-use records::{InodeRecord, Kind, Timestamp, Usage, VolumeConfig};
+use codec::{
+    decode_config, encode_config, Ino, InodeRecord, Kind, Timestamp, Usage, VolumeConfig, VolumeId,
+};
 
 pub const CF_META: &str = "meta";
 pub const CF_CHUNKS: &str = "chunks";
@@ -88,6 +96,8 @@ pub enum Error {
     InvalidChunkSize(u64),
     #[error("volume {0:?} is mounted; unmount it first")]
     VolumeBusy(String),
+    #[error("no room for the change ({0:?}: quota, inode limit or the disk's free-space floor)")]
+    Exhausted(Exhausted),
     #[error("volume {name:?} belongs to {owner}, not {claimant}: refusing to serve another tenant's data under the same name")]
     OwnerMismatch {
         name: String,
@@ -107,19 +117,30 @@ impl Error {
     }
 }
 
-impl From<key_codec::KeyError> for Error {
-    fn from(e: key_codec::KeyError) -> Self {
+impl From<codec::KeyError> for Error {
+    fn from(e: codec::KeyError) -> Self {
         Error::Corrupt(e.to_string())
     }
 }
 
-impl From<records::RecordError> for Error {
-    fn from(e: records::RecordError) -> Self {
+impl From<codec::RecordError> for Error {
+    fn from(e: codec::RecordError) -> Self {
         Error::Corrupt(e.to_string())
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A method of [`Store`] that hands out RocksDB handles or takes raw keys: private to this
+/// module (its submodules [`VolumeTxn`] and [`VolumeView`] are how everything else reads
+/// and writes a volume), and `pub(crate)` only for the crate's own unit tests, which
+/// corrupt stores on purpose.
+macro_rules! raw_access {
+    ($(#[$m:meta])* fn $($rest:tt)*) => {
+        $(#[$m])* #[cfg(not(test))] fn $($rest)*
+        $(#[$m])* #[cfg(test)] pub(crate) fn $($rest)*
+    };
+}
 
 /// What `volume list/inspect` report about a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -442,6 +463,16 @@ impl OpenVolume {
     pub fn volume(&self) -> &Arc<Volume> {
         &self.vol
     }
+
+    /// A new transaction on the volume: stages changes, commits them as one batch.
+    pub fn txn(&self) -> VolumeTxn<'_> {
+        VolumeTxn::new(&self.store, &self.vol)
+    }
+
+    /// Reads of the volume.
+    pub fn view(&self) -> VolumeView<'_> {
+        VolumeView::new(&self.store, self.vol.id)
+    }
 }
 
 impl std::ops::Deref for OpenVolume {
@@ -461,6 +492,15 @@ impl Drop for OpenVolume {
             open.remove(&self.vol.name);
         }
     }
+}
+
+/// What [`Store::footprint`] measured of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    /// Bytes of the volume's keys and values.
+    pub logical: u64,
+    /// Bytes of the store's live table and blob files, after compacting the volume.
+    pub disk: u64,
 }
 
 /// A usage change admitted by [`Volume::reserve`].
@@ -601,11 +641,6 @@ pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A volume's configuration as stored under its config key (JSON).
-fn encode_config(cfg: &VolumeConfig) -> Result<Vec<u8>> {
-    serde_json::to_vec(cfg).map_err(|e| Error::Corrupt(e.to_string()))
-}
-
 /// Volume names: what a Kubernetes PV name can hold, and safe as a path component.
 pub fn validate_volume_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -674,7 +709,7 @@ fn db_options(plan: &MemoryPlan, cache: &Cache) -> (Options, Vec<ColumnFamilyDes
     meta.set_max_write_buffer_number(2);
     meta.set_compression_type(DBCompressionType::Lz4);
     meta.set_level_compaction_dynamic_level_bytes(true);
-    meta.set_merge_operator_associative("fusevol-usage", records::merge_usage);
+    meta.set_merge_operator_associative("fusevol-usage", codec::merge_usage);
 
     let mut chunk_table = BlockBasedOptions::default();
     chunk_table.set_block_cache(cache);
@@ -688,8 +723,8 @@ fn db_options(plan: &MemoryPlan, cache: &Cache) -> (Options, Vec<ColumnFamilyDes
     chunks.set_level_compaction_dynamic_level_bytes(true);
     chunks.set_merge_operator(
         "fusevol-chunk-patch",
-        records::merge_chunk,
-        records::merge_chunk_partial,
+        codec::merge_chunk,
+        codec::merge_chunk_partial,
     );
     // Key-value separation: chunk bytes go to blob files, so compaction moves only keys.
     chunks.set_enable_blob_files(true);
@@ -859,17 +894,23 @@ impl Store {
         self.inner.format.chunk_size
     }
 
-    pub fn db(&self) -> &DB {
-        &self.inner.db
+    raw_access! {
+        fn db(&self) -> &DB {
+            &self.inner.db
+        }
     }
 
-    pub fn meta(&self) -> &ColumnFamily {
-        // Both column families are opened in `open_db`; their absence is impossible.
-        self.cf(CF_META)
+    raw_access! {
+        fn meta(&self) -> &ColumnFamily {
+            // Both column families are opened in `open_db`; their absence is impossible.
+            self.cf(CF_META)
+        }
     }
 
-    pub fn chunks(&self) -> &ColumnFamily {
-        self.cf(CF_CHUNKS)
+    raw_access! {
+        fn chunks(&self) -> &ColumnFamily {
+            self.cf(CF_CHUNKS)
+        }
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -879,13 +920,15 @@ impl Store {
         }
     }
 
-    /// Commits one operation's batch (WAL on, not synced: see [`Store::sync`]).
-    pub fn write(&self, batch: WriteBatch) -> Result<()> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(false);
-        self.inner.db.write_opt(batch, &wo)?;
-        self.inner.writes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+    raw_access! {
+        /// Commits one operation's batch (WAL on, not synced: see [`Store::sync`]).
+        fn write(&self, batch: WriteBatch) -> Result<()> {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(false);
+            self.inner.db.write_opt(batch, &wo)?;
+            self.inner.writes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
     }
 
     /// Flushes the memtables when nothing was written since the previous call and they
@@ -986,27 +1029,31 @@ impl Store {
         Ok(())
     }
 
-    pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.inner.db.get_cf(self.meta(), key)?)
+    raw_access! {
+        fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            Ok(self.inner.db.get_cf(self.meta(), key)?)
+        }
     }
 
-    /// The persisted inode-number counter of volume `vid` ([`key_codec::next_ino_key`]):
+    /// The persisted inode-number counter of volume `vid` ([`codec::next_ino_key`]):
     /// `None` for a volume made before the counter existed.
     pub fn next_ino(&self, vid: VolumeId) -> Result<Option<Ino>> {
-        match self.get_meta(&key_codec::next_ino_key(vid))? {
+        match self.get_meta(&codec::next_ino_key(vid))? {
             None => Ok(None),
-            Some(raw) => Ok(Some(records::decode_counter("next inode number", &raw)?)),
+            Some(raw) => Ok(Some(codec::decode_counter("next inode number", &raw)?)),
         }
     }
 
     fn volume_id(&self, name: &str) -> Result<Option<VolumeId>> {
-        match self.get_meta(&key_codec::volume_name_key(name))? {
+        match self.get_meta(&codec::volume_name_key(name))? {
             None => Ok(None),
-            Some(v) if v.len() == 4 => Ok(Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]))),
-            Some(v) => Err(Error::Corrupt(format!(
-                "volume id of {name:?} has {} bytes",
-                v.len()
-            ))),
+            Some(v) => match codec::decode_volume_id(&v) {
+                Some(id) => Ok(Some(id)),
+                None => Err(Error::Corrupt(format!(
+                    "volume id of {name:?} has {} bytes",
+                    v.len()
+                ))),
+            },
         }
     }
 
@@ -1018,13 +1065,13 @@ impl Store {
 
     fn config(&self, id: VolumeId) -> Result<VolumeConfig> {
         let raw = self
-            .get_meta(&key_codec::config_key(id))?
+            .get_meta(&codec::config_key(id))?
             .ok_or_else(|| Error::Corrupt(format!("volume {id} has no config")))?;
-        serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("volume {id} config: {e}")))
+        decode_config(id, &raw)
     }
 
     fn usage(&self, id: VolumeId) -> Result<Usage> {
-        match self.get_meta(&key_codec::usage_key(id))? {
+        match self.get_meta(&codec::usage_key(id))? {
             None => Ok(Usage::default()),
             Some(raw) => Ok(Usage::decode(&raw)?),
         }
@@ -1032,44 +1079,48 @@ impl Store {
 
     /// Names of all volumes, sorted.
     pub fn volume_names(&self) -> Result<Vec<String>> {
-        let prefix = key_codec::tag_prefix(key_codec::STORE_VOLUME, key_codec::TAG_VOLUME_NAME);
+        let prefix = codec::tag_prefix(codec::STORE_VOLUME, codec::TAG_VOLUME_NAME);
         let mut names = Vec::new();
         self.scan_meta(&prefix, |k, _| {
-            names.push(key_codec::parse_volume_name_key(k)?);
+            names.push(codec::parse_volume_name_key(k)?);
             Ok(true)
         })?;
         Ok(names)
     }
 
-    /// Calls `f(key, value)` for every meta key with `prefix`, in order, until it returns false.
-    pub fn scan_meta(
-        &self,
-        prefix: &[u8],
-        f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
-    ) -> Result<()> {
-        self.scan(self.meta(), prefix, &key_codec::prefix_end(prefix), f)
+    raw_access! {
+        /// Calls `f(key, value)` for every meta key with `prefix`, in order, until it returns false.
+        fn scan_meta(
+            &self,
+            prefix: &[u8],
+            f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+        ) -> Result<()> {
+            self.scan(self.meta(), prefix, &codec::prefix_end(prefix), f)
+        }
     }
 
-    /// Calls `f(key, value)` for keys in `[from, to)` of `cf`, until it returns false.
-    pub fn scan(
-        &self,
-        cf: &ColumnFamily,
-        from: &[u8],
-        to: &[u8],
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
-    ) -> Result<()> {
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(to.to_vec());
-        let mut it = self.inner.db.raw_iterator_cf_opt(cf, ro);
-        it.seek(from);
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if !f(k, v)? {
-                return Ok(());
+    raw_access! {
+        /// Calls `f(key, value)` for keys in `[from, to)` of `cf`, until it returns false.
+        fn scan(
+            &self,
+            cf: &ColumnFamily,
+            from: &[u8],
+            to: &[u8],
+            mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+        ) -> Result<()> {
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_iterate_upper_bound(to.to_vec());
+            let mut it = self.inner.db.raw_iterator_cf_opt(cf, ro);
+            it.seek(from);
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if !f(k, v)? {
+                    return Ok(());
+                }
+                it.next();
             }
-            it.next();
+            it.status()?;
+            Ok(())
         }
-        it.status()?;
-        Ok(())
     }
 
     /// Creates a volume with an empty root directory. Fails if it exists.
@@ -1098,7 +1149,7 @@ impl Store {
             inode_limit,
             created: Timestamp::now().secs,
             owner: None,
-            accounting: records::ACCOUNTING_VERSION,
+            accounting: codec::ACCOUNTING_VERSION,
         };
         let now = Timestamp::now();
         let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, now);
@@ -1111,25 +1162,29 @@ impl Store {
         let meta = self.meta();
         let mut b = WriteBatch::default();
         // Clear any leftovers of an earlier volume with this id (a crash mid-delete).
-        b.delete_range_cf(meta, key_codec::volume_start(id), key_codec::volume_end(id));
+        b.delete_range_cf(meta, codec::volume_start(id), codec::volume_end(id));
         b.delete_range_cf(
             self.chunks(),
-            key_codec::volume_start(id),
-            key_codec::volume_end(id),
+            codec::volume_start(id),
+            codec::volume_end(id),
         );
-        b.put_cf(meta, key_codec::volume_name_key(name), id.to_be_bytes());
         b.put_cf(
             meta,
-            key_codec::next_volume_id_key(),
-            id.checked_add(1).unwrap_or(id).to_be_bytes(),
+            codec::volume_name_key(name),
+            codec::encode_volume_id(id),
         );
-        b.put_cf(meta, key_codec::config_key(id), encode_config(&cfg)?);
-        b.put_cf(meta, key_codec::usage_key(id), usage.encode());
-        b.put_cf(meta, key_codec::inode_key(id, ROOT_INO), root.encode());
         b.put_cf(
             meta,
-            key_codec::next_ino_key(id),
-            records::encode_counter(ROOT_INO + 1),
+            codec::next_volume_id_key(),
+            codec::encode_volume_id(id.checked_add(1).unwrap_or(id)),
+        );
+        b.put_cf(meta, codec::config_key(id), encode_config(&cfg)?);
+        b.put_cf(meta, codec::usage_key(id), usage.encode());
+        b.put_cf(meta, codec::inode_key(id, ROOT_INO), root.encode());
+        b.put_cf(
+            meta,
+            codec::next_ino_key(id),
+            codec::encode_counter(ROOT_INO + 1),
         );
         self.write(b)?;
         self.sync()?;
@@ -1141,11 +1196,11 @@ impl Store {
     /// never given out twice, so a FUSE session or snapshot that outlived its volume can
     /// never reach the keys of a later one.
     fn next_volume_id(&self) -> Result<VolumeId> {
-        let counter = match self.get_meta(&key_codec::next_volume_id_key())? {
+        let counter = match self.get_meta(&codec::next_volume_id_key())? {
             None => 1,
-            Some(v) => match <[u8; 4]>::try_from(v.as_slice()) {
-                Ok(b) => u32::from_be_bytes(b),
-                Err(_) => {
+            Some(v) => match codec::decode_volume_id(&v) {
+                Some(id) => id,
+                None => {
                     return Err(Error::Corrupt(format!(
                         "next volume id has {} bytes",
                         v.len()
@@ -1290,7 +1345,7 @@ impl Store {
                 .store(cfg.inode_limit.unwrap_or(UNLIMITED), Ordering::Release);
         }
         let mut b = WriteBatch::default();
-        b.put_cf(self.meta(), key_codec::config_key(id), encode_config(&cfg)?);
+        b.put_cf(self.meta(), codec::config_key(id), encode_config(&cfg)?);
         self.write(b)?;
         self.sync()?;
         drop(_g);
@@ -1301,7 +1356,7 @@ impl Store {
     /// [`Store::set_recounted_usage`]) before it is served.
     pub fn needs_recount(&self, name: &str) -> Result<bool> {
         let id = self.existing_id(name)?;
-        Ok(self.config(id)?.accounting < records::ACCOUNTING_VERSION)
+        Ok(self.config(id)?.accounting < codec::ACCOUNTING_VERSION)
     }
 
     /// Replaces the usage counters of a closed volume with `usage` (recounted from what
@@ -1313,10 +1368,10 @@ impl Store {
         }
         let id = self.existing_id(name)?;
         let mut cfg = self.config(id)?;
-        cfg.accounting = records::ACCOUNTING_VERSION;
+        cfg.accounting = codec::ACCOUNTING_VERSION;
         let mut b = WriteBatch::default();
-        b.put_cf(self.meta(), key_codec::usage_key(id), usage.encode());
-        b.put_cf(self.meta(), key_codec::config_key(id), encode_config(&cfg)?);
+        b.put_cf(self.meta(), codec::usage_key(id), usage.encode());
+        b.put_cf(self.meta(), codec::config_key(id), encode_config(&cfg)?);
         self.write(b)?;
         self.sync()
     }
@@ -1341,7 +1396,7 @@ impl Store {
             None => cfg.owner = Some(owner.to_string()),
         }
         let mut b = WriteBatch::default();
-        b.put_cf(self.meta(), key_codec::config_key(id), encode_config(&cfg)?);
+        b.put_cf(self.meta(), codec::config_key(id), encode_config(&cfg)?);
         self.write(b)?;
         self.sync()
     }
@@ -1354,9 +1409,9 @@ impl Store {
             return Err(Error::VolumeBusy(name.to_string()));
         }
         let id = self.existing_id(name)?;
-        let (lo, hi) = (key_codec::volume_start(id), key_codec::volume_end(id));
+        let (lo, hi) = (codec::volume_start(id), codec::volume_end(id));
         let mut b = WriteBatch::default();
-        b.delete_cf(self.meta(), key_codec::volume_name_key(name));
+        b.delete_cf(self.meta(), codec::volume_name_key(name));
         b.delete_range_cf(self.meta(), &lo, &hi);
         b.delete_range_cf(self.chunks(), &lo, &hi);
         self.write(b)?;
@@ -1364,18 +1419,48 @@ impl Store {
         self.reclaim_range(&lo, &hi)
     }
 
-    /// Compacts `[lo, hi)` in both column families so deleted data leaves the disk
-    /// (including blob files whose chunks are all garbage).
-    pub fn reclaim_range(&self, lo: &[u8], hi: &[u8]) -> Result<()> {
+    /// What the store holds for volume `name`, measured the slow way (tests and
+    /// diagnostics): the bytes of its keys and values, and, after its key range is
+    /// compacted, the bytes of the store's live table and blob files (the volume's own
+    /// when it is the store's only one).
+    pub fn footprint(&self, name: &str) -> Result<Footprint> {
+        let id = self.existing_id(name)?;
+        let (lo, hi) = (codec::volume_start(id), codec::volume_end(id));
+        let mut logical = 0;
+        for cf in [self.meta(), self.chunks()] {
+            self.scan(cf, &lo, &hi, |k, v| {
+                logical += (k.len() + v.len()) as u64;
+                Ok(true)
+            })?;
+        }
+        self.reclaim_range(&lo, &hi)?;
         let db = &self.inner.db;
-        db.flush_cf(self.meta())?;
-        db.flush_cf(self.chunks())?;
-        let mut co = CompactOptions::default();
-        co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
-        co.set_exclusive_manual_compaction(false);
-        db.compact_range_cf_opt(self.meta(), Some(lo), Some(hi), &co);
-        db.compact_range_cf_opt(self.chunks(), Some(lo), Some(hi), &co);
-        Ok(())
+        let prop = |cf, name: &str| -> Result<u64> {
+            Ok(db.property_int_value_cf(cf, name)?.unwrap_or(0))
+        };
+        let mut disk = 0;
+        for cf in [self.meta(), self.chunks()] {
+            disk += prop(cf, "rocksdb.live-sst-files-size")?
+                + prop(cf, "rocksdb.live-blob-file-size")?
+                    .saturating_sub(prop(cf, "rocksdb.live-blob-file-garbage-size")?);
+        }
+        Ok(Footprint { logical, disk })
+    }
+
+    raw_access! {
+        /// Compacts `[lo, hi)` in both column families so deleted data leaves the disk
+        /// (including blob files whose chunks are all garbage).
+        fn reclaim_range(&self, lo: &[u8], hi: &[u8]) -> Result<()> {
+            let db = &self.inner.db;
+            db.flush_cf(self.meta())?;
+            db.flush_cf(self.chunks())?;
+            let mut co = CompactOptions::default();
+            co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+            co.set_exclusive_manual_compaction(false);
+            db.compact_range_cf_opt(self.meta(), Some(lo), Some(hi), &co);
+            db.compact_range_cf_opt(self.chunks(), Some(lo), Some(hi), &co);
+            Ok(())
+        }
     }
 }
 

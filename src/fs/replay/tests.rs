@@ -7,7 +7,8 @@ use super::*;
 use crate::fs::tests::{DIR, FILE, ME, ROOT};
 use crate::fs::xattr::XattrReply;
 use crate::fs::FsError;
-use crate::store::StoreOptions;
+use crate::store::codec as keys;
+use crate::store::{Store, StoreOptions};
 
 struct T {
     _dir: tempfile::TempDir,

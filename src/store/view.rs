@@ -1,0 +1,350 @@
+//! Reads of one volume: typed lookups and scans over its keys.
+//!
+//! Owns: every read of a volume's keys, decoded with [`super::codec`], for the filesystem
+//! core (point lookups, readdir, chunk reads from one snapshot) and for `fsck` (a pass
+//! over each kind of key). Callers never see a key or a column family. It must not
+//! write (writes go through [`super::VolumeTxn`]).
+
+use rocksdb::{DBPinnableSlice, ReadOptions, Snapshot};
+
+use super::codec::{
+    self, decode_chunk_len, CookieValue, DirentValue, Ino, InodeRecord, RecordError, ReplayRecord,
+    Usage, VolumeId,
+};
+use super::{Result, Store, ROOT_INO};
+
+/// Reads of one volume (see the module doc). Cheap: a store and a volume id.
+#[derive(Clone, Copy)]
+pub struct VolumeView<'a> {
+    store: &'a Store,
+    vid: VolumeId,
+}
+
+impl<'a> VolumeView<'a> {
+    pub(super) fn new(store: &'a Store, vid: VolumeId) -> Self {
+        VolumeView { store, vid }
+    }
+
+    /// The volume's id (its keys' prefix).
+    pub fn id(&self) -> VolumeId {
+        self.vid
+    }
+
+    /// Calls `f(key, value)` for every meta key of the volume with tag `tag`, in order,
+    /// until it returns false.
+    fn scan_tag(&self, tag: u8, f: impl FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
+        self.store.scan_meta(&codec::tag_prefix(self.vid, tag), f)
+    }
+
+    // ----- inodes -----
+
+    /// Inode `ino`'s record, if it exists.
+    pub fn inode(&self, ino: Ino) -> Result<Option<InodeRecord>> {
+        match self.store.get_meta(&codec::inode_key(self.vid, ino))? {
+            Some(raw) => Ok(Some(InodeRecord::decode(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The highest inode number in use (the root's if no other).
+    pub fn max_ino(&self) -> Result<Ino> {
+        let v = self.vid;
+        let mut max = ROOT_INO;
+        let prefix = codec::tag_prefix(v, codec::TAG_INODE);
+        let mut it = self.store.db().raw_iterator_cf(self.store.meta());
+        it.seek_for_prev(codec::inode_key(v, u64::MAX));
+        if let Some(k) = it.key() {
+            if k.starts_with(&prefix) {
+                max = max.max(codec::parse_inode_key(v, k)?);
+            }
+        }
+        it.status()?;
+        Ok(max)
+    }
+
+    /// The volume's inode-number counter: `None` for a volume made before it existed.
+    pub fn next_ino(&self) -> Result<Option<Ino>> {
+        self.store.next_ino(self.vid)
+    }
+
+    /// The inodes marked as unlinked while open, in order.
+    pub fn orphans(&self) -> Result<Vec<Ino>> {
+        let v = self.vid;
+        let mut out = Vec::new();
+        self.scan_tag(codec::TAG_ORPHAN, |k, _| {
+            out.push(codec::parse_orphan_key(v, k)?);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Pass over every inode record, in inode order (unreadable ones as errors).
+    pub fn each_inode(
+        &self,
+        mut f: impl FnMut(Ino, Result<InodeRecord, RecordError>),
+    ) -> Result<()> {
+        let v = self.vid;
+        self.scan_tag(codec::TAG_INODE, |k, val| {
+            f(codec::parse_inode_key(v, k)?, InodeRecord::decode(val));
+            Ok(true)
+        })
+    }
+
+    // ----- directory entries -----
+
+    /// Entry `name` of directory `parent`, if any.
+    pub fn dirent(&self, parent: Ino, name: &[u8]) -> Result<Option<DirentValue>> {
+        match self
+            .store
+            .get_meta(&codec::dirent_key(self.vid, parent, name))?
+        {
+            Some(raw) => Ok(Some(DirentValue::decode(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether directory `dir` has no entries.
+    pub fn dir_is_empty(&self, dir: Ino) -> Result<bool> {
+        let mut empty = true;
+        self.store
+            .scan_meta(&codec::dirent_prefix(self.vid, dir), |_, _| {
+                empty = false;
+                Ok(false)
+            })?;
+        Ok(empty)
+    }
+
+    /// Up to `limit` entries of `dir` from readdir position `from` on, in cookie order:
+    /// `(cookie, entry)`.
+    pub fn readdir(&self, dir: Ino, from: u64, limit: usize) -> Result<Vec<(u64, CookieValue)>> {
+        let v = self.vid;
+        let start = codec::cookie_key(v, dir, from);
+        let end = codec::prefix_end(&codec::cookie_prefix(v, dir));
+        let mut out = Vec::new();
+        self.store.scan(self.store.meta(), &start, &end, |k, val| {
+            if out.len() >= limit {
+                return Ok(false);
+            }
+            let (_, cookie) = codec::parse_cookie_key(v, k)?;
+            out.push((cookie, CookieValue::decode(val)?));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Pass over every by-name entry of the volume: `f(parent, name, entry)`.
+    pub fn each_dirent(
+        &self,
+        mut f: impl FnMut(Ino, Vec<u8>, Result<DirentValue, RecordError>),
+    ) -> Result<()> {
+        let v = self.vid;
+        self.scan_tag(codec::TAG_DIRENT, |k, val| {
+            let (parent, name) = codec::parse_dirent_key(v, k)?;
+            f(parent, name, DirentValue::decode(val));
+            Ok(true)
+        })
+    }
+
+    /// Pass over every readdir entry of the volume: `f(parent, cookie, entry)`.
+    pub fn each_cookie(
+        &self,
+        mut f: impl FnMut(Ino, u64, Result<CookieValue, RecordError>),
+    ) -> Result<()> {
+        let v = self.vid;
+        self.scan_tag(codec::TAG_DIRENT_COOKIE, |k, val| {
+            let (parent, cookie) = codec::parse_cookie_key(v, k)?;
+            f(parent, cookie, CookieValue::decode(val));
+            Ok(true)
+        })
+    }
+
+    // ----- chunks -----
+
+    /// Stored lengths of the chunks `first..=last` of `ino` that exist, in order.
+    pub fn chunk_lens(&self, ino: Ino, first: u64, last: u64) -> Result<Vec<(u64, u64)>> {
+        let v = self.vid;
+        if first == last {
+            // One chunk (every write of at most a chunk that does not straddle two):
+            // a point lookup is several times cheaper than an iterator.
+            return Ok(
+                match self.store.get_meta(&codec::chunk_len_key(v, ino, first))? {
+                    Some(val) => vec![(first, decode_chunk_len(&val)?)],
+                    None => Vec::new(),
+                },
+            );
+        }
+        let from = codec::chunk_len_key(v, ino, first);
+        let to = match last.checked_add(1) {
+            Some(n) => codec::chunk_len_key(v, ino, n),
+            None => codec::prefix_end(&codec::chunk_len_prefix(v, ino)),
+        };
+        let mut out = Vec::new();
+        self.store.scan(self.store.meta(), &from, &to, |k, val| {
+            let (_, idx) = codec::parse_chunk_len_key(v, k)?;
+            out.push((idx, decode_chunk_len(val)?));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// The bytes of chunk `idx` of `ino` (empty if none are stored).
+    pub fn chunk(&self, ino: Ino, idx: u64) -> Result<Vec<u8>> {
+        Ok(self
+            .store
+            .db()
+            .get_cf(self.store.chunks(), codec::chunk_key(self.vid, ino, idx))?
+            .unwrap_or_default())
+    }
+
+    /// Pass over every chunk length of the volume: `f(ino, idx, length)`.
+    pub fn each_chunk_len(&self, mut f: impl FnMut(Ino, u64, Result<u64>)) -> Result<()> {
+        let v = self.vid;
+        self.scan_tag(codec::TAG_CHUNK_LEN, |k, val| {
+            let (ino, idx) = codec::parse_chunk_len_key(v, k)?;
+            f(ino, idx, decode_chunk_len(val));
+            Ok(true)
+        })
+    }
+
+    /// Pass over every stored chunk of the volume: `f(ino, idx, bytes stored)`.
+    pub fn each_chunk_size(&self, mut f: impl FnMut(Ino, u64, u64)) -> Result<()> {
+        let v = self.vid;
+        self.store.scan(
+            self.store.chunks(),
+            &codec::volume_start(v),
+            &codec::volume_end(v),
+            |k, val| {
+                let (_, ino, idx) = codec::parse_chunk_key(k)?;
+                f(ino, idx, val.len() as u64);
+                Ok(true)
+            },
+        )
+    }
+
+    /// A consistent view of the volume as of now (see [`VolumeSnapshot`]).
+    pub fn snapshot(&self) -> VolumeSnapshot<'a> {
+        VolumeSnapshot {
+            store: self.store,
+            vid: self.vid,
+            snap: self.store.db().snapshot(),
+        }
+    }
+
+    // ----- extended attributes -----
+
+    /// The value of xattr `name` of `ino`, if set.
+    pub fn xattr(&self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.store.get_meta(&codec::xattr_key(self.vid, ino, name))
+    }
+
+    /// Calls `f(name, value)` for every xattr of `ino`, in name order.
+    pub fn xattrs(&self, ino: Ino, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
+        let prefix = codec::xattr_prefix(self.vid, ino);
+        self.store.scan_meta(&prefix, |k, val| {
+            f(&k[prefix.len()..], val);
+            Ok(true)
+        })
+    }
+
+    /// Pass over every xattr of the volume: `f(ino, name, value length)`.
+    pub fn each_xattr(&self, mut f: impl FnMut(Ino, Vec<u8>, usize)) -> Result<()> {
+        let v = self.vid;
+        self.scan_tag(codec::TAG_XATTR, |k, val| {
+            let (ino, name) = codec::parse_xattr_key(v, k)?;
+            f(ino, name, val.len());
+            Ok(true)
+        })
+    }
+
+    // ----- counters, the ring of recent answers -----
+
+    /// The volume's usage counters as stored (`None`: no key).
+    pub fn usage(&self) -> Result<Option<Result<Usage, RecordError>>> {
+        Ok(self
+            .store
+            .get_meta(&codec::usage_key(self.vid))?
+            .map(|raw| Usage::decode(&raw)))
+    }
+
+    /// The volume's mount generation as stored (`None`: never mounted since it existed).
+    pub fn mount_generation(&self) -> Result<Option<Result<u64, RecordError>>> {
+        Ok(self
+            .store
+            .get_meta(&codec::mount_gen_key(self.vid))?
+            .map(|raw| codec::decode_counter("mount generation", &raw)))
+    }
+
+    /// The record in slot `slot` of the ring of recent answers, if any.
+    pub fn replay(&self, slot: u16) -> Result<Option<Result<ReplayRecord, RecordError>>> {
+        Ok(self
+            .store
+            .get_meta(&codec::replay_key(self.vid, slot))?
+            .map(|raw| ReplayRecord::decode(&raw)))
+    }
+
+    /// Pass over the ring of recent answers: `f(slot, record)`.
+    pub fn each_replay(
+        &self,
+        mut f: impl FnMut(u16, Result<ReplayRecord, RecordError>),
+    ) -> Result<()> {
+        let v = self.vid;
+        self.scan_tag(codec::TAG_REPLAY, |k, val| {
+            f(codec::parse_replay_key(v, k)?, ReplayRecord::decode(val));
+            Ok(true)
+        })
+    }
+}
+
+/// Reads of one volume as of one moment (a RocksDB snapshot): a file read never sees half
+/// of a concurrent write.
+pub struct VolumeSnapshot<'a> {
+    store: &'a Store,
+    vid: VolumeId,
+    snap: Snapshot<'a>,
+}
+
+impl VolumeSnapshot<'_> {
+    /// Inode `ino`'s record, if it exists.
+    pub fn inode(&self, ino: Ino) -> Result<Option<InodeRecord>> {
+        match self
+            .snap
+            .get_cf(self.store.meta(), codec::inode_key(self.vid, ino))?
+        {
+            Some(raw) => Ok(Some(InodeRecord::decode(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Calls `f(idx, bytes)` for each stored chunk `first..=last` of `ino`, in order.
+    pub fn chunks(
+        &self,
+        ino: Ino,
+        first: u64,
+        last: u64,
+        mut f: impl FnMut(u64, &[u8]),
+    ) -> Result<()> {
+        let (v, chunks) = (self.vid, self.store.chunks());
+        if first == last {
+            // One chunk: a point lookup, without copying the value.
+            let bytes: Option<DBPinnableSlice> = self
+                .snap
+                .get_pinned_cf(chunks, codec::chunk_key(v, ino, first))?;
+            if let Some(bytes) = bytes {
+                f(first, &bytes);
+            }
+            return Ok(());
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&self.snap);
+        ro.set_iterate_upper_bound(codec::chunk_key(v, ino, last + 1));
+        let mut it = self.store.db().raw_iterator_cf_opt(chunks, ro);
+        it.seek(codec::chunk_key(v, ino, first));
+        while let (Some(k), Some(val)) = (it.key(), it.value()) {
+            let (_, _, idx) = codec::parse_chunk_key(k)?;
+            f(idx, val);
+            it.next();
+        }
+        it.status()?;
+        Ok(())
+    }
+}
