@@ -27,9 +27,11 @@ fn main() {
     divan::main();
 }
 
+// Fields drop in order: the store closes before its temporary directory is removed
+// (the other way round left ~14 MB per run in /var/tmp).
 struct Setup {
-    _dir: tempfile::TempDir,
     fs: Fs,
+    _dir: tempfile::TempDir,
 }
 
 fn setup() -> Setup {

@@ -626,7 +626,7 @@ impl Fs {
         c.txn.usage.bytes = charge::inode_charge(ino, &r) as i64;
         self.stage_add_dirent(&mut c, parent, &mut p, name, ino, kind);
         if kind == Kind::Dir {
-            p.nlink += 1;
+            p.nlink = p.nlink.saturating_add(1);
         }
         p.mtime = now;
         p.ctime = now;
@@ -871,12 +871,13 @@ impl Fs {
             if b_dir {
                 b.parent = from.dir;
             }
+            // Saturating: a corrupted link count must not panic a FUSE worker.
             if a_dir && !b_dir {
-                p1.nlink -= 1;
-                p2.nlink += 1;
+                p1.nlink = p1.nlink.saturating_sub(1);
+                p2.nlink = p2.nlink.saturating_add(1);
             } else if b_dir && !a_dir {
-                p1.nlink += 1;
-                p2.nlink -= 1;
+                p1.nlink = p1.nlink.saturating_add(1);
+                p2.nlink = p2.nlink.saturating_sub(1);
             }
             p2.mtime = now;
             p2.ctime = now;
@@ -945,7 +946,7 @@ impl Fs {
             moved.parent = to.dir;
             p1.nlink = p1.nlink.saturating_sub(1);
             if let Some(p2) = p2.as_mut() {
-                p2.nlink += 1;
+                p2.nlink = p2.nlink.saturating_add(1);
             }
         }
         moved.ctime = now;

@@ -1341,8 +1341,18 @@ impl Store {
                     quota: new_quota,
                 });
             }
-            v.inode_limit
-                .store(cfg.inode_limit.unwrap_or(UNLIMITED), Ordering::Release);
+            let new_limit = cfg.inode_limit.unwrap_or(UNLIMITED);
+            let old_limit = v.inode_limit.swap(new_limit, Ordering::AcqRel);
+            // The same for a create between the check and the swap.
+            if v.inodes() > new_limit {
+                v.inode_limit.store(old_limit, Ordering::Release);
+                v.quota.store(old_quota, Ordering::Release);
+                return Err(Error::InodeLimitBelowUsage {
+                    name: name.into(),
+                    used: v.inodes(),
+                    limit: new_limit,
+                });
+            }
         }
         let mut b = WriteBatch::default();
         b.put_cf(self.meta(), codec::config_key(id), encode_config(&cfg)?);
