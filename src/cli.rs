@@ -41,6 +41,16 @@ pub enum Command {
     /// of the server: the next server takes them over. Runs until killed; killing it
     /// ends no mount while their servers live.
     Fdstore(FdstoreArgs),
+    /// Print a shell completion script for SHELL on stdout, e.g.
+    /// `fusevol completions bash > /etc/bash_completion.d/fusevol`.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]
@@ -273,6 +283,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Volume(v) => volume(v),
+        Command::Completions(a) => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(a.shell, &mut cmd, "fusevol", &mut std::io::stdout());
+            Ok(0)
+        }
         Command::Fdstore(a) => {
             crate::fdstore::run(&a.socket)?;
             Ok(0)

@@ -299,3 +299,44 @@ fn missing_db_directory_in_a_marked_store_is_reported() {
         "a new empty database was created in place of the missing one"
     );
 }
+
+/// `fusevol completions SHELL` prints a completion script that names every subcommand
+/// (bash's is checked by bash itself, and completes `fusevol vo` to `volume`); an unknown
+/// shell is a one-line error with exit 2.
+#[test]
+fn completions_cover_every_subcommand_and_bash_loads_them() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = fusevol(["completions", shell]);
+        assert!(out.success(), "{shell}: {}", out.stderr);
+        for sub in ["mount", "volume", "fsck", "agent", "controller", "fdstore"] {
+            assert!(out.stdout.contains(sub), "{shell} completions lack {sub}");
+        }
+    }
+    let script = fusevol(["completions", "bash"]).stdout;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fusevol.bash");
+    fs::write(&path, script).unwrap();
+    // Load the script, complete `fusevol vo<TAB>` as bash would, print the candidates.
+    let probe = format!(
+        "source {}; COMP_WORDS=(fusevol vo); COMP_CWORD=1; COMP_LINE='fusevol vo'; COMP_POINT=10; _fusevol fusevol vo fusevol; echo \"${{COMPREPLY[@]}}\"",
+        path.display()
+    );
+    let bash = std::process::Command::new("bash")
+        .args(["-c", &probe])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&bash.stdout);
+    assert!(
+        bash.status.success(),
+        "bash: {}",
+        String::from_utf8_lossy(&bash.stderr)
+    );
+    assert_eq!(
+        said.trim(),
+        "volume",
+        "bash completed `fusevol vo` to {said:?}"
+    );
+    let out = fusevol(["completions", "tcsh"]);
+    assert_eq!(out.code(), Some(2), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+}
