@@ -141,6 +141,11 @@ pub struct MountArgs {
     /// the mount's /sys/class/bdi/0:<minor> (a warning if /sys is read-only).
     #[arg(long, value_name = "SIZE|PERCENT", default_value_t = crate::bdi::DEFAULT)]
     pub max_dirty: crate::bdi::DirtyLimit,
+    /// Turn the kernel's `fuse.wake_here` on for the node, if it has it: a task waiting
+    /// for a FUSE reply wakes on the replying CPU (creates ~1.3x as fast here). Node-wide
+    /// and left on at exit; false leaves the kernel's setting alone.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fuse_wake_here: bool,
     /// Where to mount (an existing directory).
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: PathBuf,
@@ -270,6 +275,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 chunk_size: a.chunk_size.map(|c| c.0),
                 free_space_floor: a.free_space_floor.map(|c| c.0),
                 memory_budget: a.memory_budget.0,
+                fuse_wake_here: a.fuse_wake_here,
                 serve: ServeOptions {
                     allow_other: a.allow_other,
                     threads: usize::from(a.threads),

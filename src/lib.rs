@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod mount;
 pub mod size;
 pub mod store;
+pub mod wake;
 
 /// The version of this build (shown in FusevolNode status and events).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -840,6 +840,8 @@ pub struct MountRequest {
     pub free_space_floor: Option<u64>,
     /// Memory budget of the store (caches and write buffers).
     pub memory_budget: u64,
+    /// Turn the kernel's `fuse.wake_here` on for the node (see [`crate::wake`]).
+    pub fuse_wake_here: bool,
     pub serve: ServeOptions,
 }
 
@@ -897,6 +899,7 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     if let Err(e) = crate::control::serve(store.clone(), metrics.clone()) {
         tracing::warn!(error = %e, "control socket unavailable: volume commands will not reach this process");
     }
+    crate::wake::apply(req.fuse_wake_here);
     let served = serve(&store, &req.volume, &req.mountpoint, &serve_opts, metrics)?;
     eprintln!(
         "fusevol: serving volume {:?} of {} at {} (Ctrl-C to unmount)",

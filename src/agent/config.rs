@@ -6,6 +6,8 @@
 //! listen = "0.0.0.0:9808"         # /healthz and /metrics; default 0.0.0.0:9808
 //! max_dirty = "256Mi"             # dirty page cache per volume (a size, "20%" of the
 //!                                 # node's dirty threshold, "0": the kernel's 1%)
+//! fuse_wake_here = true           # turn the kernel's fuse.wake_here on for the node
+//!                                 # (see `crate::wake`); false leaves it alone
 //!
 //! [[tiers]]
 //! name = "fast"                   # a DNS label; StorageClass parameter `tier` names it
@@ -57,6 +59,7 @@ struct RawConfig {
     root: Option<PathBuf>,
     listen: Option<String>,
     max_dirty: Option<String>,
+    fuse_wake_here: Option<bool>,
     #[serde(default)]
     tiers: Vec<RawTier>,
     #[serde(rename = "static")]
@@ -98,6 +101,8 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// The dirty-page bound of every mount (see [`crate::bdi`]).
     pub max_dirty: DirtyLimit,
+    /// Turn the kernel's `fuse.wake_here` on for the node (see [`crate::wake`]).
+    pub fuse_wake_here: bool,
     pub tiers: Vec<TierConfig>,
     pub static_mode: Option<StaticConfig>,
 }
@@ -288,6 +293,7 @@ impl AgentConfig {
             root,
             listen,
             max_dirty,
+            fuse_wake_here: raw.fuse_wake_here.unwrap_or(true),
             tiers,
             static_mode,
         })
@@ -327,6 +333,7 @@ mod tests {
         assert_eq!(c.node_name, "n1");
         assert_eq!(c.listen.port(), 9808);
         assert_eq!(c.max_dirty, crate::bdi::DEFAULT);
+        assert!(c.fuse_wake_here, "on unless the config says otherwise");
         assert_eq!(c.tiers[0].capacity, Some(20 << 30));
         assert_eq!(c.tiers[0].reserved, 1 << 30);
         assert_eq!(c.tiers[1].capacity, None);
@@ -335,6 +342,16 @@ mod tests {
         let s = c.static_mode.unwrap();
         assert_eq!(s.storage_class, DEFAULT_STATIC_CLASS);
         assert_eq!(s.pools[0].size_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn fuse_wake_here_can_be_turned_off_and_must_be_a_boolean() {
+        let text = format!("fuse_wake_here = false\n{EXAMPLE}");
+        let c = AgentConfig::parse(&text, Some("n".into())).unwrap();
+        assert!(!c.fuse_wake_here);
+        let text = format!("fuse_wake_here = \"yes\"\n{EXAMPLE}");
+        let e = AgentConfig::parse(&text, Some("n".into())).unwrap_err();
+        assert!(e.to_string().contains("bool"), "{e}");
     }
 
     #[test]

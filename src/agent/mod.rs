@@ -275,6 +275,7 @@ struct Round {
 pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     let tier_metrics = TierMetrics::register(&metrics);
+    crate::wake::apply(config.fuse_wake_here);
     let node = config.node_name.clone();
     let handover = Arc::new(tokio::sync::Notify::new());
     let (fdstore, handed_over) = match fdstore {
