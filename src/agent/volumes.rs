@@ -217,6 +217,7 @@ impl VolumeManager {
                         disk: path.clone(),
                         source,
                     })?;
+                metrics.watch_store(&tier.name, &store);
                 disks.push(Disk {
                     tier: tier.name.clone(),
                     path: path.clone(),

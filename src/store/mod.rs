@@ -19,10 +19,12 @@
 //! ```
 
 pub mod codec;
+mod health;
 mod memory;
 mod txn;
 mod view;
 
+pub use health::{StoreHealth, WeakStore};
 use memory::MemoryPlan;
 pub use memory::{DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET};
 pub use txn::VolumeTxn;
