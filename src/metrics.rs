@@ -177,6 +177,11 @@ impl StoreFamilies {
     }
 
     fn remove(&self, l: &StoreLabels) {
+        self.remove_gauges(l);
+        self.health_failed.remove(l);
+    }
+
+    fn remove_gauges(&self, l: &StoreLabels) {
         for f in [
             &self.disk,
             &self.garbage,
@@ -190,7 +195,6 @@ impl StoreFamilies {
             f.remove(l);
         }
         self.amplification.remove(l);
-        self.health_failed.remove(l);
     }
 }
 
@@ -286,7 +290,9 @@ impl Metrics {
             match store.health() {
                 Ok(h) => f.set(l, &h),
                 Err(error) => {
+                    // No stale values as if current: the gauges go until a read works.
                     tracing::warn!(disk = %l.disk, %error, "cannot read the store's health");
+                    f.remove_gauges(l);
                     f.health_failed.get_or_create(l).inc();
                 }
             }

@@ -50,11 +50,20 @@ pub fn enable(param: &Path) -> io::Result<Outcome> {
 }
 
 /// Turns `fuse.wake_here` on for the node if `wanted` and the kernel has it; logs what it
-/// did. Never fails: the parameter is a speed setting, not a condition for serving.
+/// did. Never fails: the parameter is a speed setting, not a condition for serving. Where
+/// FUSE is a module not loaded yet (no FUSE mount since boot), `/sys/module/fuse` appears
+/// only once `/dev/fuse` is opened: it is opened (and closed) first.
 pub fn apply(wanted: bool) {
     if !wanted {
         tracing::debug!("fuse.wake_here left as the kernel has it (fuse_wake_here = false)");
         return;
+    }
+    if !Path::new(WAKE_HERE).exists() {
+        // Loads the module on kernels that build FUSE as one; harmless elsewhere.
+        let _ = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse");
     }
     match enable(Path::new(WAKE_HERE)) {
         Ok(Outcome::Enabled) => tracing::info!(
@@ -68,6 +77,11 @@ pub fn apply(wanted: bool) {
                 "this kernel has no fuse.wake_here; nothing to set"
             )
         }
+        Err(error) if error.kind() == io::ErrorKind::PermissionDenied => tracing::debug!(
+            param = WAKE_HERE,
+            %error,
+            "not permitted to turn fuse.wake_here on (not root?)"
+        ),
         Err(error) => tracing::warn!(
             param = WAKE_HERE,
             %error,

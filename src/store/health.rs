@@ -71,7 +71,14 @@ impl Store {
         h.delayed_write_rate = prop("rocksdb.actual-delayed-write-rate")?;
         h.background_errors = prop("rocksdb.background-errors")?;
         h.at_free_space_floor = self.free_space_floor().1;
-        h.data_bytes = self.list_volumes()?.iter().map(|v| v.used_bytes).sum();
+        for name in self.volume_names()? {
+            match self.inspect_volume(&name) {
+                Ok(v) => h.data_bytes += v.used_bytes,
+                // Deleted since it was listed.
+                Err(super::Error::VolumeNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(h)
     }
 }

@@ -51,10 +51,19 @@ impl FuseReadBuf {
             )
         };
         let storage = match NonNull::new(p.cast::<u8>()) {
-            Some(ptr) if p != libc::MAP_FAILED => Storage::Mapped {
-                ptr,
-                len: BUFFER_SIZE,
-            },
+            Some(ptr) if p != libc::MAP_FAILED => {
+                // No transparent huge pages: a 1 MiB request would otherwise make whole
+                // 2 MiB pages resident (where THP is "always"). Advice only; a refusal
+                // changes nothing else.
+                // SAFETY: `p` is the mapping just made, `BUFFER_SIZE` bytes long.
+                unsafe {
+                    libc::madvise(p, BUFFER_SIZE, libc::MADV_NOHUGEPAGE);
+                }
+                Storage::Mapped {
+                    ptr,
+                    len: BUFFER_SIZE,
+                }
+            }
             _ => Storage::Heap(vec![0; BUFFER_SIZE]),
         };
         Self { storage }
