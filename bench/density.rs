@@ -21,17 +21,14 @@ use fusevol::store::{Store, StoreOptions};
 /// Volumes when no count is given.
 const DEFAULT_VOLUMES: usize = 100;
 
+/// A number from /proc/self/status: `VmRSS:` and the like in KiB, or `Threads:`.
 fn status(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| {
-                l.strip_prefix(field)?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
+                let value = l.strip_prefix(field)?.trim();
+                value.trim_end_matches("kB").trim().parse().ok()
             })
         })
         .unwrap_or(0)
