@@ -118,6 +118,12 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
+    /// With more than one thread: the threads take turns at reading requests; the reader
+    /// answers metadata requests itself and passes the reading on only while it answers a
+    /// read, write, fsync or fallocate (true: metadata stays on one hot thread); or every
+    /// thread reads at once (false).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub split_data: bool,
     /// Chunk size of a new store (power of two, 4Ki..4Mi); ignored for an existing store.
     #[arg(long, value_name = "SIZE", hide = true)]
     pub chunk_size: Option<ByteSize>,
@@ -279,6 +285,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 serve: ServeOptions {
                     allow_other: a.allow_other,
                     threads: usize::from(a.threads),
+                    split_data: a.split_data,
                     fdstore: a.fdstore.map(crate::fdstore::FdStore::new),
                     max_dirty: a.max_dirty,
                     ..ServeOptions::default()

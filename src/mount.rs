@@ -151,6 +151,9 @@ pub fn prepare_mount_point(path: &Path) -> Result<(), MountError> {
 pub struct ServeOptions {
     pub allow_other: bool,
     pub threads: usize,
+    /// The threads take turns at reading: metadata requests stay on the reader, data
+    /// requests pass the reading on (see fuser's `reading_role.rs`).
+    pub split_data: bool,
     /// The FUSE connection holder: mounts outlive this process and the next server
     /// takes their connections over (see [`crate::fdstore`]).
     pub fdstore: Option<FdStore>,
@@ -165,6 +168,7 @@ impl Default for ServeOptions {
         ServeOptions {
             allow_other: false,
             threads: 4,
+            split_data: true,
             fdstore: None,
             no_resend: std::env::var_os("FUSEVOL_NO_RESEND").is_some(),
             max_dirty: crate::bdi::DEFAULT,
@@ -285,6 +289,7 @@ fn session_config(name: &str, opts: &ServeOptions) -> Config {
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
+    config.split_data = opts.split_data;
     config
 }
 

@@ -8,6 +8,8 @@
 //!                                 # node's dirty threshold, "0": the kernel's 1%)
 //! fuse_wake_here = true           # turn the kernel's fuse.wake_here on for the node
 //!                                 # (see `crate::wake`); false leaves it alone
+//! split_data = true               # FUSE workers take turns at reading: metadata stays
+//!                                 # on one hot thread (`fusevol mount --split-data`)
 //!
 //! [[tiers]]
 //! name = "fast"                   # a DNS label; StorageClass parameter `tier` names it
@@ -60,6 +62,7 @@ struct RawConfig {
     listen: Option<String>,
     max_dirty: Option<String>,
     fuse_wake_here: Option<bool>,
+    split_data: Option<bool>,
     #[serde(default)]
     tiers: Vec<RawTier>,
     #[serde(rename = "static")]
@@ -103,6 +106,8 @@ pub struct AgentConfig {
     pub max_dirty: DirtyLimit,
     /// Turn the kernel's `fuse.wake_here` on for the node (see [`crate::wake`]).
     pub fuse_wake_here: bool,
+    /// FUSE workers take turns at reading (`crate::mount::ServeOptions::split_data`).
+    pub split_data: bool,
     pub tiers: Vec<TierConfig>,
     pub static_mode: Option<StaticConfig>,
 }
@@ -294,6 +299,7 @@ impl AgentConfig {
             listen,
             max_dirty,
             fuse_wake_here: raw.fuse_wake_here.unwrap_or(true),
+            split_data: raw.split_data.unwrap_or(true),
             tiers,
             static_mode,
         })
@@ -334,6 +340,7 @@ mod tests {
         assert_eq!(c.listen.port(), 9808);
         assert_eq!(c.max_dirty, crate::bdi::DEFAULT);
         assert!(c.fuse_wake_here, "on unless the config says otherwise");
+        assert!(c.split_data, "on unless the config says otherwise");
         assert_eq!(c.tiers[0].capacity, Some(20 << 30));
         assert_eq!(c.tiers[0].reserved, 1 << 30);
         assert_eq!(c.tiers[1].capacity, None);
@@ -342,6 +349,16 @@ mod tests {
         let s = c.static_mode.unwrap();
         assert_eq!(s.storage_class, DEFAULT_STATIC_CLASS);
         assert_eq!(s.pools[0].size_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn split_data_can_be_turned_off_and_must_be_a_boolean() {
+        let text = format!("split_data = false\n{EXAMPLE}");
+        let c = AgentConfig::parse(&text, Some("n".into())).unwrap();
+        assert!(!c.split_data);
+        let text = format!("split_data = 1\n{EXAMPLE}");
+        let e = AgentConfig::parse(&text, Some("n".into())).unwrap_err();
+        assert!(e.to_string().contains("bool"), "{e}");
     }
 
     #[test]

@@ -236,6 +236,7 @@ impl VolumeManager {
             serve_options: ServeOptions {
                 allow_other: true,
                 threads: 4,
+                split_data: config.split_data,
                 max_dirty: config.max_dirty,
                 ..ServeOptions::default()
             },

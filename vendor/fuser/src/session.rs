@@ -399,6 +399,9 @@ impl<FS: Filesystem> Session<FS> {
     /// Returns any final error when the session comes to an end.
     pub fn run(mut self) -> io::Result<()> {
         let n_threads = self.config.n_threads.unwrap_or(1);
+        // fusevol patch: workers take turns at reading (see `reading_role.rs`).
+        let role = (self.config.split_data && n_threads > 1)
+            .then(|| Arc::new(crate::reading_role::ReadingRole::default()));
 
         if !cfg!(target_os = "linux") && n_threads != 1 {
             // TODO: check whether it works on macOS/FreeBSD and enable if it works.
@@ -437,6 +440,7 @@ impl<FS: Filesystem> Session<FS> {
                 allowed,
                 session_owner,
                 drain: drain.clone(),
+                role: role.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -668,6 +672,8 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) session_owner: Uid,
     /// fusevol patch: stops the loop between requests (see [`Drain`]).
     pub(crate) drain: Drain,
+    /// fusevol patch: the turn at reading, shared by the workers (see `reading_role.rs`).
+    pub(crate) role: Option<Arc<crate::reading_role::ReadingRole>>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -678,7 +684,12 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         let buf = buf.as_mut();
         // fusevol patch: listed until the loop ends, so that a drain can wake its read.
         let enlisted = self.drain.enlist();
+        // fusevol patch: this worker's turn at reading, if the workers take turns.
+        let mut turn = None;
         loop {
+            if turn.is_none() {
+                turn = self.role.as_deref().map(crate::reading_role::ReadingRole::take);
+            }
             // fusevol patch: a drained session reads no more requests; the ones not
             // read stay queued in the kernel for the next server.
             enlisted.reading(true);
@@ -697,6 +708,12 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                     nix::errno::Errno::ENOENT | nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN,
                 ) => continue,
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
+                    // fusevol patch: another worker reads while this one answers a data
+                    // request.
+                    Some(req) if turn.is_some() && crate::reading_role::is_data_request(&buf[..size]) => {
+                        turn = None;
+                        req.dispatch(self);
+                    }
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {

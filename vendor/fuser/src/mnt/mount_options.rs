@@ -18,6 +18,10 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// fusevol patch: with more than one thread, only the first reads requests; it
+    /// answers metadata requests itself and hands reads, writes, fsyncs and fallocates
+    /// to the others (see `data_pool.rs`).
+    pub split_data: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type

@@ -1,0 +1,123 @@
+//! How the FUSE workers share the requests: with `--split-data` (the default) they take
+//! turns at reading, the reader answering metadata itself and passing the reading on while
+//! it answers a data request; with `--split-data false` all read at once; with `--threads
+//! 1` one does everything. Every mode must answer every request, concurrent data and
+//! metadata alike, with the right bytes, and stop cleanly. (A reply sent through another
+//! worker's cloned fd than the one that read the request is dropped by the kernel: the
+//! caller would wait forever, and the mount's watchdog fail the test.)
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use common::*;
+
+const WRITERS: usize = 4;
+const RECORDS: u64 = 64;
+const RECORD: usize = 8192;
+
+fn record(writer: usize, n: u64) -> Vec<u8> {
+    let mut r = vec![0u8; RECORD];
+    for (i, b) in r.iter_mut().enumerate() {
+        *b = (writer as u64 * 31 + n * 7 + i as u64 % 251) as u8;
+    }
+    r
+}
+
+/// Writers (pwrite + fsync), readers of what they wrote, and a metadata churner (create,
+/// stat, rename, readdir, unlink), all at once.
+fn mixed_workload(mnt: &Path) {
+    let mut handles = Vec::new();
+    for w in 0..WRITERS {
+        let path = mnt.join(format!("data-{w}"));
+        handles.push(thread::spawn(move || {
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            for n in 0..RECORDS {
+                f.write_all_at(&record(w, n), n * RECORD as u64).unwrap();
+                if n % 8 == 7 {
+                    f.sync_data().unwrap();
+                }
+                let mut back = vec![0u8; RECORD];
+                f.read_exact_at(&mut back, n * RECORD as u64).unwrap();
+                assert!(
+                    back == record(w, n),
+                    "writer {w}: record {n} read back wrong"
+                );
+            }
+            f.sync_all().unwrap();
+        }));
+    }
+    let dir: PathBuf = mnt.join("churn");
+    fs::create_dir(&dir).unwrap();
+    handles.push(thread::spawn(move || {
+        for i in 0..300 {
+            let a = dir.join(format!("f{i}"));
+            fs::write(&a, format!("{i}")).unwrap();
+            assert_eq!(fs::metadata(&a).unwrap().len(), format!("{i}").len() as u64);
+            let b = dir.join(format!("g{i}"));
+            fs::rename(&a, &b).unwrap();
+            if i % 3 == 0 {
+                fs::remove_file(&b).unwrap();
+            }
+        }
+        let left = fs::read_dir(&dir).unwrap().count();
+        assert_eq!(left, 200, "files left after the churn");
+    }));
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+fn check_written(mnt: &Path) {
+    for w in 0..WRITERS {
+        let f = File::open(mnt.join(format!("data-{w}"))).unwrap();
+        for n in 0..RECORDS {
+            let mut back = vec![0u8; RECORD];
+            f.read_exact_at(&mut back, n * RECORD as u64).unwrap();
+            assert!(
+                back == record(w, n),
+                "writer {w}: record {n} wrong after remount"
+            );
+        }
+    }
+}
+
+fn serves_in_mode(args: &[&str]) {
+    let mut opts = Opts::new();
+    opts.extra_args = args.iter().map(|a| a.to_string()).collect();
+    let m = Mount::start(opts.clone());
+    mixed_workload(m.mnt());
+    let dirs = m.stop();
+    let m = Mount::start_in(dirs, opts);
+    check_written(m.mnt());
+    m.stop();
+}
+
+#[test]
+fn workers_taking_turns_answer_concurrent_data_and_metadata() {
+    serves_in_mode(&["--threads", "4"]);
+}
+
+#[test]
+fn workers_reading_at_once_answer_concurrent_data_and_metadata() {
+    serves_in_mode(&["--threads", "4", "--split-data", "false"]);
+}
+
+#[test]
+fn two_workers_taking_turns_answer_concurrent_data_and_metadata() {
+    serves_in_mode(&["--threads", "2", "--split-data", "true"]);
+}
+
+#[test]
+fn one_worker_answers_concurrent_data_and_metadata() {
+    serves_in_mode(&["--threads", "1"]);
+}
