@@ -2,13 +2,15 @@
 //! turns at reading, the reader answering metadata itself and passing the reading on while
 //! it answers a data request; with `--split-data false` all read at once; with `--threads
 //! 1` one does everything. Every mode must answer every request, concurrent data and
-//! metadata alike, with the right bytes, and stop cleanly. (A reply sent through another
-//! worker's cloned fd than the one that read the request is dropped by the kernel: the
-//! caller would wait forever, and the mount's watchdog fail the test.)
+//! metadata alike (writes, reads, fsync, fsyncdir, truncation, fallocate, create, stat,
+//! rename, readdir, unlink), with the right bytes, and stop cleanly. A request left
+//! unanswered (a lost turn, a reply through the wrong fd) hangs the test until the mount's
+//! watchdog kills the server.
 
 mod common;
 
 use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -56,6 +58,19 @@ fn mixed_workload(mnt: &Path) {
             f.sync_all().unwrap();
         }));
     }
+    // Truncations (SETATTR with a size) and fallocate on a scratch file.
+    let scratch = mnt.join("scratch");
+    handles.push(thread::spawn(move || {
+        let f = File::create(&scratch).unwrap();
+        for i in 0..100u64 {
+            f.set_len((i % 7 + 1) * 200_000).unwrap();
+            // SAFETY: fallocate on an open file's own descriptor with valid ranges.
+            let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, ((i % 5 + 1) * 100_000) as i64) };
+            assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+            f.set_len(0).unwrap();
+        }
+        assert_eq!(f.metadata().unwrap().len(), 0);
+    }));
     let dir: PathBuf = mnt.join("churn");
     fs::create_dir(&dir).unwrap();
     handles.push(thread::spawn(move || {
@@ -67,6 +82,9 @@ fn mixed_workload(mnt: &Path) {
             fs::rename(&a, &b).unwrap();
             if i % 3 == 0 {
                 fs::remove_file(&b).unwrap();
+            }
+            if i % 50 == 49 {
+                File::open(&dir).unwrap().sync_all().unwrap(); // FSYNCDIR
             }
         }
         let left = fs::read_dir(&dir).unwrap().count();

@@ -18,9 +18,9 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
-    /// fusevol patch: with more than one thread, only the first reads requests; it
-    /// answers metadata requests itself and hands reads, writes, fsyncs and fallocates
-    /// to the others (see `data_pool.rs`).
+    /// fusevol patch: with more than one thread, the workers take turns at reading: the
+    /// reader answers metadata requests itself and passes the reading on while it
+    /// answers a data request (see `reading_role.rs`).
     pub split_data: bool,
 }
 
