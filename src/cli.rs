@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::control::{self, Request, Response};
@@ -13,9 +13,58 @@ use crate::mount::{self, MountRequest, ServeOptions};
 use crate::size::{format_bytes, ByteSize};
 use crate::store::{self, Store, StoreOptions, VolumeInfo};
 
+/// Exit status: the command did what it was asked.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: `fsck` found problems (and, with `--repair`, fixed them).
+pub const EXIT_PROBLEMS: i32 = 1;
+/// Exit status: the command could not run (bad arguments, or an error).
+pub const EXIT_FAILED: i32 = 2;
+
+const EXIT_HELP: &str = "Exit status: 0 done; 1 fsck found problems; 2 could not run (bad \
+arguments or an error). Errors are one `error: ...` line on stderr; with --json, a JSON \
+object {\"error\": KIND, \"message\": TEXT} instead, KIND a stable name such as \
+volume_not_found, volume_exists, volume_busy, store_busy, store_not_found, \
+invalid_argument, below_usage, no_space, corrupt, usage.";
+
+/// A command's error with its stable kind (what `--json` reports as `error`).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub kind: String,
+    pub message: String,
+}
+
+fn failure(kind: &str, message: impl Into<String>) -> anyhow::Error {
+    Failure {
+        kind: kind.into(),
+        message: message.into(),
+    }
+    .into()
+}
+
+/// The stable kind of a command's error: the first cause that has one (a [`Failure`], a
+/// store error), `io` for an I/O error, else `error`.
+pub fn error_kind(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(f) = cause.downcast_ref::<Failure>() {
+            return f.kind.clone();
+        }
+        if let Some(s) = cause.downcast_ref::<store::Error>() {
+            return s.kind().into();
+        }
+        if cause.downcast_ref::<control::ControlError>().is_some() {
+            return "store_unreachable".into();
+        }
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return "io".into();
+        }
+    }
+    "error".into()
+}
+
 /// fusevol: fast, quota-enforced, node-local volumes (FUSE over a RocksDB chunk store).
 #[derive(Debug, Parser)]
-#[command(name = "fusevol", version, about)]
+#[command(name = "fusevol", version, about, after_help = EXIT_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -120,8 +169,8 @@ pub struct MountArgs {
     pub threads: u16,
     /// With more than one thread: the threads take turns at reading requests; the reader
     /// answers metadata requests itself and passes the reading on only while it answers a
-    /// read, write, fsync or fallocate (true: metadata stays on one hot thread); or every
-    /// thread reads at once (false).
+    /// data request (read, write, fsync, fallocate, lseek, copy_file_range, truncation)
+    /// (true: metadata stays on one hot thread); or every thread reads at once (false).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub split_data: bool,
     /// Chunk size of a new store (power of two, 4Ki..4Mi); ignored for an existing store.
@@ -262,15 +311,34 @@ pub struct FsckArgs {
     pub json: bool,
 }
 
+impl Cli {
+    /// Did the command ask for JSON output (then errors are JSON too)?
+    pub fn json(&self) -> bool {
+        match &self.command {
+            Command::Fsck(a) => a.json,
+            Command::Volume(
+                VolumeCommand::Create { json, .. }
+                | VolumeCommand::List { json, .. }
+                | VolumeCommand::Inspect { json, .. }
+                | VolumeCommand::Resize { json, .. },
+            ) => *json,
+            _ => false,
+        }
+    }
+}
+
 /// Runs a parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Mount(a) => {
             if a.memory_budget.0 < store::MIN_MEMORY_BUDGET {
-                anyhow::bail!(
-                    "--memory-budget {}: must be at least 16Mi",
-                    format_bytes(a.memory_budget.0)
-                );
+                return Err(failure(
+                    "invalid_argument",
+                    format!(
+                        "--memory-budget {}: must be at least 16Mi",
+                        format_bytes(a.memory_budget.0)
+                    ),
+                ));
             }
             let req = MountRequest {
                 data: a.data,
@@ -351,17 +419,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// the owner's control socket when another process serves it.
 fn call(dir: &Path, req: Request) -> anyhow::Result<Response> {
     if !dir.exists() {
-        bail!("store {} does not exist", dir.display());
+        return Err(failure(
+            "store_not_found",
+            format!("store {} does not exist", dir.display()),
+        ));
     }
     let resp = match Store::open_existing(dir, &StoreOptions::default()) {
         Ok(store) => control::dispatch(&store, None, req),
         Err(store::Error::Locked(_)) => control::call(dir, &req)?,
         Err(e) => return Err(e.into()),
     };
-    if let Response::Error(e) = resp {
-        bail!(e);
+    match resp {
+        Response::Error(e) => Err(failure("error", e)),
+        Response::Failed { kind, message } => Err(failure(&kind, message)),
+        resp => Ok(resp),
     }
-    Ok(resp)
 }
 
 fn human(v: &VolumeInfo) -> String {
@@ -442,7 +514,10 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<i32> {
             json,
         } => {
             if quota.is_none() && inodes.is_none() {
-                bail!("nothing to change: give --quota and/or --inodes");
+                return Err(failure(
+                    "invalid_argument",
+                    "nothing to change: give --quota and/or --inodes",
+                ));
             }
             let req = Request::Resize {
                 name,
@@ -481,35 +556,43 @@ fn refuse_if_held(dir: &Path, volume: Option<&str>, what: &str) -> anyhow::Resul
         {
             return Ok(());
         }
-        Err(e) => bail!(
-            "cannot ask the fd holder at {} whether a volume of this store is still mounted ({e}); refusing to {what}",
+        Err(e) => return Err(failure(
+            "holder_unreachable",
+            format!("cannot ask the fd holder at {} whether a volume of this store is still mounted ({e}); refusing to {what}",
             socket.display()
-        ),
+        ))),
     };
     if let Some((mnt, h)) = held
         .iter()
         .find(|(_, h)| volume.is_none_or(|v| v == h.volume))
     {
-        bail!(
-            "volume {} is still mounted at {mnt} (its FUSE connection is kept by the fd holder at {}): unmount it first (umount {mnt}), then {what}",
+        return Err(failure(
+            "volume_busy",
+            format!("volume {} is still mounted at {mnt} (its FUSE connection is kept by the fd holder at {}): unmount it first (umount {mnt}), then {what}",
             h.volume,
             socket.display()
-        );
+        )));
     }
     Ok(())
 }
 
 fn fsck_cmd(a: FsckArgs) -> anyhow::Result<i32> {
     if !a.data.exists() {
-        bail!("store {} does not exist", a.data.display());
+        return Err(failure(
+            "store_not_found",
+            format!("store {} does not exist", a.data.display()),
+        ));
     }
     if a.repair {
         refuse_if_held(&a.data, a.volume.as_deref(), "repair it")?;
     }
     let store = Store::open_existing(&a.data, &StoreOptions::default()).map_err(|e| match e {
-        store::Error::Locked(p) => anyhow::anyhow!(
-            "store {} is in use by a running fusevol; stop it first (fsck works offline)",
-            p.display()
+        store::Error::Locked(p) => failure(
+            "store_busy",
+            format!(
+                "store {} is in use by a running fusevol; stop it first (fsck works offline)",
+                p.display()
+            ),
         ),
         e => e.into(),
     })?;
@@ -543,5 +626,9 @@ fn fsck_cmd(a: FsckArgs) -> anyhow::Result<i32> {
             );
         }
     }
-    Ok(if problems == 0 { 0 } else { 1 })
+    Ok(if problems == 0 {
+        EXIT_OK
+    } else {
+        EXIT_PROBLEMS
+    })
 }

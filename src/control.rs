@@ -49,7 +49,13 @@ pub enum Response {
     Volume(VolumeInfo),
     Done,
     Text(String),
+    /// An error, as servers before the error kinds sent it (still understood).
     Error(String),
+    /// An error with its stable kind (see [`crate::store::Error::kind`]).
+    Failed {
+        kind: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +90,10 @@ pub fn dispatch(store: &Store, metrics: Option<&Metrics>, req: Request) -> Respo
             metrics.map(|m| m.render()).unwrap_or_default(),
         )),
     };
-    r.unwrap_or_else(|e| Response::Error(e.to_string()))
+    r.unwrap_or_else(|e| Response::Failed {
+        kind: e.kind().into(),
+        message: e.to_string(),
+    })
 }
 
 pub fn socket_path(dir: &Path) -> PathBuf {
@@ -122,7 +131,10 @@ fn handle(store: &Store, metrics: &Metrics, conn: UnixStream) -> std::io::Result
     reader.read_line(&mut line)?;
     let resp = match serde_json::from_str::<Request>(&line) {
         Ok(req) => dispatch(store, Some(metrics), req),
-        Err(e) => Response::Error(format!("bad request: {e}")),
+        Err(e) => Response::Failed {
+            kind: "bad_request".into(),
+            message: format!("bad request: {e}"),
+        },
     };
     let mut out = serde_json::to_vec(&resp).map_err(std::io::Error::other)?;
     out.push(b'\n');
@@ -178,7 +190,10 @@ mod tests {
         )
         .unwrap()
         {
-            Response::Error(e) => assert!(e.contains("does not exist"), "{e}"),
+            Response::Failed { kind, message } => {
+                assert_eq!(kind, "volume_not_found");
+                assert!(message.contains("does not exist"), "{message}");
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -1,4 +1,5 @@
-//! The `fusevol` binary: parse the command line, run it, turn errors into one line.
+//! The `fusevol` binary: parse the command line, run it, turn errors into one line (or one
+//! JSON object with `--json`) and exit status 2 (see `cli::EXIT_HELP`).
 
 use clap::Parser;
 use fusevol::cli::{self, Cli};
@@ -31,10 +32,16 @@ fn main() {
         Err(e) => {
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("error: invalid arguments");
-            eprintln!("{first} (see fusevol --help)");
-            std::process::exit(2);
+            if std::env::args_os().any(|a| a == "--json") {
+                let message = first.strip_prefix("error: ").unwrap_or(first);
+                report_json("usage", &format!("{message} (see fusevol --help)"));
+            } else {
+                eprintln!("{first} (see fusevol --help)");
+            }
+            std::process::exit(cli::EXIT_FAILED);
         }
     };
+    let json = cli.json();
     let default_level = match cli.command {
         cli::Command::Mount(_) => "info,fuser=off",
         cli::Command::Agent(_) | cli::Command::Controller(_) => "info,fuser=off,kube=warn",
@@ -51,8 +58,20 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
-            std::process::exit(1);
+            if json {
+                report_json(&cli::error_kind(&e), &msg);
+            } else {
+                eprintln!("error: {msg}");
+            }
+            std::process::exit(cli::EXIT_FAILED);
         }
     }
+}
+
+/// An error as one JSON object on stderr: `{"error": KIND, "message": TEXT}`.
+fn report_json(kind: &str, message: &str) {
+    eprintln!(
+        "{}",
+        serde_json::json!({ "error": kind, "message": message })
+    );
 }

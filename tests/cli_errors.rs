@@ -175,10 +175,7 @@ fn invalid_sizes_are_rejected_everywhere_without_side_effects() {
 #[test]
 fn volume_commands_on_unknown_or_duplicate_names_fail() {
     let dirs = populated_store();
-    fusevol(args![
-        "volume", "inspect", "--data", &dirs.data, "nope", "--json"
-    ])
-    .user_error();
+    fusevol(args!["volume", "inspect", "--data", &dirs.data, "nope"]).user_error();
     fusevol(args![
         "volume", "resize", "--data", &dirs.data, "nope", "--quota", "1Gi"
     ])
@@ -212,11 +209,17 @@ fn assert_corruption_reported(dirs: &Dirs) {
     let before = snapshot_tree(&dirs.data);
     refused_mount(mount_args(&dirs.data, &dirs.mnt, &[]));
     assert!(!is_mounted(&dirs.mnt));
-    fusevol(args!["volume", "list", "--data", &dirs.data, "--json"]).user_error();
-    fusevol(args![
-        "volume", "inspect", "--data", &dirs.data, "vol", "--json"
-    ])
-    .user_error();
+    fusevol(args!["volume", "list", "--data", &dirs.data]).user_error();
+    for cmd in [
+        args!["volume", "list", "--data", &dirs.data, "--json"],
+        args!["volume", "inspect", "--data", &dirs.data, "vol", "--json"],
+    ] {
+        let (kind, _, out) = fusevol(cmd).json_error_of_any_kind();
+        assert!(
+            ["corrupt", "database", "not_a_store", "io"].contains(&kind.as_str()),
+            "kind {kind:?} for a damaged store: {out:?}"
+        );
+    }
     fusevol(args!["volume", "create", "--data", &dirs.data, "fresh"]).user_error();
     let out = fsck(&dirs.data, &[]);
     assert!(
@@ -339,4 +342,60 @@ fn completions_cover_every_subcommand_and_bash_loads_them() {
     let out = fusevol(["completions", "tcsh"]);
     assert_eq!(out.code(), Some(2), "{}", out.stderr);
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+}
+
+/// Scripts get a stable error kind with `--json`: one JSON object on stderr, exit 2, nothing
+/// on stdout; and exit 2 (could not run) is distinct from fsck's 1 (problems found).
+#[test]
+fn json_errors_carry_a_stable_kind_and_exit_2() {
+    let dirs = populated_store();
+    let d = &dirs.data;
+    let msg = fusevol(args!["volume", "inspect", "--data", d, "nope", "--json"])
+        .json_error("volume_not_found");
+    assert!(msg.contains("nope"), "{msg}");
+    fusevol(args!["volume", "create", "--data", d, "vol", "--json"]).json_error("volume_exists");
+    fusevol(args!["volume", "create", "--data", d, "Bad/Name", "--json"])
+        .json_error("invalid_argument");
+    fusevol(args!["volume", "resize", "--data", d, "vol", "--json"]).json_error("invalid_argument");
+    fusevol(args![
+        "volume", "resize", "--data", d, "vol", "--inodes", "1", "--json"
+    ])
+    .json_error("below_usage");
+    let missing = dirs.extra_dir("missing").join("store");
+    fusevol(args!["volume", "list", "--data", &missing, "--json"]).json_error("store_not_found");
+    fusevol(args!["fsck", "--data", &missing, "--json"]).json_error("store_not_found");
+    // A usage error with --json is JSON too.
+    fusevol(args!["volume", "list", "--json", "--frobnicate"]).json_error("usage");
+    // While the store is served, fsck cannot run: 2, not fsck's 1.
+    let m = Mount::start_in(dirs, Opts::new());
+    fusevol(args!["fsck", "--data", m.data(), "--json"]).json_error("store_busy");
+    fusevol(args!["fsck", "--data", m.data()]).user_error();
+    // The served store answers through its control socket, with the same kinds.
+    fusevol(args![
+        "volume",
+        "inspect",
+        "--data",
+        m.data(),
+        "nope",
+        "--json"
+    ])
+    .json_error("volume_not_found");
+    fusevol(args!["volume", "delete", "--data", m.data(), "vol"]).user_error();
+    let dirs = m.stop();
+    assert_store_intact(dirs);
+}
+
+#[test]
+fn help_documents_the_exit_statuses() {
+    let out = fusevol(args!["--help"]).ok();
+    for want in [
+        "Exit status: 0 done; 1 fsck found problems; 2 could not run",
+        "--json",
+    ] {
+        assert!(
+            out.stdout.contains(want),
+            "--help lacks {want:?}:\n{}",
+            out.stdout
+        );
+    }
 }

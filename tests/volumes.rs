@@ -192,7 +192,7 @@ fn delete_removes_the_volume_and_a_new_one_of_that_name_starts_empty() {
     fusevol(args![
         "volume", "inspect", "--data", &dirs.data, "gone", "--json"
     ])
-    .user_error();
+    .json_error("volume_not_found");
     create_volume(&dirs.data, "gone", &[]).ok();
     let v = inspect(&dirs.data, "gone");
     assert_eq!(

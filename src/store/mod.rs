@@ -109,6 +109,26 @@ pub enum Error {
 }
 
 impl Error {
+    /// The kind of error as a stable, machine-readable name: `fusevol ... --json` reports
+    /// it as `error` (part of the CLI's contract: a kind is never renamed).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NotAStore(_) | Error::BadMarker(..) => "not_a_store",
+            Error::Locked(_) => "store_busy",
+            Error::Io { .. } => "io",
+            Error::Corrupt(_) => "corrupt",
+            Error::Db(_) if self.is_out_of_space() => "no_space",
+            Error::Db(_) => "database",
+            Error::VolumeNotFound(_) => "volume_not_found",
+            Error::VolumeExists(_) => "volume_exists",
+            Error::InvalidVolumeName(_) | Error::InvalidChunkSize(_) => "invalid_argument",
+            Error::QuotaBelowUsage { .. } | Error::InodeLimitBelowUsage { .. } => "below_usage",
+            Error::VolumeBusy(_) => "volume_busy",
+            Error::Exhausted(_) => "no_space",
+            Error::OwnerMismatch { .. } => "owner_mismatch",
+        }
+    }
+
     /// RocksDB itself ran out of disk space (the disk filled below the free-space floor,
     /// e.g. by another process). RocksDB then refuses writes until its error handler sees
     /// free space again and resumes by itself (seen: ~6 s after space was freed); callers

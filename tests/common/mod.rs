@@ -559,7 +559,12 @@ impl Out {
     /// starting with `error:`, as the last line. Log lines of the mount's logger (tracing
     /// format, with a level) may precede it; nothing else may.
     pub fn user_error(self) -> Out {
-        assert!(!self.success(), "expected failure: {}", self.describe());
+        assert_eq!(
+            self.code(),
+            Some(2),
+            "expected exit 2 (could not run): {}",
+            self.describe()
+        );
         let out = self.no_panic();
         let lines: Vec<&str> = out
             .stderr
@@ -583,6 +588,30 @@ impl Out {
             );
         }
         out
+    }
+    /// Expect an error reported as JSON (`--json`): exit 2, and stderr's last line one
+    /// object `{"error": kind, "message": ...}` with a non-empty message; returns the message.
+    pub fn json_error(self, kind: &str) -> String {
+        let (got, message, out) = self.json_error_of_any_kind();
+        assert_eq!(got, kind, "error kind: {}", out.describe());
+        message
+    }
+    /// As [`Out::json_error`], whatever the kind; returns kind, message and the output.
+    pub fn json_error_of_any_kind(self) -> (String, String, Out) {
+        assert_eq!(self.code(), Some(2), "expected exit 2: {}", self.describe());
+        let out = self.no_panic();
+        let last = out
+            .stderr
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        let v: Value = serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("stderr's last line is not JSON ({e}): {}", out.describe()));
+        let kind = v["error"].as_str().unwrap_or("").to_string();
+        let message = v["message"].as_str().unwrap_or("").to_string();
+        assert!(!message.is_empty(), "no message: {}", out.describe());
+        assert!(out.stdout.trim().is_empty(), "stdout: {}", out.describe());
+        (kind, message, out)
     }
     pub fn json(&self) -> Value {
         serde_json::from_str(self.stdout.trim())
