@@ -1034,3 +1034,81 @@ fn dockerfile_builds_in_a_rust_stage_and_runs_on_bookworm_slim_with_fuse3() {
     }
     assert!(text.contains("ENTRYPOINT [\"fusevol\"]"));
 }
+
+/// The metrics Services select the agent's and the controller's pods, reach the port each
+/// container names `http-metrics` (the one its /metrics listens on), and are headless, so
+/// that Prometheus scrapes every pod on its own (each agent reports its own node).
+#[test]
+fn metrics_services_select_each_pod_and_reach_its_metrics_port() {
+    let m = load();
+    let ds = find(&m.daemon_sets, "fusevol-agent", |d| {
+        d.metadata.name.as_deref()
+    });
+    let dep = find(&m.deployments, "fusevol-controller", |d| {
+        d.metadata.name.as_deref()
+    });
+    let agent = (
+        ds.spec.as_ref().and_then(|s| s.template.metadata.clone()),
+        pod_spec_of_daemon_set(&m, "fusevol-agent"),
+    );
+    let controller = (
+        dep.spec.as_ref().and_then(|s| s.template.metadata.clone()),
+        pod_spec_of_deployment(&m, "fusevol-controller"),
+    );
+    for (service, (template, spec)) in [
+        ("fusevol-agent-metrics", agent),
+        ("fusevol-controller-metrics", controller),
+    ] {
+        let svc = find(&m.services, service, |s| s.metadata.name.as_deref());
+        assert_eq!(svc.metadata.namespace.as_deref(), Some("fusevol-system"));
+        let s = svc.spec.as_ref().unwrap();
+        assert_eq!(s.cluster_ip.as_deref(), Some("None"), "{service}: headless");
+        let labels = template.and_then(|t| t.labels).unwrap_or_default();
+        let selector = s.selector.clone().unwrap_or_default();
+        assert!(!selector.is_empty(), "{service}: no selector");
+        for (k, v) in &selector {
+            assert_eq!(
+                labels.get(k),
+                Some(v),
+                "{service}: selector {k}={v} misses the pods"
+            );
+        }
+        let port = &s.ports.as_ref().unwrap()[0];
+        let container_port = only_container(&spec)
+            .ports
+            .as_ref()
+            .and_then(|ps| {
+                ps.iter()
+                    .find(|p| p.name.as_deref() == Some("http-metrics"))
+            })
+            .unwrap_or_else(|| panic!("{service}: the container names no http-metrics port"))
+            .container_port;
+        assert_eq!(
+            port.target_port,
+            Some(
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                    "http-metrics".into()
+                )
+            ),
+            "{service}: targetPort"
+        );
+        assert_eq!(port.port, container_port, "{service}: port");
+        let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(
+            annotations.get("prometheus.io/port").map(String::as_str),
+            Some(container_port.to_string().as_str()),
+            "{service}: prometheus.io/port"
+        );
+        let args = only_container(&spec)
+            .args
+            .clone()
+            .unwrap_or_default()
+            .join(" ");
+        if service == "fusevol-controller-metrics" {
+            assert!(
+                args.contains(&format!(":{container_port}")),
+                "{service}: the controller listens elsewhere: {args}"
+            );
+        }
+    }
+}
