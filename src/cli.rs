@@ -161,6 +161,11 @@ pub struct MountArgs {
     /// Maximum number of inodes (files, directories, links...).
     #[arg(long, value_name = "N")]
     pub inodes: Option<u64>,
+    /// Compression of a new volume's data on disk: none (the default), lz4 or zstd. The
+    /// quota counts the bytes before compression. Fixed at creation: for an existing
+    /// volume of another compression, a warning.
+    #[arg(long, value_name = "none|lz4|zstd")]
+    pub compression: Option<store::Compression>,
     /// Let users other than the mounting user access the mount.
     #[arg(long)]
     pub allow_other: bool,
@@ -258,6 +263,10 @@ pub enum VolumeCommand {
         quota: Option<ByteSize>,
         #[arg(long, value_name = "N")]
         inodes: Option<u64>,
+        /// Compression of the volume's data on disk (fixed at creation). The quota counts
+        /// the bytes before compression.
+        #[arg(long, value_name = "none|lz4|zstd", default_value_t = store::Compression::None)]
+        compression: store::Compression,
         #[arg(long)]
         json: bool,
     },
@@ -345,6 +354,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 volume: a.volume,
                 quota: a.quota.map(|q| q.0),
                 inodes: a.inodes,
+                compression: a.compression,
                 mountpoint: a.mountpoint,
                 chunk_size: a.chunk_size.map(|c| c.0),
                 free_space_floor: a.free_space_floor.map(|c| c.0),
@@ -445,14 +455,23 @@ fn human(v: &VolumeInfo) -> String {
         .inode_limit
         .map(|l| l.to_string())
         .unwrap_or_else(|| "none".into());
+    let c = &v.compression;
+    let compression = match (c.algorithm, c.logical_bytes, c.stored_bytes) {
+        (store::Compression::None, _, _) => String::new(),
+        (algorithm, Some(logical), Some(stored)) => {
+            format!(" compression={algorithm} data={logical} stored={stored}")
+        }
+        (algorithm, _, _) => format!(" compression={algorithm}"),
+    };
     format!(
-        "{:<24} quota={:<8} used={:<12} inodes={}/{} chunks={}{}",
+        "{:<24} quota={:<8} used={:<12} inodes={}/{} chunks={}{}{}",
         v.name,
         quota,
         v.used_bytes,
         v.inodes,
         inodes,
         v.chunks,
+        compression,
         if v.mounted { " (mounted)" } else { "" }
     )
 }
@@ -473,6 +492,7 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<i32> {
             name,
             quota,
             inodes,
+            compression,
             json,
         } => {
             store::validate_volume_name(&name)?;
@@ -485,8 +505,19 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<i32> {
                 name,
                 quota: quota.map(|q| q.0),
                 inodes,
+                compression,
             };
             if let Response::Volume(v) = call(&data.data, req)? {
+                if v.compression.algorithm != compression {
+                    // A serving process older than compression ignores the option.
+                    return Err(failure(
+                        "unsupported",
+                        format!(
+                            "volume {} was created with compression {} by the process serving the store, which does not support {compression}",
+                            v.name, v.compression.algorithm
+                        ),
+                    ));
+                }
                 print_volume(&v, json)?;
             }
         }

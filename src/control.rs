@@ -28,6 +28,9 @@ pub enum Request {
         name: String,
         quota: Option<u64>,
         inodes: Option<u64>,
+        /// Absent from older clients: none.
+        #[serde(default, skip_serializing_if = "store::Compression::is_none")]
+        compression: store::Compression,
     },
     Resize {
         name: String,
@@ -70,13 +73,21 @@ pub enum ControlError {
 pub fn dispatch(store: &Store, metrics: Option<&Metrics>, req: Request) -> Response {
     let r: Result<Response, store::Error> = match req {
         Request::List => store.list_volumes().map(Response::Volumes),
-        Request::Inspect { name } => store.inspect_volume(&name).map(Response::Volume),
+        Request::Inspect { name } => store.inspect_volume_measured(&name).map(Response::Volume),
         Request::Create {
             name,
             quota,
             inodes,
+            compression,
         } => store
-            .create_volume(&name, quota, inodes)
+            .create_volume_with(
+                &name,
+                &store::NewVolume {
+                    quota,
+                    inode_limit: inodes,
+                    compression,
+                },
+            )
             .map(Response::Volume),
         Request::Resize {
             name,

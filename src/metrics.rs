@@ -212,6 +212,7 @@ pub struct Metrics {
     quota: Family<VolumeLabels, Gauge>,
     used: Family<VolumeLabels, Gauge>,
     inodes: Family<VolumeLabels, Gauge>,
+    stored: Family<VolumeLabels, Gauge>,
     volumes: Mutex<HashMap<String, Arc<Volume>>>,
     store_families: StoreFamilies,
     stores: Mutex<Vec<(StoreLabels, WeakStore)>>,
@@ -234,6 +235,7 @@ impl Metrics {
         let quota = Family::<VolumeLabels, Gauge>::default();
         let used = Family::<VolumeLabels, Gauge>::default();
         let inodes = Family::<VolumeLabels, Gauge>::default();
+        let stored = Family::<VolumeLabels, Gauge>::default();
         registry.register("fuse_operations", "FUSE operations served", ops.clone());
         registry.register("fuse_errors", "FUSE operations that failed", errors.clone());
         registry.register(
@@ -252,6 +254,11 @@ impl Metrics {
             used.clone(),
         );
         registry.register("volume_inodes", "Inodes in use", inodes.clone());
+        registry.register(
+            "volume_stored_bytes",
+            "What a compressed volume's file data takes on disk after compression, as RocksDB estimates it for flushed data (absent: uncompressed)",
+            stored.clone(),
+        );
         let store_families = StoreFamilies::default();
         store_families.register(&mut registry);
         Metrics {
@@ -262,6 +269,7 @@ impl Metrics {
             quota,
             used,
             inodes,
+            stored,
             volumes: Mutex::new(HashMap::new()),
             store_families,
             stores: Mutex::new(Vec::new()),
@@ -337,6 +345,7 @@ impl Metrics {
         self.quota.remove(&vl);
         self.used.remove(&vl);
         self.inodes.remove(&vl);
+        self.stored.remove(&vl);
         for op in OPS {
             let l = OpLabels {
                 volume: name.to_string(),
@@ -358,6 +367,11 @@ impl Metrics {
             }
             self.used.get_or_create(&l).set(v.used_bytes() as i64);
             self.inodes.get_or_create(&l).set(v.inodes() as i64);
+            if let Some(stored) = v.stored_bytes() {
+                self.stored
+                    .get_or_create(&l)
+                    .set(i64::try_from(stored).unwrap_or(i64::MAX));
+            }
         }
         self.render_stores();
         let mut out = String::new();
@@ -529,5 +543,45 @@ mod tests {
         );
         let again = Store::open_or_create(&dir.path().join("store"), &StoreOptions::default());
         assert!(again.is_ok(), "the registry kept the store locked");
+    }
+
+    #[test]
+    fn a_compressed_volume_reports_what_its_data_takes_on_disk() {
+        use crate::store::{Compression, NewVolume};
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::open_or_create(&dir.path().join("store"), &StoreOptions::default()).unwrap();
+        let m = Metrics::new();
+        let me = Caller { uid: 0, gid: 0 };
+        let mut served = Vec::new();
+        for (name, compression) in [("plain", Compression::None), ("packed", Compression::Zstd)] {
+            let new = NewVolume {
+                compression,
+                ..NewVolume::default()
+            };
+            store.create_volume_with(name, &new).unwrap();
+            let vol = store.open_volume(name).unwrap();
+            let _ops = m.volume_ops(vol.volume());
+            let fs = Fs::new(store.clone(), vol).unwrap();
+            let ino = fs
+                .create_node(me, ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, None)
+                .unwrap()
+                .ino;
+            fs.write(ino, 0, &vec![7u8; 2 << 20], false).unwrap();
+            served.push(fs);
+        }
+        // Flushed (inspect does it), the compressed volume's data shows, much smaller.
+        let info = store.inspect_volume_measured("packed").unwrap();
+        let text = m.render();
+        let stored = samples(&text, "fusevol_volume_stored_bytes");
+        assert_eq!(stored.len(), 1, "{text}");
+        let value: u64 = stored[0]
+            .strip_prefix("fusevol_volume_stored_bytes{volume=\"packed\"} ")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{}", stored[0]));
+        assert_eq!(Some(value), info.compression.stored_bytes);
+        assert!(value > 0 && value < 256 << 10, "{value}");
+        m.forget_volume("packed");
+        assert!(samples(&m.render(), "fusevol_volume_stored_bytes").is_empty());
     }
 }

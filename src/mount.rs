@@ -838,6 +838,8 @@ pub struct MountRequest {
     pub volume: String,
     pub quota: Option<u64>,
     pub inodes: Option<u64>,
+    /// Compression of a new volume (`None`: none; an existing volume keeps its own).
+    pub compression: Option<store::Compression>,
     pub mountpoint: PathBuf,
     /// Chunk size for a new store.
     pub chunk_size: Option<u64>,
@@ -887,9 +889,18 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
             if quota.is_some() || inodes.is_some() {
                 store.resize_volume(&req.volume, quota.map(Some), inodes.map(Some))?;
             }
+            if let Some(asked) = req.compression.filter(|c| *c != info.compression.algorithm) {
+                tracing::warn!(volume = %req.volume, compression = %info.compression.algorithm, asked = %asked,
+                    "the volume exists with another compression, fixed at its creation: keeping it");
+            }
         }
         Err(store::Error::VolumeNotFound(_)) => {
-            store.create_volume(&req.volume, req.quota, req.inodes)?;
+            let new = store::NewVolume {
+                quota: req.quota,
+                inode_limit: req.inodes,
+                compression: req.compression.unwrap_or_default(),
+            };
+            store.create_volume_with(&req.volume, &new)?;
         }
         Err(e) => return Err(e.into()),
     }

@@ -507,6 +507,7 @@ fn churn(data: PathBuf, tag: u64, seed: u64, stop: Arc<AtomicBool>) -> u64 {
             name: name.clone(),
             quota: None,
             inodes: None,
+            compression: Default::default(),
         };
         if !matches!(control::call(&data, &create), Ok(Response::Volume(_))) {
             break;

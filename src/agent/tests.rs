@@ -498,6 +498,41 @@ fn a_raised_quota_is_applied_to_the_live_mount_without_a_remount() {
     drop(pod);
 }
 
+/// A StorageClass's `compression` travels in the PV's spec: the agent creates the volume
+/// with it, and what is written through the mount is stored compressed.
+#[test]
+fn a_pv_asking_for_compression_gets_a_compressed_volume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut manager, root) = one_disk_manager(tmp.path());
+    let mut p = pv("pvc-z", "n1", "Bound", "Delete", false);
+    p.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            ANNOTATION_VOLUME_SPEC.into(),
+            r#"{"quotaBytes":67108864,"tier":"fast","replicas":1,"compression":"zstd"}"#.into(),
+        );
+    let out = manager.apply(&plan(
+        "n1",
+        &[p, pv("pvc-plain", "n1", "Bound", "Delete", false)],
+    ));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let paths = crate::k8s::layout::volume_paths(&root.to_string_lossy(), "pvc-z");
+    let rows: String = (0..100_000)
+        .map(|i| format!("row {i} of a compressed table\n"))
+        .collect();
+    std::fs::write(format!("{}/table", paths.local_path), &rows).unwrap();
+    let store = &manager.stores()[0];
+    let z = store.inspect_volume_measured("pvc-z").unwrap();
+    assert_eq!(z.compression.algorithm, crate::store::Compression::Zstd);
+    assert_eq!(z.compression.logical_bytes, Some(rows.len() as u64));
+    let stored = z.compression.stored_bytes.unwrap();
+    assert!(stored > 0 && stored * 4 < rows.len() as u64, "{z:?}");
+    let plain = store.inspect_volume("pvc-plain").unwrap();
+    assert_eq!(plain.compression.algorithm, crate::store::Compression::None);
+    manager.shutdown();
+}
+
 #[test]
 fn only_quotas_the_pv_does_not_show_yet_are_confirmed() {
     let mut shown = bound_with_quota("shown", 1 << 30);

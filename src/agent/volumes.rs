@@ -577,14 +577,19 @@ impl VolumeManager {
                 best_free = free;
             }
         }
+        let new = crate::store::NewVolume {
+            quota: Some(spec.quota_bytes),
+            inode_limit: spec.inode_limit,
+            compression: spec.compression,
+        };
         self.disks[best]
             .store
-            .create_volume(pv, Some(spec.quota_bytes), spec.inode_limit)
+            .create_volume_with(pv, &new)
             .map_err(|source| VolumeError::Volume {
                 pv: pv.into(),
                 source,
             })?;
-        tracing::info!(pv, disk = %self.disks[best].path.display(), quota = spec.quota_bytes, "created volume");
+        tracing::info!(pv, disk = %self.disks[best].path.display(), quota = spec.quota_bytes, compression = %spec.compression, "created volume");
         Ok(best)
     }
 

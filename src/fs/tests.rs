@@ -758,11 +758,22 @@ fn a_corrupted_inode_record_is_an_error_not_a_panic() {
 /// after RocksDB folds the patches into the chunks, and after a restart.
 #[test]
 fn small_overwrites_read_back_exactly_before_and_after_compaction_and_restart() {
+    for compression in crate::store::Compression::ALL {
+        overwrites_read_back_exactly(compression);
+    }
+}
+
+/// The test above on a volume of `compression` (its chunks in that column family).
+fn overwrites_read_back_exactly(compression: crate::store::Compression) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let (ino, model) = {
         let store = Store::open_or_create(&path, &StoreOptions::default()).unwrap();
-        store.create_volume("v", None, None).unwrap();
+        let new = crate::store::NewVolume {
+            compression,
+            ..Default::default()
+        };
+        store.create_volume_with("v", &new).unwrap();
         let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
         let ino = mkfile(&fs, ROOT, "f");
         let cs = fs.chunk_size;
@@ -795,11 +806,28 @@ fn small_overwrites_read_back_exactly_before_and_after_compaction_and_restart() 
         let a = fs.getattr(ino).unwrap();
         assert_eq!(a.size, model.len() as u64);
         // Fold the patches into the chunks and read again.
-        store.db().flush_cf(store.chunks()).unwrap();
+        let cf = store.chunks_for(compression);
+        store.db().flush_cf(cf).unwrap();
         store
             .db()
-            .compact_range_cf(store.chunks(), None::<&[u8]>, None::<&[u8]>);
-        assert_eq!(fs.read(ino, 0, model.len() as u32).unwrap(), model);
+            .compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(
+            fs.read(ino, 0, model.len() as u32).unwrap(),
+            model,
+            "{compression}"
+        );
+        // Nothing of the volume went to another column family.
+        for other in crate::store::Compression::ALL {
+            let n = store
+                .db()
+                .iterator_cf(store.chunks_for(other), rocksdb::IteratorMode::Start)
+                .count();
+            assert_eq!(
+                n > 0,
+                other == compression,
+                "{other} chunks of a {compression} volume"
+            );
+        }
         // Patches on top of compacted chunks.
         fs.write(ino, 3, b"abc", false).unwrap();
         model[3..6].copy_from_slice(b"abc");
@@ -1379,4 +1407,83 @@ fn open_racing_the_last_unlink_keeps_the_data_or_fails() {
     assert_eq!(fs.volume().inodes(), 1);
     assert_usage_exact(fs);
     eprintln!("open before unlink: {opened}, after: {refused}");
+}
+
+/// Compressed volumes: the quota and usage count file bytes before compression (a 6 MiB
+/// quota holds 6 MiB of text however well it compresses), what compressible data takes
+/// on disk is a fraction of it, and deleting one volume leaves the others' chunks alone.
+#[test]
+fn compressed_volumes_count_bytes_before_compression_and_store_less() {
+    use crate::store::{Compression, NewVolume};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&dir.path().join("store"), &StoreOptions::default()).unwrap();
+    let line = b"fusevol compresses this line of text, again and again.\n";
+    let text: Vec<u8> = (0..4 << 20).map(|i| line[i % line.len()]).collect();
+    let mut filesystems = Vec::new();
+    for c in Compression::ALL {
+        let new = NewVolume {
+            quota: Some(6 << 20),
+            inode_limit: None,
+            compression: c,
+        };
+        store.create_volume_with(c.name(), &new).unwrap();
+        let fs = Fs::new(store.clone(), store.open_volume(c.name()).unwrap()).unwrap();
+        let ino = mkfile(&fs, ROOT, "f");
+        for (i, piece) in text.chunks(1 << 20).enumerate() {
+            fs.write(ino, (i << 20) as u64, piece, false).unwrap();
+        }
+        // A patch over a chunk, and more than the quota leaves: refused, whatever the
+        // data compresses to.
+        fs.write(ino, 100, b"PATCHED", false).unwrap();
+        let more = vec![b'a'; 3 << 20];
+        assert!(
+            matches!(fs.write(ino, 4 << 20, &more, false), Err(FsError::NoSpace)),
+            "{c}: 3 MiB more fit in a 6 MiB quota holding 4 MiB"
+        );
+        fs.fsync().unwrap();
+        filesystems.push((c, fs, ino));
+    }
+    let mut expected = text.clone();
+    expected[100..107].copy_from_slice(b"PATCHED");
+    let infos: Vec<_> = Compression::ALL
+        .iter()
+        .map(|c| store.inspect_volume_measured(c.name()).unwrap())
+        .collect();
+    for info in &infos {
+        let c = info.compression;
+        assert_eq!(c.logical_bytes, Some(4 << 20), "{info:?}");
+        assert_eq!(
+            info.used_bytes, infos[0].used_bytes,
+            "usage differs: {info:?}"
+        );
+        match c.algorithm {
+            Compression::None => assert_eq!(c.stored_bytes, None),
+            _ => {
+                let stored = c.stored_bytes.unwrap();
+                assert!(stored > 0 && stored < 1 << 20, "{info:?}");
+            }
+        }
+    }
+    // Delete the lz4 volume: the zstd one keeps its data and its stored bytes.
+    let zstd_before = infos[2].compression.stored_bytes;
+    filesystems.retain(|(c, _, _)| *c != Compression::Lz4);
+    store.delete_volume("lz4").unwrap();
+    let lz4_keys = store
+        .db()
+        .iterator_cf(
+            store.chunks_for(Compression::Lz4),
+            rocksdb::IteratorMode::Start,
+        )
+        .count();
+    assert_eq!(lz4_keys, 0, "chunks of the deleted volume are left");
+    for (c, fs, ino) in &filesystems {
+        assert_eq!(fs.read(*ino, 0, 4 << 20).unwrap(), expected, "{c}");
+    }
+    // Still compressed (the deletion's compaction may have folded the patch in).
+    let zstd = store.inspect_volume_measured("zstd").unwrap();
+    let stored = zstd.compression.stored_bytes.unwrap();
+    assert!(
+        stored > 0 && stored < 1 << 20,
+        "{zstd:?}, {zstd_before:?} before"
+    );
 }

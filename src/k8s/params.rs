@@ -8,11 +8,11 @@
 //! |---------------|------------------------------------------|-----------|
 //! | `tier`        | a disk pool of the node (a DNS label)    | `default` |
 //! | `replicas`    | `1` (copies on distinct disks of a tier) | `1`       |
-//! | `compression` | `none`                                   | `none`    |
+//! | `compression` | `none`, `lz4`, `zstd`                    | `none`    |
 //! | `inodeLimit`  | a positive integer                       | no limit  |
 //!
-//! `replicas` above 1 and `compression` `lz4`/`zstd` are recognised but rejected as "not
-//! supported yet" until the store implements them. Validation collects every problem of a claim
+//! `replicas` above 1 is recognised but rejected as "not supported yet" until the store
+//! implements it. Validation collects every problem of a claim
 //! and its class into one [`ParamsError`], so that one event tells the user everything to fix.
 
 use std::collections::BTreeMap;
@@ -68,14 +68,9 @@ impl VolumeSpec {
     }
 }
 
-/// Compression of a volume's stored chunks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    None,
-    Lz4,
-    Zstd,
-}
+/// Compression of a volume's stored chunks (the store's own setting, fixed when the
+/// agent creates the volume).
+pub use crate::store::Compression;
 
 /// What happens to a PV (and its data) when its claim is deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,17 +323,12 @@ fn class_settings(class: &StorageClass, problems: &mut Vec<Problem>) -> ClassSet
                     allowed: "1 (2 and more: not supported yet)",
                 }),
             },
-            PARAM_COMPRESSION => match value.as_str() {
-                "none" => settings.compression = Compression::None,
-                "lz4" | "zstd" => problems.push(Problem::ParameterNotSupportedYet {
+            PARAM_COMPRESSION => match value.parse::<Compression>() {
+                Ok(c) => settings.compression = c,
+                Err(_) => problems.push(Problem::ParameterNotAllowed {
                     name: PARAM_COMPRESSION,
                     value: value.clone(),
-                    allowed: "none",
-                }),
-                _ => problems.push(Problem::ParameterNotAllowed {
-                    name: PARAM_COMPRESSION,
-                    value: value.clone(),
-                    allowed: "none (lz4, zstd: not supported yet)",
+                    allowed: "none, lz4, zstd",
                 }),
             },
             PARAM_INODE_LIMIT => match value.parse::<u64>() {
@@ -463,20 +453,22 @@ mod tests {
         assert_eq!(
             problems(&rwo("1Gi"), &class(&[("compression", "gzip")])),
             [
-                r#"StorageClass parameter "compression": "gzip" is not allowed; allowed values: none (lz4, zstd: not supported yet)"#
+                r#"StorageClass parameter "compression": "gzip" is not allowed; allowed values: none, lz4, zstd"#
             ]
         );
     }
 
     #[test]
-    fn compression_lz4_and_zstd_are_not_supported_yet() {
-        for algorithm in ["lz4", "zstd"] {
-            assert_eq!(
-                problems(&rwo("1Gi"), &class(&[("compression", algorithm)])),
-                [format!(
-                    r#"StorageClass parameter "compression": "{algorithm}" is not supported yet; allowed values: none"#
-                )]
+    fn compression_lz4_and_zstd_reach_the_volume_spec() {
+        for (value, algorithm) in [("lz4", Compression::Lz4), ("zstd", Compression::Zstd)] {
+            let req = VolumeRequest::new(&rwo("1Gi"), &class(&[("compression", value)])).unwrap();
+            assert_eq!(req.spec.compression, algorithm);
+            let json = req.spec.to_annotation();
+            assert!(
+                json.contains(&format!(r#""compression":"{value}""#)),
+                "{json}"
             );
+            assert_eq!(VolumeSpec::from_annotation(&json).unwrap(), req.spec);
         }
     }
 
@@ -586,7 +578,11 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_at_once() {
-        let mut bad_class = class(&[("compression", "lz4"), ("replicas", "3"), ("colour", "red")]);
+        let mut bad_class = class(&[
+            ("compression", "gzip"),
+            ("replicas", "3"),
+            ("colour", "red"),
+        ]);
         bad_class.reclaim_policy = Some("Recycle".into());
         let mut bad_claim = claim(Some("0"), &["ReadWriteMany"]);
         if let Some(spec) = bad_claim.spec.as_mut() {
@@ -597,7 +593,7 @@ mod tests {
         let message = err.to_string();
         for needle in [
             "\"colour\" is not known",
-            "\"compression\": \"lz4\" is not supported yet",
+            "\"compression\": \"gzip\" is not allowed",
             "\"replicas\": \"3\" is not supported yet",
             "reclaimPolicy \"Recycle\"",
             "access mode \"ReadWriteMany\"",

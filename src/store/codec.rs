@@ -25,6 +25,9 @@
 //!   <vol u32> <ino u64> <chunk u64>            -> chunk bytes (at most chunk_size; a short
 //!                                                 value reads as zeros up to chunk_size),
 //!                                                 or patches (merge operands) over them
+//!
+//! column families "chunks-lz4", "chunks-zstd" (the chunks of volumes created with that
+//! compression: the same keys and values, in table files RocksDB compresses block by block)
 //! ```
 //!
 //! Volume id 0 is reserved for store-wide keys, so every key of volume `v` lies in
@@ -230,6 +233,57 @@ pub struct VolumeConfig {
     /// an older version is recounted before it is served.
     #[serde(default)]
     pub accounting: u32,
+    /// How the volume's chunk data is compressed on disk (chosen at creation, fixed).
+    #[serde(default, skip_serializing_if = "Compression::is_none")]
+    pub compression: Compression,
+}
+
+/// Compression of a volume's chunk data on disk. The quota and every usage counter count
+/// the bytes before compression (what `du` shows), so a volume always holds its quota
+/// whatever the data; what compression saves shows in the stored bytes `inspect` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Chunks stored as they are, in blob files (key-value separation: compaction moves
+    /// only keys).
+    #[default]
+    None,
+    /// LZ4: fast, a moderate ratio.
+    Lz4,
+    /// Zstandard: a better ratio for more CPU.
+    Zstd,
+}
+
+impl Compression {
+    pub const ALL: [Compression; 3] = [Compression::None, Compression::Lz4, Compression::Zstd];
+
+    pub fn is_none(&self) -> bool {
+        *self == Compression::None
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("unknown compression {s:?}: use none, lz4 or zstd"))
+    }
 }
 
 /// The accounting of volumes created now (see [`VolumeConfig::accounting`]).
@@ -1195,8 +1249,9 @@ mod tests {
 
         #[test]
         fn configs_round_trip(vol in 1u32.., quota in proptest::option::of(any::<u64>()), limit in proptest::option::of(any::<u64>()),
-                              created in any::<i64>(), owner in proptest::option::of("[a-z0-9-]{1,36}"), accounting in 0u32..3) {
-            let cfg = VolumeConfig { name: "v".into(), quota_bytes: quota, inode_limit: limit, created, owner, accounting };
+                              created in any::<i64>(), owner in proptest::option::of("[a-z0-9-]{1,36}"), accounting in 0u32..3,
+                              compression in proptest::sample::select(Compression::ALL.to_vec())) {
+            let cfg = VolumeConfig { name: "v".into(), quota_bytes: quota, inode_limit: limit, created, owner, accounting, compression };
             prop_assert_eq!(decode_config(vol, &encode_config(&cfg).unwrap()).ok(), Some(cfg));
         }
 
@@ -1205,6 +1260,33 @@ mod tests {
             let p = encode_chunk_patch(offset, &bytes);
             prop_assert_eq!(decode_chunk_patch(&p), Ok((offset as usize, &bytes[..])));
         }
+    }
+
+    #[test]
+    fn configs_without_compression_read_as_none_and_none_is_not_written() {
+        let old =
+            br#"{"name":"v","quota_bytes":null,"inode_limit":null,"created":1,"accounting":1}"#;
+        let cfg = decode_config(1, old).unwrap();
+        assert_eq!(cfg.compression, Compression::None);
+        let text = String::from_utf8(encode_config(&cfg).unwrap()).unwrap();
+        assert!(!text.contains("compression"), "{text}");
+        let lz4 = VolumeConfig {
+            compression: Compression::Lz4,
+            ..cfg
+        };
+        let text = String::from_utf8(encode_config(&lz4).unwrap()).unwrap();
+        assert!(text.contains(r#""compression":"lz4""#), "{text}");
+    }
+
+    #[test]
+    fn compression_names_parse_and_print() {
+        for c in Compression::ALL {
+            assert_eq!(c.to_string().parse::<Compression>(), Ok(c));
+        }
+        assert_eq!(
+            "gzip".parse::<Compression>(),
+            Err("unknown compression \"gzip\": use none, lz4 or zstd".to_string())
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl Store {
     pub fn health(&self) -> Result<StoreHealth> {
         let db = &self.inner.db;
         let mut h = StoreHealth::default();
-        for cf in [self.meta(), self.chunks()] {
+        for cf in self.all_cfs() {
             let prop = |name: &str| -> Result<u64> {
                 Ok(db.property_int_value_cf(cf, name)?.unwrap_or(0))
             };

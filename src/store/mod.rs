@@ -15,7 +15,8 @@
 //! DIR/FUSEVOL        marker: format version and chunk size (text)
 //! DIR/fusevol.lock   flock held by the process that owns the store
 //! DIR/control.sock   control socket of the owning process (see crate::control)
-//! DIR/db/            the RocksDB database (column families "meta" and "chunks")
+//! DIR/db/            the RocksDB database (column families "meta", "chunks", and
+//!                    "chunks-lz4", "chunks-zstd" for compressed volumes)
 //! ```
 
 pub mod codec;
@@ -45,12 +46,26 @@ use rocksdb::{
 };
 use serde::Serialize;
 
+pub use codec::Compression;
 use codec::{
     decode_config, encode_config, Ino, InodeRecord, Kind, Timestamp, Usage, VolumeConfig, VolumeId,
 };
 
 pub const CF_META: &str = "meta";
 pub const CF_CHUNKS: &str = "chunks";
+pub const CF_CHUNKS_LZ4: &str = "chunks-lz4";
+pub const CF_CHUNKS_ZSTD: &str = "chunks-zstd";
+/// Every column family, the metadata first.
+const ALL_CFS: [&str; 4] = [CF_META, CF_CHUNKS, CF_CHUNKS_LZ4, CF_CHUNKS_ZSTD];
+
+/// The column family holding the chunks of volumes with compression `c`.
+fn chunk_cf_name(c: Compression) -> &'static str {
+    match c {
+        Compression::None => CF_CHUNKS,
+        Compression::Lz4 => CF_CHUNKS_LZ4,
+        Compression::Zstd => CF_CHUNKS_ZSTD,
+    }
+}
 pub const MARKER_FILE: &str = "FUSEVOL";
 /// Where the store's servers last handed their FUSE connections (see
 /// [`Store::record_holder`]).
@@ -174,6 +189,35 @@ pub struct VolumeInfo {
     pub inodes: u64,
     pub chunks: u64,
     pub mounted: bool,
+    /// How the volume's chunk data is stored (older servers did not report it: none).
+    #[serde(default)]
+    pub compression: CompressionInfo,
+}
+
+/// What `volume inspect` reports of a volume's compression.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CompressionInfo {
+    pub algorithm: Compression,
+    /// Bytes of file data stored (chunk lengths: holes not counted), before compression.
+    /// Measured by `inspect` only (a pass over the volume's chunk index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_bytes: Option<u64>,
+    /// What that data takes in the store's table files after compression, as RocksDB
+    /// estimates it for the volume's key range. Measured by `inspect` of a compressed
+    /// volume only (uncompressed chunks live in blob files, which RocksDB does not
+    /// attribute to key ranges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+}
+
+/// The settings of a new volume ([`Store::create_volume_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NewVolume {
+    /// Quota in bytes; `None`: unlimited.
+    pub quota: Option<u64>,
+    /// Inode limit; `None`: unlimited.
+    pub inode_limit: Option<u64>,
+    pub compression: Compression,
 }
 
 /// An open volume: its id and the live counters that quota admission works on.
@@ -185,6 +229,8 @@ pub struct VolumeInfo {
 pub struct Volume {
     pub id: VolumeId,
     pub name: String,
+    /// Where its chunks live (see [`Compression`]).
+    pub compression: Compression,
     disk: Arc<DiskSpace>,
     quota: AtomicU64,
     inode_limit: AtomicU64,
@@ -217,6 +263,22 @@ impl Volume {
     }
     pub fn chunks(&self) -> u64 {
         self.chunks.load(Ordering::Acquire)
+    }
+
+    /// For a compressed volume, what its chunks take in the table files of their column
+    /// family as RocksDB estimates it (data still in the memtables not counted: see
+    /// [`Store::inspect_volume_measured`], which flushes first); `None` for an
+    /// uncompressed volume or when the estimate fails.
+    pub fn stored_bytes(&self) -> Option<u64> {
+        if self.compression.is_none() {
+            return None;
+        }
+        let db = &self.disk.db;
+        let cf = db.cf_handle(chunk_cf_name(self.compression))?;
+        let (lo, hi) = (codec::volume_start(self.id), codec::volume_end(self.id));
+        db.get_approximate_sizes_cf(&cf, &[rocksdb::Range::new(&lo, &hi)])
+            .first()
+            .copied()
     }
 
     fn reserve_one(counter: &AtomicU64, limit: u64, delta: u64) -> bool {
@@ -392,7 +454,7 @@ impl DiskSpace {
 
     /// Bytes in the memtables (mutable and waiting for flush) of both column families.
     fn memtable_bytes(&self) -> u64 {
-        [CF_META, CF_CHUNKS]
+        ALL_CFS
             .iter()
             .filter_map(|name| self.db.cf_handle(name))
             .filter_map(|cf| {
@@ -493,7 +555,7 @@ impl OpenVolume {
 
     /// Reads of the volume.
     pub fn view(&self) -> VolumeView<'_> {
-        VolumeView::new(&self.store, self.vol.id)
+        VolumeView::new(&self.store, self.vol.id, self.vol.compression)
     }
 }
 
@@ -733,21 +795,7 @@ fn db_options(plan: &MemoryPlan, cache: &Cache) -> (Options, Vec<ColumnFamilyDes
     meta.set_level_compaction_dynamic_level_bytes(true);
     meta.set_merge_operator_associative("fusevol-usage", codec::merge_usage);
 
-    let mut chunk_table = BlockBasedOptions::default();
-    chunk_table.set_block_cache(cache);
-    chunk_table.set_bloom_filter(10.0, false);
-    chunk_table.set_cache_index_and_filter_blocks(true);
-    let mut chunks = Options::default();
-    chunks.set_block_based_table_factory(&chunk_table);
-    chunks.set_write_buffer_size(plan.chunk_memtable_bytes);
-    chunks.set_max_write_buffer_number(4);
-    chunks.set_compression_type(DBCompressionType::None);
-    chunks.set_level_compaction_dynamic_level_bytes(true);
-    chunks.set_merge_operator(
-        "fusevol-chunk-patch",
-        codec::merge_chunk,
-        codec::merge_chunk_partial,
-    );
+    let mut chunks = chunk_options(plan, cache, DBCompressionType::None);
     // Key-value separation: chunk bytes go to blob files, so compaction moves only keys.
     chunks.set_enable_blob_files(true);
     chunks.set_min_blob_size(1024);
@@ -759,8 +807,40 @@ fn db_options(plan: &MemoryPlan, cache: &Cache) -> (Options, Vec<ColumnFamilyDes
     let cfs = vec![
         ColumnFamilyDescriptor::new(CF_META, meta),
         ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
+        ColumnFamilyDescriptor::new(
+            CF_CHUNKS_LZ4,
+            chunk_options(plan, cache, DBCompressionType::Lz4),
+        ),
+        ColumnFamilyDescriptor::new(
+            CF_CHUNKS_ZSTD,
+            chunk_options(plan, cache, DBCompressionType::Zstd),
+        ),
     ];
     (db, cfs)
+}
+
+/// Options of a chunks column family whose table files are compressed with `compression`
+/// (one block per chunk: a chunk is larger than the block size). Compressed chunks stay
+/// in the table files, not blob files: RocksDB then compresses them, and estimates per key
+/// range what they take on disk ([`Store::inspect_volume_measured`]); the price is that
+/// compaction rewrites them, as any compressed LSM store does.
+fn chunk_options(plan: &MemoryPlan, cache: &Cache, compression: DBCompressionType) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    let mut chunks = Options::default();
+    chunks.set_block_based_table_factory(&table);
+    chunks.set_write_buffer_size(plan.chunk_memtable_bytes);
+    chunks.set_max_write_buffer_number(4);
+    chunks.set_compression_type(compression);
+    chunks.set_level_compaction_dynamic_level_bytes(true);
+    chunks.set_merge_operator(
+        "fusevol-chunk-patch",
+        codec::merge_chunk,
+        codec::merge_chunk_partial,
+    );
+    chunks
 }
 
 impl Store {
@@ -929,9 +1009,24 @@ impl Store {
         }
     }
 
+    /// The chunks of uncompressed volumes (for the crate's unit tests, which corrupt
+    /// stores on purpose).
+    #[cfg(test)]
+    pub(crate) fn chunks(&self) -> &ColumnFamily {
+        self.cf(CF_CHUNKS)
+    }
+
     raw_access! {
-        fn chunks(&self) -> &ColumnFamily {
-            self.cf(CF_CHUNKS)
+        /// The chunks of volumes with compression `c`.
+        fn chunks_for(&self, c: Compression) -> &ColumnFamily {
+            self.cf(chunk_cf_name(c))
+        }
+    }
+
+    raw_access! {
+        /// Every column family: the metadata, then the chunks of each compression.
+        fn all_cfs(&self) -> [&ColumnFamily; 4] {
+            ALL_CFS.map(|name| self.cf(name))
         }
     }
 
@@ -962,7 +1057,7 @@ impl Store {
         }
         let db = &self.inner.db;
         let mut held = 0;
-        for cf in [self.meta(), self.chunks()] {
+        for cf in self.all_cfs() {
             held += db
                 .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")?
                 .unwrap_or(0);
@@ -970,8 +1065,9 @@ impl Store {
         if held < min_bytes {
             return Ok(false);
         }
-        db.flush_cf(self.meta())?;
-        db.flush_cf(self.chunks())?;
+        for cf in self.all_cfs() {
+            db.flush_cf(cf)?;
+        }
         Ok(true)
     }
 
@@ -1029,7 +1125,7 @@ impl Store {
         let mut co = CompactOptions::default();
         co.set_bottommost_level_compaction(BottommostLevelCompaction::Skip);
         co.set_exclusive_manual_compaction(false);
-        for cf in [self.meta(), self.chunks()] {
+        for cf in self.all_cfs() {
             if let Err(e) = db.flush_cf(cf) {
                 tracing::error!(error = %e, "flush at the free-space floor failed");
             }
@@ -1145,13 +1241,31 @@ impl Store {
         }
     }
 
-    /// Creates a volume with an empty root directory. Fails if it exists.
+    /// Creates an uncompressed volume with an empty root directory. Fails if it exists.
     pub fn create_volume(
         &self,
         name: &str,
         quota: Option<u64>,
         inode_limit: Option<u64>,
     ) -> Result<VolumeInfo> {
+        self.create_volume_with(
+            name,
+            &NewVolume {
+                quota,
+                inode_limit,
+                compression: Compression::None,
+            },
+        )
+    }
+
+    /// Creates a volume with an empty root directory and settings `new`. Fails if it
+    /// exists.
+    pub fn create_volume_with(&self, name: &str, new: &NewVolume) -> Result<VolumeInfo> {
+        let NewVolume {
+            quota,
+            inode_limit,
+            compression,
+        } = *new;
         validate_volume_name(name)?;
         let _g = self.inner.registry.lock();
         if self.volume_id(name)?.is_some() {
@@ -1172,6 +1286,7 @@ impl Store {
             created: Timestamp::now().secs,
             owner: None,
             accounting: codec::ACCOUNTING_VERSION,
+            compression,
         };
         let now = Timestamp::now();
         let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, now);
@@ -1185,11 +1300,13 @@ impl Store {
         let mut b = WriteBatch::default();
         // Clear any leftovers of an earlier volume with this id (a crash mid-delete).
         b.delete_range_cf(meta, codec::volume_start(id), codec::volume_end(id));
-        b.delete_range_cf(
-            self.chunks(),
-            codec::volume_start(id),
-            codec::volume_end(id),
-        );
+        for c in Compression::ALL {
+            b.delete_range_cf(
+                self.chunks_for(c),
+                codec::volume_start(id),
+                codec::volume_end(id),
+            );
+        }
         b.put_cf(
             meta,
             codec::volume_name_key(name),
@@ -1263,6 +1380,7 @@ impl Store {
         let v = Arc::new(Volume {
             id,
             name: name.to_string(),
+            compression: cfg.compression,
             disk: self.inner.disk.clone(),
             quota: AtomicU64::new(cfg.quota_bytes.unwrap_or(UNLIMITED)),
             inode_limit: AtomicU64::new(cfg.inode_limit.unwrap_or(UNLIMITED)),
@@ -1304,7 +1422,48 @@ impl Store {
             inodes,
             chunks,
             mounted: open.is_some(),
+            compression: CompressionInfo {
+                algorithm: cfg.compression,
+                ..CompressionInfo::default()
+            },
         })
+    }
+
+    /// [`Store::inspect_volume`] with the volume's data measured: the bytes of file data
+    /// it stores, and for a compressed volume what they take on disk (see
+    /// [`CompressionInfo`]). Costs a pass over the volume's chunk index, and a flush of
+    /// its chunks' column family when that holds unflushed writes (RocksDB estimates the
+    /// size of table files only); the stored bytes include old versions of overwritten
+    /// chunks until compaction drops them.
+    pub fn inspect_volume_measured(&self, name: &str) -> Result<VolumeInfo> {
+        let mut info = self.inspect_volume(name)?;
+        let id = self.existing_id(name)?;
+        let algorithm = info.compression.algorithm;
+        let mut logical = 0u64;
+        VolumeView::new(self, id, algorithm).each_chunk_len(|_, _, len| {
+            logical = logical.saturating_add(len.unwrap_or(0));
+        })?;
+        info.compression.logical_bytes = Some(logical);
+        if !algorithm.is_none() {
+            info.compression.stored_bytes = Some(self.stored_chunk_bytes(id, algorithm)?);
+        }
+        Ok(info)
+    }
+
+    raw_access! {
+        /// What the chunks of volume `id` take in the table files of their column family.
+        fn stored_chunk_bytes(&self, id: VolumeId, algorithm: Compression) -> Result<u64> {
+            let (db, cf) = (&self.inner.db, self.chunks_for(algorithm));
+            let unflushed = db
+                .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")?
+                .unwrap_or(0);
+            if unflushed > 0 {
+                db.flush_cf(cf)?;
+            }
+            let (lo, hi) = (codec::volume_start(id), codec::volume_end(id));
+            let sizes = db.get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&lo, &hi)]);
+            Ok(sizes.first().copied().unwrap_or(0))
+        }
     }
 
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
@@ -1445,7 +1604,9 @@ impl Store {
         let mut b = WriteBatch::default();
         b.delete_cf(self.meta(), codec::volume_name_key(name));
         b.delete_range_cf(self.meta(), &lo, &hi);
-        b.delete_range_cf(self.chunks(), &lo, &hi);
+        for c in Compression::ALL {
+            b.delete_range_cf(self.chunks_for(c), &lo, &hi);
+        }
         self.write(b)?;
         self.sync()?;
         self.reclaim_range(&lo, &hi)
@@ -1459,7 +1620,7 @@ impl Store {
         let id = self.existing_id(name)?;
         let (lo, hi) = (codec::volume_start(id), codec::volume_end(id));
         let mut logical = 0;
-        for cf in [self.meta(), self.chunks()] {
+        for cf in self.all_cfs() {
             self.scan(cf, &lo, &hi, |k, v| {
                 logical += (k.len() + v.len()) as u64;
                 Ok(true)
@@ -1471,7 +1632,7 @@ impl Store {
             Ok(db.property_int_value_cf(cf, name)?.unwrap_or(0))
         };
         let mut disk = 0;
-        for cf in [self.meta(), self.chunks()] {
+        for cf in self.all_cfs() {
             disk += prop(cf, "rocksdb.live-sst-files-size")?
                 + prop(cf, "rocksdb.live-blob-file-size")?
                     .saturating_sub(prop(cf, "rocksdb.live-blob-file-garbage-size")?);
@@ -1484,13 +1645,13 @@ impl Store {
         /// (including blob files whose chunks are all garbage).
         fn reclaim_range(&self, lo: &[u8], hi: &[u8]) -> Result<()> {
             let db = &self.inner.db;
-            db.flush_cf(self.meta())?;
-            db.flush_cf(self.chunks())?;
             let mut co = CompactOptions::default();
             co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
             co.set_exclusive_manual_compaction(false);
-            db.compact_range_cf_opt(self.meta(), Some(lo), Some(hi), &co);
-            db.compact_range_cf_opt(self.chunks(), Some(lo), Some(hi), &co);
+            for cf in self.all_cfs() {
+                db.flush_cf(cf)?;
+                db.compact_range_cf_opt(cf, Some(lo), Some(hi), &co);
+            }
             Ok(())
         }
     }

@@ -42,6 +42,11 @@ impl<'a> VolumeTxn<'a> {
         self.vol.id
     }
 
+    /// The column family of the volume's chunks (by its compression).
+    fn chunk_cf(&self) -> &'a rocksdb::ColumnFamily {
+        self.store.chunks_for(self.vol.compression)
+    }
+
     // ----- inodes -----
 
     /// Stages inode `ino`'s record.
@@ -125,7 +130,7 @@ impl<'a> VolumeTxn<'a> {
     /// Stages chunk `idx` of `ino` as `bytes` (replacing what it held).
     pub fn put_chunk(&mut self, ino: Ino, idx: u64, bytes: &[u8]) {
         let key = codec::chunk_key(self.vid(), ino, idx);
-        self.batch.put_cf(self.store.chunks(), key, bytes);
+        self.batch.put_cf(self.chunk_cf(), key, bytes);
     }
 
     /// Stages `bytes` at `offset` inside chunk `idx` without reading it (a merge operand,
@@ -133,7 +138,7 @@ impl<'a> VolumeTxn<'a> {
     pub fn patch_chunk(&mut self, ino: Ino, idx: u64, offset: u32, bytes: &[u8]) {
         let key = codec::chunk_key(self.vid(), ino, idx);
         self.batch.merge_cf(
-            self.store.chunks(),
+            self.chunk_cf(),
             key,
             codec::encode_chunk_patch(offset, bytes),
         );
@@ -142,7 +147,7 @@ impl<'a> VolumeTxn<'a> {
     /// Stages the removal of chunk `idx`'s bytes (not its length).
     pub fn delete_chunk(&mut self, ino: Ino, idx: u64) {
         let key = codec::chunk_key(self.vid(), ino, idx);
-        self.batch.delete_cf(self.store.chunks(), key);
+        self.batch.delete_cf(self.chunk_cf(), key);
     }
 
     /// Stages the stored length of chunk `idx`.
@@ -166,7 +171,7 @@ impl<'a> VolumeTxn<'a> {
             .delete_range_cf(self.store.meta(), &lp, &codec::prefix_end(&lp));
         let cp = codec::chunk_prefix(v, ino);
         self.batch
-            .delete_range_cf(self.store.chunks(), &cp, &codec::prefix_end(&cp));
+            .delete_range_cf(self.chunk_cf(), &cp, &codec::prefix_end(&cp));
     }
 
     // ----- extended attributes -----

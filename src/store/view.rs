@@ -11,18 +11,29 @@ use super::codec::{
     self, decode_chunk_len, CookieValue, DirentValue, Ino, InodeRecord, RecordError, ReplayRecord,
     Usage, VolumeId,
 };
-use super::{Result, Store, ROOT_INO};
+use super::{Compression, Result, Store, ROOT_INO};
 
-/// Reads of one volume (see the module doc). Cheap: a store and a volume id.
+/// Reads of one volume (see the module doc). Cheap: a store, a volume id and where the
+/// volume's chunks live.
 #[derive(Clone, Copy)]
 pub struct VolumeView<'a> {
     store: &'a Store,
     vid: VolumeId,
+    compression: Compression,
 }
 
 impl<'a> VolumeView<'a> {
-    pub(super) fn new(store: &'a Store, vid: VolumeId) -> Self {
-        VolumeView { store, vid }
+    pub(super) fn new(store: &'a Store, vid: VolumeId, compression: Compression) -> Self {
+        VolumeView {
+            store,
+            vid,
+            compression,
+        }
+    }
+
+    /// The column family of the volume's chunks.
+    fn chunk_cf(&self) -> &'a rocksdb::ColumnFamily {
+        self.store.chunks_for(self.compression)
     }
 
     /// The volume's id (its keys' prefix).
@@ -192,7 +203,7 @@ impl<'a> VolumeView<'a> {
         Ok(self
             .store
             .db()
-            .get_cf(self.store.chunks(), codec::chunk_key(self.vid, ino, idx))?
+            .get_cf(self.chunk_cf(), codec::chunk_key(self.vid, ino, idx))?
             .unwrap_or_default())
     }
 
@@ -210,7 +221,7 @@ impl<'a> VolumeView<'a> {
     pub fn each_chunk_size(&self, mut f: impl FnMut(Ino, u64, u64)) -> Result<()> {
         let v = self.vid;
         self.store.scan(
-            self.store.chunks(),
+            self.chunk_cf(),
             &codec::volume_start(v),
             &codec::volume_end(v),
             |k, val| {
@@ -226,6 +237,7 @@ impl<'a> VolumeView<'a> {
         VolumeSnapshot {
             store: self.store,
             vid: self.vid,
+            chunk_cf: self.chunk_cf(),
             snap: self.store.db().snapshot(),
         }
     }
@@ -300,6 +312,7 @@ impl<'a> VolumeView<'a> {
 pub struct VolumeSnapshot<'a> {
     store: &'a Store,
     vid: VolumeId,
+    chunk_cf: &'a rocksdb::ColumnFamily,
     snap: Snapshot<'a>,
 }
 
@@ -323,7 +336,7 @@ impl VolumeSnapshot<'_> {
         last: u64,
         mut f: impl FnMut(u64, &[u8]),
     ) -> Result<()> {
-        let (v, chunks) = (self.vid, self.store.chunks());
+        let (v, chunks) = (self.vid, self.chunk_cf);
         if first == last {
             // One chunk: a point lookup, without copying the value.
             let bytes: Option<DBPinnableSlice> = self

@@ -805,12 +805,14 @@ def bad_input(c):
     start_fusevol(c, {n: [Tier("fast", "10Gi")] for n in c.node_names})
     c.ensure_namespace(ns)
     c.create(storage_class("e2e-unknown-param", tier="fast", foo="bar"),
-             storage_class("e2e-bad-compression", tier="fast", compression="brotli"))
+             storage_class("e2e-bad-compression", tier="fast", compression="brotli"),
+             storage_class("e2e-zstd", tier="fast", compression="zstd"))
     objs = (claim_with_pod("unknown-param", ns, "e2e-unknown-param", "1Gi") +
             claim_with_pod("bad-compression", ns, "e2e-bad-compression", "1Gi") +
             claim_with_pod("block", ns, "fusevol-fast", "1Gi", volume_mode="Block") +
             claim_with_pod("rwx", ns, "fusevol-fast", "1Gi", access_modes=("ReadWriteMany",)) +
-            claim_with_pod("good", ns, "fusevol-fast", "1Gi"))
+            claim_with_pod("good", ns, "fusevol-fast", "1Gi") +
+            claim_with_pod("zstd", ns, "e2e-zstd", "1Gi"))
     c.create(*objs)
     expect = {
         "unknown-param": ["foo", "tier"],            # the parameter, and the allowed ones
@@ -821,7 +823,8 @@ def bad_input(c):
     for name, needles in expect.items():
         wait_warning(c, ns, "PersistentVolumeClaim", name, needles, timeout=60)
     # A good claim next to them is provisioned, so the controller is not just idle.
-    wait_bound(c, ns, ["good"], 90)
+    wait_bound(c, ns, ["good", "zstd"], 90)
+    check_compressed_volume(c, ns, "zstd", "zstd")
     time.sleep(3)
     uids = {pvc(c, ns, n)["metadata"]["uid"]: n for n in expect}
     for p in c.get("pv"):
@@ -831,6 +834,27 @@ def bad_input(c):
     for name in expect:
         check(pvc(c, ns, name)["status"].get("phase") == "Pending", f"{name} is not Pending")
     check_alive(c)
+
+
+def check_compressed_volume(c, ns, pod_name, algorithm):
+    """Issue 14 §2: the class's `compression` reaches the node: the volume of `pod_name` is
+    created with `algorithm`, and text written through the pod's view is stored in a fraction
+    of its size while the quota counts all of it (`fusevol volume inspect` on the node)."""
+    (v,) = wait_kubelet_view(c, ns, pod_name)
+    rows = b"".join(b"%d,row %d of a table a database keeps\n" % (i, i) for i in range(200_000))
+    write_file(os.path.join(v.path, "table.csv"), rows)
+    disk = c.node_dir(v.node) / "disks" / "fast-0"
+    out = subprocess.run([c.fusevol_bin, "volume", "inspect", "--data", str(disk), v.pv_name,
+                          "--json"], capture_output=True, text=True, timeout=60)
+    check(out.returncode == 0, f"volume inspect {v.pv_name} failed: {out.stderr}")
+    info = json.loads(out.stdout)
+    comp = info.get("compression") or {}
+    check(comp.get("algorithm") == algorithm,
+          f"volume {v.pv_name} of class compression={algorithm} has compression {comp}")
+    check(comp.get("logical_bytes") == len(rows), f"logical bytes {comp}, wrote {len(rows)}")
+    stored = comp.get("stored_bytes") or 0
+    check(0 < stored * 4 < len(rows), f"{len(rows)} bytes of text stored in {stored}: {comp}")
+    check(info["used_bytes"] >= len(rows), f"usage {info['used_bytes']} below the data written")
 
 
 @scenario("reclaim")

@@ -671,7 +671,7 @@ fn bad_parameters_fail_naming_each_parameter_even_before_a_node_is_selected() {
         &[
             ("tier", "fast"),
             ("replicas", "2"),
-            ("compression", "lz4"),
+            ("compression", "brotli"),
             ("encrypt", "yes"),
             ("inodeLimit", "many"),
         ],
@@ -685,7 +685,7 @@ fn bad_parameters_fail_naming_each_parameter_even_before_a_node_is_selected() {
         message,
         concat!(
             "4 problems: ",
-            r#"(1) StorageClass parameter "compression": "lz4" is not supported yet; allowed values: none; "#,
+            r#"(1) StorageClass parameter "compression": "brotli" is not allowed; allowed values: none, lz4, zstd; "#,
             r#"(2) StorageClass parameter "encrypt" is not known; allowed parameters: tier, replicas, compression, inodeLimit; "#,
             r#"(3) StorageClass parameter "inodeLimit": "many" is not allowed; allowed values: a positive integer (e.g. 100000); "#,
             r#"(4) StorageClass parameter "replicas": "2" is not supported yet; allowed values: 1"#,
