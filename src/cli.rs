@@ -513,7 +513,7 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<i32> {
                     return Err(failure(
                         "unsupported",
                         format!(
-                            "volume {} was created with compression {} by the process serving the store, which does not support {compression}",
+                            "the process serving the store does not support compression {compression}: it created volume {} with compression {}; it remains (delete it with `fusevol volume delete`)",
                             v.name, v.compression.algorithm
                         ),
                     ));

@@ -1112,3 +1112,80 @@ fn metrics_services_select_each_pod_and_reach_its_metrics_port() {
         }
     }
 }
+
+/// The local paths Cargo.toml names (`path = "..."`: the library, the binary, benchmark
+/// targets, patched crates).
+fn manifest_paths() -> Vec<String> {
+    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .expect("Cargo.toml");
+    let manifest =
+        toml::Value::Table(toml::from_str::<toml::Table>(&text).expect("Cargo.toml parses"));
+    let mut out = Vec::new();
+    fn walk(v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    match (k.as_str(), v) {
+                        ("path", toml::Value::String(p)) => out.push(p.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            toml::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&manifest, &mut out);
+    out
+}
+
+/// `docker build -f deploy/Dockerfile .` works only if the build stage has every file the
+/// manifest names (cargo refuses a manifest whose targets or patched crates are missing,
+/// even for `--bin fusevol`), and `.dockerignore` keeps none of them out of the context.
+#[test]
+fn the_image_build_copies_every_path_the_cargo_manifest_names() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = fs::read_to_string(deploy_dir().join("Dockerfile")).expect("Dockerfile");
+    // Sources of the COPY lines of the build stage (before the runtime stage's FROM).
+    let build_stage = dockerfile.split("\nFROM ").nth(1).unwrap_or("");
+    let mut copied = Vec::new();
+    for line in build_stage.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"COPY") && !words.iter().any(|w| w.starts_with("--from")) {
+            copied.extend(words[1..words.len() - 1].iter().map(|w| w.to_string()));
+        }
+    }
+    let ignored: Vec<String> = fs::read_to_string(root.join(".dockerignore"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim_end_matches('/').to_string())
+        .collect();
+    let paths = manifest_paths();
+    assert!(paths.len() >= 4, "manifest paths: {paths:?}");
+    for p in ["Cargo.toml", "Cargo.lock", ".cargo"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(paths)
+    {
+        let covered = copied
+            .iter()
+            .any(|c| p == *c || p.starts_with(&format!("{}/", c.trim_end_matches('/'))));
+        assert!(
+            covered,
+            "deploy/Dockerfile does not COPY {p} (COPY sources: {copied:?})"
+        );
+        assert!(
+            root.join(&p).exists(),
+            "{p} named by the manifest does not exist"
+        );
+        let excluded = ignored
+            .iter()
+            .any(|i| p == *i || p.starts_with(&format!("{i}/")));
+        assert!(
+            !excluded,
+            ".dockerignore excludes {p}, which the build needs"
+        );
+    }
+}

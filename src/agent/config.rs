@@ -21,6 +21,12 @@
 //! memory_budget = "64Mi"          # optional, per disk: its store's caches and write
 //!                                 # buffers together (default 64Mi, at least 16Mi)
 //!
+//! [[nodes]]                       # optional: nodes whose disks differ
+//! names = ["worker-7", "worker-8"] # these nodes use the tiers below instead
+//! [[nodes.tiers]]
+//! name = "fast"
+//! disks = ["/var/lib/fusevol/disks/nvme1"]
+//!
 //! [static]                        # optional: static-provisioner mode
 //! storage_class = "fusevol-static"
 //! [[static.pools]]
@@ -65,11 +71,22 @@ struct RawConfig {
     split_data: Option<bool>,
     #[serde(default)]
     tiers: Vec<RawTier>,
+    /// Per-node overrides of `tiers`: one ConfigMap for nodes whose disks differ.
+    #[serde(default)]
+    nodes: Vec<RawNode>,
     #[serde(rename = "static")]
     static_: Option<RawStatic>,
 }
 
+/// `[[nodes]]`: the nodes named in `names` use `tiers` instead of the top-level ones.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    names: Vec<String>,
+    tiers: Vec<RawTier>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
     name: String,
@@ -197,67 +214,9 @@ impl AgentConfig {
                 .parse()
                 .map_err(|e| invalid(format!("max_dirty: {e}")))?,
         };
-        if raw.tiers.is_empty() {
-            return Err(invalid(
-                "no tiers: add at least one [[tiers]] table with a name and disks".into(),
-            ));
-        }
-        let mut names = BTreeSet::new();
-        let mut all_disks = BTreeSet::new();
-        let mut tiers = Vec::new();
-        for t in raw.tiers {
-            if !is_dns_label(&t.name) {
-                return Err(invalid(format!(
-                    "tier name {:?} must be a DNS label (lowercase letters, digits and '-', at most 63)",
-                    t.name
-                )));
-            }
-            if !names.insert(t.name.clone()) {
-                return Err(invalid(format!("tier {:?} is defined twice", t.name)));
-            }
-            if t.disks.is_empty() {
-                return Err(invalid(format!("tier {:?} has no disks", t.name)));
-            }
-            for d in &t.disks {
-                if !d.is_absolute() {
-                    return Err(invalid(format!(
-                        "tier {:?}: disk {:?} must be an absolute path",
-                        t.name,
-                        d.display()
-                    )));
-                }
-                if !all_disks.insert(d.clone()) {
-                    return Err(invalid(format!(
-                        "disk {:?} is listed twice (each disk directory belongs to one tier)",
-                        d.display()
-                    )));
-                }
-            }
-            let quantity = |key: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
-                v.as_deref()
-                    .map(|q| {
-                        parse_quantity(q)
-                            .map_err(|e| invalid(format!("tier {:?}: {key} {q:?}: {e}", t.name)))
-                    })
-                    .transpose()
-            };
-            let memory_budget =
-                quantity("memory_budget", &t.memory_budget)?.unwrap_or(DEFAULT_MEMORY_BUDGET);
-            if memory_budget < MIN_MEMORY_BUDGET {
-                return Err(invalid(format!(
-                    "tier {:?}: memory_budget must be at least 16Mi",
-                    t.name
-                )));
-            }
-            tiers.push(TierConfig {
-                memory_budget,
-                capacity: quantity("capacity", &t.capacity)?,
-                reserved: quantity("reserved", &t.reserved)?.unwrap_or(0),
-                free_space_floor: quantity("free_space_floor", &t.free_space_floor)?,
-                name: t.name,
-                disks: t.disks,
-            });
-        }
+        let raw_tiers = tiers_of_node(&node_name, raw.tiers, raw.nodes)?;
+        let tiers = validate_tiers(raw_tiers)?;
+        let names: BTreeSet<String> = tiers.iter().map(|t| t.name.clone()).collect();
         let static_mode = match raw.static_ {
             None => None,
             Some(s) => {
@@ -309,6 +268,108 @@ impl AgentConfig {
     pub fn tier(&self, name: &str) -> Option<&TierConfig> {
         self.tiers.iter().find(|t| t.name == name)
     }
+}
+
+/// The tiers that apply to node `node`: those of the first `[[nodes]]` entry naming it, else
+/// the top-level ones. A node named by two entries is an error; so is an entry without
+/// names, as it would apply to no node.
+fn tiers_of_node(
+    node: &str,
+    top: Vec<RawTier>,
+    nodes: Vec<RawNode>,
+) -> Result<Vec<RawTier>, ConfigError> {
+    let mut chosen = None;
+    let mut seen = BTreeSet::new();
+    for (i, n) in nodes.into_iter().enumerate() {
+        if n.names.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "[[nodes]] entry {} has no names (list the node names it applies to)",
+                i + 1
+            )));
+        }
+        for name in &n.names {
+            if !seen.insert(name.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "node {name:?} is named by two [[nodes]] entries"
+                )));
+            }
+        }
+        // Every entry is validated, not only this node's: a mistake shows on every node.
+        let label = format!("[[nodes]] {}", n.names.join(", "));
+        validate_tiers(n.tiers.clone())
+            .map_err(|e| ConfigError::Invalid(format!("{label}: {e}")))?;
+        if n.names.iter().any(|x| x == node) {
+            chosen = Some(n.tiers);
+        }
+    }
+    Ok(chosen.unwrap_or(top))
+}
+
+/// Validates tiers: names, disks (absolute, each in one tier), quantities.
+fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(m);
+    if raw.is_empty() {
+        return Err(invalid(
+            "no tiers: add at least one [[tiers]] table with a name and disks".into(),
+        ));
+    }
+    let mut names = BTreeSet::new();
+    let mut all_disks = BTreeSet::new();
+    let mut tiers = Vec::new();
+    for t in raw {
+        if !is_dns_label(&t.name) {
+            return Err(invalid(format!(
+                    "tier name {:?} must be a DNS label (lowercase letters, digits and '-', at most 63)",
+                    t.name
+                )));
+        }
+        if !names.insert(t.name.clone()) {
+            return Err(invalid(format!("tier {:?} is defined twice", t.name)));
+        }
+        if t.disks.is_empty() {
+            return Err(invalid(format!("tier {:?} has no disks", t.name)));
+        }
+        for d in &t.disks {
+            if !d.is_absolute() {
+                return Err(invalid(format!(
+                    "tier {:?}: disk {:?} must be an absolute path",
+                    t.name,
+                    d.display()
+                )));
+            }
+            if !all_disks.insert(d.clone()) {
+                return Err(invalid(format!(
+                    "disk {:?} is listed twice (each disk directory belongs to one tier)",
+                    d.display()
+                )));
+            }
+        }
+        let quantity = |key: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+            v.as_deref()
+                .map(|q| {
+                    parse_quantity(q)
+                        .map_err(|e| invalid(format!("tier {:?}: {key} {q:?}: {e}", t.name)))
+                })
+                .transpose()
+        };
+        let memory_budget =
+            quantity("memory_budget", &t.memory_budget)?.unwrap_or(DEFAULT_MEMORY_BUDGET);
+        if memory_budget < MIN_MEMORY_BUDGET {
+            return Err(invalid(format!(
+                "tier {:?}: memory_budget must be at least 16Mi",
+                t.name
+            )));
+        }
+        tiers.push(TierConfig {
+            memory_budget,
+            capacity: quantity("capacity", &t.capacity)?,
+            reserved: quantity("reserved", &t.reserved)?.unwrap_or(0),
+            free_space_floor: quantity("free_space_floor", &t.free_space_floor)?,
+            name: t.name,
+            disks: t.disks,
+        });
+    }
+    Ok(tiers)
 }
 
 #[cfg(test)]
@@ -389,6 +450,81 @@ mod tests {
         let text = format!("node_name = \"cfg\"\n{EXAMPLE}");
         let c = AgentConfig::parse(&text, Some("env".into())).unwrap();
         assert_eq!(c.node_name, "cfg");
+    }
+
+    const PER_NODE: &str = r#"
+        [[tiers]]
+        name = "fast"
+        disks = ["/d/fast-0"]
+        [[nodes]]
+        names = ["big-1", "big-2"]
+        [[nodes.tiers]]
+        name = "fast"
+        disks = ["/nvme/a", "/nvme/b"]
+        capacity = "2Ti"
+        [[nodes.tiers]]
+        name = "bulk"
+        disks = ["/hdd/0"]
+        [[nodes]]
+        names = ["small-1"]
+        [[nodes.tiers]]
+        name = "fast"
+        disks = ["/d/tiny"]
+        [static]
+        [[static.pools]]
+        tier = "fast"
+        count = 1
+        size = "1Gi"
+    "#;
+
+    #[test]
+    fn a_node_named_in_nodes_gets_its_tiers_and_the_others_the_top_level_ones() {
+        let big = AgentConfig::parse(PER_NODE, Some("big-2".into())).unwrap();
+        let names: Vec<&str> = big.tiers.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["fast", "bulk"]);
+        assert_eq!(big.tiers[0].disks.len(), 2);
+        assert_eq!(big.tiers[0].capacity, Some(2 << 40));
+        let small = AgentConfig::parse(PER_NODE, Some("small-1".into())).unwrap();
+        assert_eq!(small.tiers[0].disks, [PathBuf::from("/d/tiny")]);
+        let other = AgentConfig::parse(PER_NODE, Some("worker-9".into())).unwrap();
+        assert_eq!(other.tiers.len(), 1);
+        assert_eq!(other.tiers[0].disks, [PathBuf::from("/d/fast-0")]);
+        // A static pool must name a tier of the node's own tiers.
+        let text = PER_NODE.replace(
+            "tier = \"fast\"\n        count",
+            "tier = \"bulk\"\n        count",
+        );
+        assert!(AgentConfig::parse(&text, Some("big-1".into())).is_ok());
+        let e = AgentConfig::parse(&text, Some("worker-9".into())).unwrap_err();
+        assert!(e.to_string().contains("unknown tier \"bulk\""), "{e}");
+    }
+
+    #[test]
+    fn a_mistake_in_any_nodes_entry_is_an_error_on_every_node() {
+        let cases = [
+            (
+                PER_NODE.replace("\"/hdd/0\"", "\"hdd\""),
+                "[[nodes]] big-1, big-2: tier \"bulk\": disk \"hdd\" must be an absolute path",
+            ),
+            (
+                PER_NODE.replace("names = [\"small-1\"]", "names = [\"big-1\"]"),
+                "node \"big-1\" is named by two [[nodes]] entries",
+            ),
+            (
+                PER_NODE.replace("names = [\"small-1\"]", "names = []"),
+                "[[nodes]] entry 2 has no names",
+            ),
+            (
+                PER_NODE.replace("name = \"bulk\"", "name = \"Bulk\""),
+                "DNS label",
+            ),
+        ];
+        for (text, want) in cases {
+            for node in ["big-1", "small-1", "worker-9"] {
+                let e = AgentConfig::parse(&text, Some(node.into())).unwrap_err();
+                assert!(e.to_string().contains(want), "{node}: {e} lacks {want:?}");
+            }
+        }
     }
 
     #[test]

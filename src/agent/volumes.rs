@@ -455,6 +455,7 @@ impl VolumeManager {
                 })?;
         }
         self.ensure_quota(pv, spec)?;
+        self.warn_if_other_compression(disk, pv, spec);
         let paths = volume_paths(&self.root.to_string_lossy(), pv);
         let mount_point = PathBuf::from(&paths.mount_point);
         // Held: the mount is live and waits for this server (a stat would wait too).
@@ -591,6 +592,19 @@ impl VolumeManager {
             })?;
         tracing::info!(pv, disk = %self.disks[best].path.display(), quota = spec.quota_bytes, compression = %spec.compression, "created volume");
         Ok(best)
+    }
+
+    /// Compression is fixed when a volume is created: a PV whose spec asks for another one
+    /// (a volume created by an agent that did not know compression, a static PV of a class
+    /// with `compression`) is served as it is, with a warning saying so.
+    fn warn_if_other_compression(&self, disk: usize, pv: &str, spec: &VolumeSpec) {
+        if let Ok(info) = self.disks[disk].store.inspect_volume(pv) {
+            let has = info.compression.algorithm;
+            if has != spec.compression {
+                tracing::warn!(pv, compression = %has, asked = %spec.compression,
+                    "the volume was created with another compression, fixed at creation: serving it as it is");
+            }
+        }
     }
 
     /// Index of the disk whose store holds volume `pv`.

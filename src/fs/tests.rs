@@ -23,9 +23,17 @@ struct T {
 }
 
 fn setup(quota: Option<u64>, inodes: Option<u64>) -> T {
+    setup_with(&crate::store::NewVolume {
+        quota,
+        inode_limit: inodes,
+        compression: crate::store::Compression::None,
+    })
+}
+
+fn setup_with(new: &crate::store::NewVolume) -> T {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(&dir.path().join("store"), &StoreOptions::default()).unwrap();
-    store.create_volume("v", quota, inodes).unwrap();
+    store.create_volume_with("v", new).unwrap();
     let vol = store.open_volume("v").unwrap();
     let fs = Fs::new(store, vol).unwrap();
     T { _dir: dir, fs }
@@ -883,7 +891,16 @@ fn a_patch_past_the_stored_end_of_a_chunk_leaves_zeros_and_truncate_keeps_it() {
 /// nothing is left for the store to carry, whichever way the chunks were deleted.
 #[test]
 fn deleted_files_leave_no_keys_behind() {
-    let t = setup(None, None);
+    for compression in crate::store::Compression::ALL {
+        deleted_files_leave_no_keys(compression);
+    }
+}
+
+fn deleted_files_leave_no_keys(compression: crate::store::Compression) {
+    let t = setup_with(&crate::store::NewVolume {
+        compression,
+        ..Default::default()
+    });
     let cs = t.fs.chunk_size;
     let small = mkfile(&t.fs, ROOT, "small");
     t.fs.write(small, 0, &pattern(3 * cs as usize + 10, 1), false)
@@ -915,7 +932,7 @@ fn deleted_files_leave_no_keys_behind() {
         let cp = keys::chunk_prefix(v, ino);
         t.fs.store()
             .scan(
-                t.fs.store().chunks(),
+                t.fs.store().chunks_for(compression),
                 &cp,
                 &keys::prefix_end(&cp),
                 |_, _| {
@@ -924,7 +941,7 @@ fn deleted_files_leave_no_keys_behind() {
                 },
             )
             .unwrap();
-        assert_eq!(left, 0, "keys left for inode {ino}");
+        assert_eq!(left, 0, "{compression}: keys left for inode {ino}");
     }
     assert_eq!(t.fs.volume().used_bytes(), 0);
     assert_eq!(t.fs.volume().chunks(), 0);
@@ -1467,15 +1484,26 @@ fn compressed_volumes_count_bytes_before_compression_and_store_less() {
     // Delete the lz4 volume: the zstd one keeps its data and its stored bytes.
     let zstd_before = infos[2].compression.stored_bytes;
     filesystems.retain(|(c, _, _)| *c != Compression::Lz4);
+    let lz4_files = |store: &Store| {
+        store
+            .db()
+            .property_int_value_cf(
+                store.chunks_for(Compression::Lz4),
+                "rocksdb.live-sst-files-size",
+            )
+            .unwrap()
+            .unwrap_or(0)
+    };
+    assert!(
+        lz4_files(&store) > 0,
+        "the lz4 volume's chunks were flushed"
+    );
     store.delete_volume("lz4").unwrap();
-    let lz4_keys = store
-        .db()
-        .iterator_cf(
-            store.chunks_for(Compression::Lz4),
-            rocksdb::IteratorMode::Start,
-        )
-        .count();
-    assert_eq!(lz4_keys, 0, "chunks of the deleted volume are left");
+    assert_eq!(
+        lz4_files(&store),
+        0,
+        "the deleted volume's chunks are still on disk"
+    );
     for (c, fs, ino) in &filesystems {
         assert_eq!(fs.read(*ino, 0, 4 << 20).unwrap(), expected, "{c}");
     }

@@ -48,7 +48,7 @@ pub struct VolumeSpec {
     pub tier: String,
     /// Copies on distinct disks of the tier (only 1 is supported yet).
     pub replicas: u32,
-    /// Compression of stored chunks (only `none` is supported yet).
+    /// Compression of the volume's stored chunks (applied when the agent creates it).
     pub compression: Compression,
     /// Maximum number of inodes; `None` for no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -452,7 +452,7 @@ impl DiskSpace {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Bytes in the memtables (mutable and waiting for flush) of both column families.
+    /// Bytes in the memtables (mutable and waiting for flush) of every column family.
     fn memtable_bytes(&self) -> u64 {
         ALL_CFS
             .iter()
@@ -819,6 +819,9 @@ fn db_options(plan: &MemoryPlan, cache: &Cache) -> (Options, Vec<ColumnFamilyDes
     (db, cfs)
 }
 
+/// Table file size of the compressed chunks' column families (see [`chunk_options`]).
+const COMPRESSED_TABLE_FILE_BYTES: u64 = 8 << 20;
+
 /// Options of a chunks column family whose table files are compressed with `compression`
 /// (one block per chunk: a chunk is larger than the block size). Compressed chunks stay
 /// in the table files, not blob files: RocksDB then compresses them, and estimates per key
@@ -835,6 +838,14 @@ fn chunk_options(plan: &MemoryPlan, cache: &Cache, compression: DBCompressionTyp
     chunks.set_max_write_buffer_number(4);
     chunks.set_compression_type(compression);
     chunks.set_level_compaction_dynamic_level_bytes(true);
+    if compression != DBCompressionType::None {
+        // Compaction rewrites compressed chunks (they are not in blob files): small table
+        // files and compactions bound what one compaction writes before it frees its
+        // inputs (RocksDB's default allows ~1.6 GiB), so that compacting near the
+        // free-space floor cannot fill the disk.
+        chunks.set_target_file_size_base(COMPRESSED_TABLE_FILE_BYTES);
+        chunks.set_max_compaction_bytes(4 * COMPRESSED_TABLE_FILE_BYTES);
+    }
     chunks.set_merge_operator(
         "fusevol-chunk-patch",
         codec::merge_chunk,
@@ -1440,9 +1451,14 @@ impl Store {
         let id = self.existing_id(name)?;
         let algorithm = info.compression.algorithm;
         let mut logical = 0u64;
-        VolumeView::new(self, id, algorithm).each_chunk_len(|_, _, len| {
-            logical = logical.saturating_add(len.unwrap_or(0));
+        let mut bad = None;
+        VolumeView::new(self, id, algorithm).each_chunk_len(|ino, idx, len| match len {
+            Ok(len) => logical = logical.saturating_add(len),
+            Err(e) => bad = Some(format!("chunk {idx} of inode {ino}: {e}; run fsck")),
         })?;
+        if let Some(message) = bad {
+            return Err(Error::Corrupt(message));
+        }
         info.compression.logical_bytes = Some(logical);
         if !algorithm.is_none() {
             info.compression.stored_bytes = Some(self.stored_chunk_bytes(id, algorithm)?);

@@ -1312,13 +1312,43 @@ def api_freeze(c):
 
 @scenario("burst", default=False)
 def burst(c):
-    """Speed (not in the default set): FUSEVOL_E2E_BURST claims (200) over three nodes."""
+    """Speed (not in the default set): FUSEVOL_E2E_BURST claims (200) over three nodes.
+    Reports, from watches of claims and PVs and of the node's mount table: claim created ->
+    Bound (what a user waits), the controller's share (selected-node seen -> PV created), the
+    agent's share (PV created -> its FUSE mount served), and each process's RSS before and
+    after (agent growth per served volume)."""
     n_claims = int(os.environ.get("FUSEVOL_E2E_BURST", "200"))
     ns = "e2e-burst"
-    start_fusevol(c, {n: [Tier("fast", "100Gi")] for n in c.node_names})
+    start_fusevol(c, {n: [Tier("fast", "1000Gi")] for n in c.node_names})
     c.ensure_namespace(ns)
-    selected, created, bound = {}, {}, {}
+    seen, selected, created, bound = {}, {}, {}, {}
+    pv_created, served = {}, {}
     stop = threading.Event()
+
+    def rss_of_all():
+        out = {}
+        for label, proc in ([(f"controller {i}", x.proc) for i, x in c.controllers.items()] +
+                            [(f"agent {n}", x.proc) for n, x in c.agents.items()]):
+            try:
+                for line in open(f"/proc/{proc.pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        out[label] = int(line.split()[1]) / 1024
+            except (OSError, ValueError, IndexError):
+                out[label] = float("nan")
+        return out
+
+    def watch_mounts():
+        # The node's mount table, as the kubelet would find the served volumes.
+        while not stop.is_set():
+            t = time.monotonic()
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    left, _, right = line.partition(" - ")
+                    parts = left.split()
+                    if len(parts) > 4 and right.startswith("fuse") and "/volumes/" in parts[4]:
+                        pv_name = parts[4].split("/volumes/", 1)[1].split("/", 1)[0]
+                        served.setdefault(pv_name, t)
+            time.sleep(0.05)
 
     def watch(path, on_event):
         ctx = ssl.create_default_context()
@@ -1335,6 +1365,7 @@ def burst(c):
     def on_pvc(ev, t):
         o = ev["object"]
         uid = o["metadata"]["uid"]
+        seen.setdefault(uid, t)
         if (o["metadata"].get("annotations") or {}).get("volume.kubernetes.io/selected-node"):
             selected.setdefault(uid, t)
         if (o.get("status") or {}).get("phase") == "Bound":
@@ -1344,8 +1375,11 @@ def burst(c):
         ref = ev["object"]["spec"].get("claimRef") or {}
         if ev["type"] == "ADDED" and ref.get("namespace") == ns:
             created.setdefault(ref["uid"], t)
+            pv_created.setdefault(ev["object"]["metadata"]["name"], t)
+    rss_before = rss_of_all()
     threads = [threading.Thread(target=watch, args=(f"/api/v1/namespaces/{ns}/persistentvolumeclaims?watch=1", on_pvc), daemon=True),
-               threading.Thread(target=watch, args=("/api/v1/persistentvolumes?watch=1", on_pv), daemon=True)]
+               threading.Thread(target=watch, args=("/api/v1/persistentvolumes?watch=1", on_pv), daemon=True),
+               threading.Thread(target=watch_mounts, daemon=True)]
     for t in threads:
         t.start()
     time.sleep(1)
@@ -1355,6 +1389,8 @@ def burst(c):
         c.create(*[o for n in names[i:i + 50] for o in claim_with_pod(n, ns, "fusevol-fast", "16Mi")])
     wait_bound(c, ns, names, 600)
     total = time.monotonic() - t0
+    wait_for(lambda: all(p in served for p in pv_created), 300,
+             "every PV of the burst to be served on its node", interval=1)
     time.sleep(1)
     stop.set()
 
@@ -1363,19 +1399,31 @@ def burst(c):
         return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
     ctl_share = [(created[u] - selected[u]) * 1000 for u in created if u in selected]
     to_bound = [(bound[u] - selected[u]) * 1000 for u in bound if u in selected]
-    rss = {}
-    for label, proc in ([(f"controller {i}", x.proc) for i, x in c.controllers.items()] +
-                        [(f"agent {n}", x.proc) for n, x in c.agents.items()]):
-        try:
-            for line in open(f"/proc/{proc.pid}/status"):
-                if line.startswith("VmRSS:"):
-                    rss[label] = line.split(":", 1)[1].strip()
-        except OSError:
-            rss[label] = "?"
-    print(f"    burst: {n_claims} claims Bound in {total:.1f}s; selected-node -> PV created: "
-          f"p50 {pct(ctl_share, 50):.0f} ms, p99 {pct(ctl_share, 99):.0f} ms "
-          f"(n={len(ctl_share)}); selected-node -> Bound: p50 {pct(to_bound, 50):.0f} ms, "
-          f"p99 {pct(to_bound, 99):.0f} ms; RSS {rss}", flush=True)
+    claim_to_bound = [(bound[u] - seen[u]) * 1000 for u in bound if u in seen]
+    agent_share = [(served[p] - pv_created[p]) * 1000 for p in pv_created if p in served]
+    rss = rss_of_all()
+    per_node = {}
+    for p in c.get("pv"):
+        ref = p["spec"].get("claimRef") or {}
+        if ref.get("namespace") == ns:
+            node = pv_node(p)
+            per_node[node] = per_node.get(node, 0) + 1
+    growth = {n: (rss[f"agent {n}"] - rss_before.get(f"agent {n}", float("nan"))) / k
+              for n, k in per_node.items() if f"agent {n}" in rss}
+
+    def ms(xs):
+        return f"p50 {pct(xs, 50):.0f} ms, p99 {pct(xs, 99):.0f} ms (n={len(xs)})"
+    print(f"    burst: {n_claims} claims Bound in {total:.1f}s\n"
+          f"    claim created -> Bound: {ms(claim_to_bound)}\n"
+          f"    selected-node -> PV created (controller): {ms(ctl_share)}\n"
+          f"    selected-node -> Bound: {ms(to_bound)}\n"
+          f"    PV created -> mount served (agent): {ms(agent_share)}\n"
+          f"    volumes per node: {per_node}\n"
+          f"    RSS MiB before: { {k: round(v, 1) for k, v in rss_before.items()} }\n"
+          f"    RSS MiB after:  { {k: round(v, 1) for k, v in rss.items()} }\n"
+          f"    agent RSS growth per served volume, MiB: { {k: round(v, 2) for k, v in growth.items()} }",
+          flush=True)
+    check(len(agent_share) == len(pv_created), f"{len(pv_created) - len(agent_share)} PVs never served")
     check_alive(c)
 
 
