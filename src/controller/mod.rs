@@ -6,7 +6,10 @@
 //!   StorageClasses, plus the in-flight [`Reservation`]s), asks the pure
 //!   [`decide`](crate::k8s::provision::decide) what to do, and does it: create the PV, or
 //!   remove the scheduler's `selected-node` annotation (reschedule), posting events
-//!   `Provisioning`, `ProvisioningSucceeded` and `ProvisioningFailed` on the claim.
+//!   `ProvisioningSucceeded` (after the PV is created: nothing else on that path) and
+//!   `ProvisioningFailed` on the claim. A claim is reconciled when it, its class or its PV
+//!   changes, and all claims when a node's room grows (at most 32 at once); the snapshot
+//!   lives only for the decision, never across an API call.
 //! - Bound claims that ask for more: [`expand`] grows their volume live (after a provisioning
 //!   decision of `AlreadyProvisioned`), events `Resizing`, `VolumeResizeSuccessful` and
 //!   `VolumeResizeFailed`.
@@ -42,7 +45,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -252,13 +255,22 @@ impl Context {
 }
 
 /// Creates `pv`; a PV of that name existing already counts as success (a repeated reconcile).
-pub async fn create_pv(client: &Client, pv: &PersistentVolume) -> Result<(), kube::Error> {
+pub async fn create_pv(client: &Client, pv: &PersistentVolume) -> Result<Created, kube::Error> {
     let api: Api<PersistentVolume> = Api::all(client.clone());
     match api.create(&PostParams::default(), pv).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Ok(_) => Ok(Created::New),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Created::Existed),
         Err(e) => Err(e),
     }
+}
+
+/// What [`create_pv`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    New,
+    /// The PV existed already: a reconcile triggered by the PV's own watch event before the
+    /// PV cache had it, or one after a restart. Nothing to report again.
+    Existed,
 }
 
 /// Asks the scheduler to pick another node: removes the claim's selected-node annotation.
@@ -297,9 +309,11 @@ pub async fn reconcile(
     if class.provisioner != PROVISIONER {
         return Ok(Action::await_change());
     }
-    let pvs = ctx.snapshot_pvs();
-    let nodes = ctx.snapshot_nodes();
+    // The snapshots live only for the decision: a reconcile waiting on the API server
+    // below must not hold a copy of every PV (200 claims in flight held 160 MiB).
     let decision = {
+        let pvs = ctx.snapshot_pvs();
+        let nodes = ctx.snapshot_nodes();
         let mut reservations = ctx.reservations.lock();
         // Reservations whose PV is cached at the reserved size are counted as PVs now.
         reservations.retain(|r| crate::k8s::provision::pending_bytes(r, &pvs) > 0);
@@ -325,19 +339,15 @@ pub async fn reconcile(
     );
     match decision {
         Decision::Create { pv, reservation } => {
+            // The PV first, the event after: nothing but the create on the path from the
+            // scheduler's choice to the PV.
             let name = pv.name_any();
-            ctx.event(
-                &claim,
-                EventType::Normal,
-                "Provisioning",
-                format!(
-                    "creating PersistentVolume {name} on node {} (tier {})",
-                    reservation.node, reservation.tier
-                ),
-            )
-            .await;
             match create_pv(&ctx.client, &pv).await {
-                Ok(()) => {
+                Ok(Created::Existed) => {
+                    tracing::debug!(claim = %who, pv = %name, "the PV exists already");
+                    Ok(Action::await_change())
+                }
+                Ok(Created::New) => {
                     tracing::info!(claim = %who, pv = %name, node = %reservation.node, "provisioned");
                     ctx.metrics.record("created", &claim);
                     ctx.event(
@@ -345,8 +355,8 @@ pub async fn reconcile(
                         EventType::Normal,
                         "ProvisioningSucceeded",
                         format!(
-                            "created PersistentVolume {name} on node {}",
-                            reservation.node
+                            "created PersistentVolume {name} on node {} (tier {})",
+                            reservation.node, reservation.tier
                         ),
                     )
                     .await;
@@ -586,14 +596,39 @@ where
 async fn drive<K>(
     stream: impl Stream<Item = Result<K, watcher::Error>>,
     what: &str,
-    touched: impl Fn(),
+    mut touched: impl FnMut(&K),
 ) {
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
         match item {
-            Ok(_) => touched(),
+            Ok(object) => touched(&object),
             Err(e) => tracing::warn!(error = %e, watch = what, "watch failed; retrying"),
         }
+    }
+}
+
+/// Reconciles of one controller in flight at once: bounds the memory and connections a
+/// burst of claims takes (each reconcile may wait on the API server).
+const RECONCILE_CONCURRENCY: u16 = 32;
+
+/// The free bytes of every node's tiers as last seen, to tell when room grew.
+#[derive(Debug, Default)]
+struct FreeCapacity(std::collections::HashMap<(String, String), u64>);
+
+impl FreeCapacity {
+    /// Records `node`'s tiers; true when one is new or has more free bytes than before
+    /// (a claim that did not fit may fit now). Less room, or the same, is false.
+    fn grew(&mut self, node: &FusevolNode) -> bool {
+        let name = node.name_any();
+        let mut grew = false;
+        for t in node.status.iter().flat_map(|s| &s.tiers) {
+            let key = (name.clone(), t.name.clone());
+            match self.0.insert(key, t.free_bytes) {
+                Some(before) if before >= t.free_bytes => {}
+                _ => grew = true,
+            }
+        }
+        grew
     }
 }
 
@@ -642,6 +677,7 @@ async fn provision(
             },
         )
         .reconcile_all_on(trigger_rx)
+        .with_config(ControllerConfig::default().concurrency(RECONCILE_CONCURRENCY))
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|r| async move {
             if let Err(e) = r {
@@ -653,10 +689,12 @@ async fn provision(
         Api::<PersistentVolume>::all(client.clone()),
         watcher::Config::default(),
     )
+    .with_config(ControllerConfig::default().concurrency(RECONCILE_CONCURRENCY))
     .run(reconcile_pv, error_policy_pv, ctx.clone())
     .for_each(|_| async {});
 
     let node_trigger = trigger_tx.clone();
+    let mut free = FreeCapacity::default();
     let synced = {
         let ctx = ctx.clone();
         async move {
@@ -675,11 +713,15 @@ async fn provision(
         }
     };
     let background = futures::future::join5(
-        drive(caches.pvs, "PersistentVolumes", || {}),
-        drive(caches.nodes, "FusevolNodes", move || {
-            let _ = node_trigger.unbounded_send(());
+        drive(caches.pvs, "PersistentVolumes", |_| {}),
+        drive(caches.nodes, "FusevolNodes", move |node| {
+            // Only room that grew can make a waiting claim fit: a burst of provisioning
+            // (allocations growing on every node) must not re-queue every claim each time.
+            if free.grew(node) {
+                let _ = node_trigger.unbounded_send(());
+            }
         }),
-        drive(caches.classes, "StorageClasses", || {}),
+        drive(caches.classes, "StorageClasses", |_| {}),
         synced,
         csi_driver,
     );

@@ -184,7 +184,7 @@ pub async fn run(ctx: Arc<Context>, claims: Store<PersistentVolumeClaim>, grace:
             tokio::time::sleep(SWEEP).await;
         }
     };
-    futures::future::join(drive(stream, "Nodes", || {}), sweeps).await;
+    futures::future::join(drive(stream, "Nodes", |_| {}), sweeps).await;
 }
 
 /// One sweep: reconciles every node missing for the grace period. `None` while a cache is

@@ -112,9 +112,8 @@ pub(super) fn event_reason(body: &Value) -> &str {
 }
 
 #[tokio::test]
-async fn provisioning_creates_the_pv_between_two_events() {
+async fn provisioning_creates_the_pv_then_reports_it() {
     let (client, server) = mock::client(vec![
-        Call::new("POST", EVENTS, 201, Value::Null),
         Call::new("POST", "/api/v1/persistentvolumes", 201, Value::Null),
         Call::new("POST", EVENTS, 201, Value::Null),
     ]);
@@ -132,9 +131,9 @@ async fn provisioning_creates_the_pv_between_two_events() {
     .unwrap();
     assert_eq!(action, Action::await_change());
     let bodies = server.await.unwrap();
-    assert_eq!(event_reason(&bodies[0]), "Provisioning");
-    assert_eq!(bodies[0]["regarding"]["name"], "data-0");
-    let pv = &bodies[1];
+    assert_eq!(event_reason(&bodies[1]), "ProvisioningSucceeded");
+    assert_eq!(bodies[1]["regarding"]["name"], "data-0");
+    let pv = &bodies[0];
     assert_eq!(pv["metadata"]["name"], "pvc-u1");
     assert_eq!(
         pv["metadata"]["finalizers"],
@@ -151,7 +150,7 @@ async fn provisioning_creates_the_pv_between_two_events() {
             ["values"],
         json!(["n1"])
     );
-    assert_eq!(event_reason(&bodies[2]), "ProvisioningSucceeded");
+    assert_eq!(bodies.len(), 2);
     assert_eq!(
         ctx.reservations.lock().len(),
         1,
@@ -194,7 +193,6 @@ async fn a_full_node_sends_the_claim_back_to_the_scheduler_with_a_warning() {
 async fn two_claims_racing_for_one_node_never_overcommit_it() {
     // Room for one 1Gi volume; the first PV is not in the cache yet when the second decides.
     let (client, server) = mock::client(vec![
-        Call::new("POST", EVENTS, 201, Value::Null),
         Call::new("POST", "/api/v1/persistentvolumes", 201, Value::Null),
         Call::new("POST", EVENTS, 201, Value::Null),
         Call::new("POST", EVENTS, 201, Value::Null),
@@ -221,7 +219,7 @@ async fn two_claims_racing_for_one_node_never_overcommit_it() {
         .await
         .unwrap();
     let bodies = server.await.unwrap();
-    let note = bodies[3]["note"].as_str().unwrap();
+    let note = bodies[2]["note"].as_str().unwrap();
     assert!(
         note.contains("reserved for claims being provisioned 1Gi"),
         "{note}"
@@ -230,29 +228,33 @@ async fn two_claims_racing_for_one_node_never_overcommit_it() {
 
 #[tokio::test]
 async fn a_repeated_reconcile_after_a_restart_creates_no_second_pv() {
-    // The PV exists but this replica's cache does not have it yet: the create gets 409.
-    let (client, server) = mock::client(vec![
-        Call::new("POST", EVENTS, 201, Value::Null),
-        Call::new(
-            "POST",
-            "/api/v1/persistentvolumes",
-            409,
-            mock::status(409, "AlreadyExists"),
-        ),
-        Call::new("POST", EVENTS, 201, Value::Null),
-    ]);
+    // The PV exists but this replica's cache does not have it yet (after a restart, or a
+    // reconcile triggered by the PV's own watch event): the create gets 409, and nothing
+    // is reported a second time (no event, no "created" count).
+    let (client, server) = mock::client(vec![Call::new(
+        "POST",
+        "/api/v1/persistentvolumes",
+        409,
+        mock::status(409, "AlreadyExists"),
+    )]);
     let ctx = context(
         client,
         vec![node("n1", 10 << 30)],
         vec![],
         "WaitForFirstConsumer",
     );
-    let action = reconcile(Arc::new(claim("data-0", "u1", "1Gi", Some("n1"))), ctx)
-        .await
-        .unwrap();
+    let action = reconcile(
+        Arc::new(claim("data-0", "u1", "1Gi", Some("n1"))),
+        ctx.clone(),
+    )
+    .await
+    .unwrap();
     assert_eq!(action, Action::await_change());
-    let bodies = server.await.unwrap();
-    assert_eq!(event_reason(&bodies[2]), "ProvisioningSucceeded");
+    server.await.unwrap();
+    let created = ctx.metrics.outcomes.get_or_create(&OutcomeLabels {
+        outcome: "created".into(),
+    });
+    assert_eq!(created.get(), 0, "counted as created");
 
     // Once the PV is cached, a reconcile makes no call at all (the scripted server has none).
     let (client, server) = mock::client(vec![]);
@@ -840,4 +842,34 @@ fn a_followers_metrics_are_one_exposition_with_the_leader_gauge() {
     );
     metrics.leader.set(1);
     assert!(metrics.render().contains("fusevol_controller_leader 1\n"));
+}
+
+/// FusevolNode updates re-queue every claim only when room grew: a new node or tier, or
+/// more free bytes (a claim that did not fit may fit now). Allocations growing during a
+/// burst, or an unchanged status, do not.
+#[test]
+fn only_more_room_on_a_node_requeues_the_claims() {
+    let with_free = |name: &str, tier: &str, free: u64| -> FusevolNode {
+        let mut n = node(name, 100);
+        if let Some(s) = n.status.as_mut() {
+            s.tiers[0].name = tier.into();
+            s.tiers[0].free_bytes = free;
+            s.tiers[0].allocated_bytes = 100 - free;
+        }
+        n
+    };
+    let mut free = FreeCapacity::default();
+    assert!(free.grew(&with_free("n1", "fast", 100)), "a new node");
+    assert!(!free.grew(&with_free("n1", "fast", 100)), "unchanged");
+    assert!(!free.grew(&with_free("n1", "fast", 60)), "less room");
+    assert!(!free.grew(&with_free("n1", "fast", 10)), "less room");
+    assert!(free.grew(&with_free("n1", "fast", 30)), "room freed");
+    assert!(free.grew(&with_free("n1", "bulk", 5)), "a new tier");
+    assert!(free.grew(&with_free("n2", "fast", 0)), "another node");
+    let mut no_status = node("n3", 1);
+    no_status.status = None;
+    assert!(
+        !free.grew(&no_status),
+        "a node without status offers nothing yet"
+    );
 }
