@@ -581,9 +581,12 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store::<K>();
+    // No decision reads managedFields: caching them would double what every object (and
+    // every decision's copy of the PV cache) takes.
     let stream = reflector::reflector(
         writer,
-        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+            .modify(|o| o.managed_fields_mut().clear()),
     )
     .default_backoff()
     .touched_objects()
