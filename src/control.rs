@@ -31,6 +31,12 @@ pub enum Request {
         /// Absent from older clients: none.
         #[serde(default, skip_serializing_if = "store::Compression::is_none")]
         compression: store::Compression,
+        /// Absent from older clients: none.
+        #[serde(default, skip_serializing_if = "store::Encryption::is_none")]
+        encryption: store::Encryption,
+        /// The master key of an encrypted volume.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<SecretHex>,
     },
     Resize {
         name: String,
@@ -69,6 +75,53 @@ pub enum ControlError {
     Protocol(String),
 }
 
+/// A master key on the wire (hex); never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretHex(String);
+
+impl std::fmt::Debug for SecretHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretHex(..)")
+    }
+}
+
+impl SecretHex {
+    pub fn of(key: &store::MasterKey) -> SecretHex {
+        SecretHex(key.to_hex().to_string())
+    }
+}
+
+fn create(
+    store: &Store,
+    name: &str,
+    quota: Option<u64>,
+    inodes: Option<u64>,
+    compression: store::Compression,
+    encryption: store::Encryption,
+    key: Option<SecretHex>,
+) -> Result<Response, store::Error> {
+    let key = key
+        .map(|k| store::MasterKey::from_bytes(k.0.as_bytes()))
+        .transpose()?;
+    let encryption = match (encryption, key) {
+        (store::Encryption::None, None) => None,
+        (store::Encryption::Aes256Gcm, Some(key)) => Some(key),
+        _ => {
+            return Err(store::Error::Unsupported(
+                "encryption aes-256-gcm and a key go together".into(),
+            ))
+        }
+    };
+    let new = store::NewVolume {
+        quota,
+        inode_limit: inodes,
+        compression,
+        encryption,
+    };
+    store.create_volume_with(name, &new).map(Response::Volume)
+}
+
 /// Runs a request against an open store.
 pub fn dispatch(store: &Store, metrics: Option<&Metrics>, req: Request) -> Response {
     let r: Result<Response, store::Error> = match req {
@@ -79,16 +132,9 @@ pub fn dispatch(store: &Store, metrics: Option<&Metrics>, req: Request) -> Respo
             quota,
             inodes,
             compression,
-        } => store
-            .create_volume_with(
-                &name,
-                &store::NewVolume {
-                    quota,
-                    inode_limit: inodes,
-                    compression,
-                },
-            )
-            .map(Response::Volume),
+            encryption,
+            key,
+        } => create(store, &name, quota, inodes, compression, encryption, key),
         Request::Resize {
             name,
             quota,

@@ -840,6 +840,11 @@ pub struct MountRequest {
     pub inodes: Option<u64>,
     /// Compression of a new volume (`None`: none; an existing volume keeps its own).
     pub compression: Option<store::Compression>,
+    /// Encryption of a new volume (`None`: none); an existing volume keeps its own, and
+    /// asking for another is refused.
+    pub encryption: Option<store::Encryption>,
+    /// The master key of an encrypted volume (`--key-file`).
+    pub key: Option<store::MasterKey>,
     pub mountpoint: PathBuf,
     /// Chunk size for a new store.
     pub chunk_size: Option<u64>,
@@ -850,6 +855,58 @@ pub struct MountRequest {
     /// Turn the kernel's `fuse.wake_here` on for the node (see [`crate::wake`]).
     pub fuse_wake_here: bool,
     pub serve: ServeOptions,
+}
+
+/// Creates the volume of `req` if it does not exist, or brings an existing one to the
+/// quota and inode limit asked; gives the store the volume's key.
+fn prepare_volume(store: &Store, req: &MountRequest) -> Result<(), MountError> {
+    let name = &req.volume;
+    let info = match store.inspect_volume(name) {
+        Ok(info) => info,
+        Err(store::Error::VolumeNotFound(_)) => {
+            let encryption = match (req.encryption.unwrap_or_default(), &req.key) {
+                (store::Encryption::None, None) => None,
+                (store::Encryption::Aes256Gcm, Some(key)) => Some(key.clone()),
+                (store::Encryption::Aes256Gcm, None) => return Err(store::Error::Unsupported(
+                    "--encryption aes-256-gcm needs --key-file (the volume's master key)".into(),
+                ).into()),
+                (store::Encryption::None, Some(_)) => return Err(store::Error::Unsupported(format!(
+                    "--key-file given for new volume {name:?} without --encryption: add --encryption aes-256-gcm to create it encrypted, or drop --key-file"
+                )).into()),
+            };
+            let new = store::NewVolume {
+                quota: req.quota,
+                inode_limit: req.inodes,
+                compression: req.compression.unwrap_or_default(),
+                encryption,
+            };
+            store.create_volume_with(name, &new)?;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let has = info.encryption.algorithm;
+    if req.encryption.is_some_and(|asked| asked != has) {
+        return Err(store::Error::Unsupported(format!(
+            "volume {name:?} exists with encryption {has}, chosen at its creation: it cannot be served as another (use a new volume)"
+        ))
+        .into());
+    }
+    match &req.key {
+        Some(key) => store.unlock(name, key)?,
+        None if !has.is_none() => return Err(store::Error::KeyRequired(name.clone()).into()),
+        None => {}
+    }
+    let quota = req.quota.filter(|q| info.quota_bytes != Some(*q));
+    let inodes = req.inodes.filter(|n| info.inode_limit != Some(*n));
+    if quota.is_some() || inodes.is_some() {
+        store.resize_volume(name, quota.map(Some), inodes.map(Some))?;
+    }
+    if let Some(asked) = req.compression.filter(|c| *c != info.compression.algorithm) {
+        tracing::warn!(volume = %name, compression = %info.compression.algorithm, asked = %asked,
+            "the volume exists with another compression, fixed at its creation: keeping it");
+    }
+    Ok(())
 }
 
 /// `fusevol mount`: opens (or creates) the store and volume, serves it, and returns after
@@ -882,28 +939,7 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         |e| matches!(e, store::Error::Locked(_)),
         || Store::open_or_create(&req.data, &sopts),
     )?;
-    match store.inspect_volume(&req.volume) {
-        Ok(info) => {
-            let quota = req.quota.filter(|q| info.quota_bytes != Some(*q));
-            let inodes = req.inodes.filter(|n| info.inode_limit != Some(*n));
-            if quota.is_some() || inodes.is_some() {
-                store.resize_volume(&req.volume, quota.map(Some), inodes.map(Some))?;
-            }
-            if let Some(asked) = req.compression.filter(|c| *c != info.compression.algorithm) {
-                tracing::warn!(volume = %req.volume, compression = %info.compression.algorithm, asked = %asked,
-                    "the volume exists with another compression, fixed at its creation: keeping it");
-            }
-        }
-        Err(store::Error::VolumeNotFound(_)) => {
-            let new = store::NewVolume {
-                quota: req.quota,
-                inode_limit: req.inodes,
-                compression: req.compression.unwrap_or_default(),
-            };
-            store.create_volume_with(&req.volume, &new)?;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    prepare_volume(&store, req)?;
     let metrics = Arc::new(Metrics::new());
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -567,9 +567,11 @@ fn controller_deployment_runs_two_replicas_with_leader_election_and_health() {
 
 /// Every rule granted to a ServiceAccount, through any binding in deploy/.
 /// What the kustomize base grants `service_account` (not `static/`, applied only for
-/// agents in static mode).
+/// agents in static mode, nor `encryption/`, applied only for encrypted classes).
 fn rules_of(m: &Manifests, service_account: &str) -> Vec<PolicyRule> {
-    rules_in(m, service_account, |file| !file.starts_with("static/"))
+    rules_in(m, service_account, |file| {
+        !file.starts_with("static/") && !file.starts_with("encryption/")
+    })
 }
 
 fn rules_in(
@@ -689,6 +691,37 @@ fn agent_is_granted_nothing_on_secrets() {
             "{rule:?}"
         );
     }
+}
+
+/// Encrypted classes: the optional grant lets the agent `get` named Secrets in one
+/// namespace, nothing more (no list or watch, no cluster-wide read).
+#[test]
+fn the_encryption_grant_is_get_on_named_secrets_of_one_namespace() {
+    let m = load();
+    let rules = rules_in(&m, AGENT_SA, |file| file.starts_with("encryption/"));
+    assert!(grants(&rules, "", "secrets", "get"), "{rules:?}");
+    for rule in &rules {
+        assert_eq!(rule.verbs, ["get"], "{rule:?}");
+        assert!(
+            rule.resource_names.as_ref().is_some_and(|n| !n.is_empty()),
+            "Secrets must be named: {rule:?}"
+        );
+    }
+    let cluster_wide: Vec<&str> = m
+        .cluster_role_bindings
+        .iter()
+        .filter(|b| b.file.starts_with("encryption/"))
+        .map(|b| b.file.as_str())
+        .collect();
+    assert!(
+        cluster_wide.is_empty(),
+        "cluster-wide bindings: {cluster_wide:?}"
+    );
+    let kustomization = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap();
+    assert!(
+        !kustomization.contains("encryption/"),
+        "the base must not grant Secrets"
+    );
 }
 
 #[test]
@@ -969,7 +1002,10 @@ fn kustomization_lists_exactly_the_manifests_of_the_base() {
         .iter()
         .map(|p| relative(p))
         .filter(|f| {
-            f != "kustomization.yaml" && !f.starts_with("examples/") && !f.starts_with("static/")
+            f != "kustomization.yaml"
+                && !f.starts_with("examples/")
+                && !f.starts_with("static/")
+                && !f.starts_with("encryption/")
         })
         .collect();
     assert_eq!(

@@ -508,6 +508,8 @@ fn churn(data: PathBuf, tag: u64, seed: u64, stop: Arc<AtomicBool>) -> u64 {
             quota: None,
             inodes: None,
             compression: Default::default(),
+            encryption: Default::default(),
+            key: None,
         };
         if !matches!(control::call(&data, &create), Ok(Response::Volume(_))) {
             break;

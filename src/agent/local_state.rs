@@ -35,7 +35,7 @@ impl Served {
             .wanted
             .iter()
             .filter_map(|w| match w {
-                Wanted::Serve { pv, spec, uid } => Some((
+                Wanted::Serve { pv, spec, uid, .. } => Some((
                     pv.clone(),
                     Entry {
                         spec: spec.clone(),
@@ -58,6 +58,7 @@ impl Served {
                     pv: pv.clone(),
                     spec: e.spec.clone(),
                     uid: e.uid.clone(),
+                    key: None,
                 })
                 .collect(),
         }
@@ -110,6 +111,8 @@ mod tests {
             replicas: 1,
             compression: Compression::None,
             inode_limit: None,
+            encryption: Default::default(),
+            encryption_secret: None,
         };
         let plan = Plan {
             wanted: vec![
@@ -117,6 +120,7 @@ mod tests {
                     pv: "pvc-1".into(),
                     spec: spec.clone(),
                     uid: Some("uid-1".into()),
+                    key: None,
                 },
                 Wanted::Cleanup {
                     pv: "pvc-2".into(),
@@ -134,6 +138,7 @@ mod tests {
                 pv: "pvc-1".into(),
                 spec,
                 uid: Some("uid-1".into()),
+                key: None,
             }],
             "local state only ever serves"
         );

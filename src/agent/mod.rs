@@ -13,6 +13,7 @@
 
 mod applied_quota;
 pub mod config;
+mod keys;
 mod local_state;
 pub mod static_pvs;
 pub mod volumes;
@@ -367,6 +368,7 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
         });
     }
     let (rounds, rounds_rx) = tokio::sync::watch::channel(Round::default());
+    let (key_client, mut keys) = (client.clone(), keys::KeyCache::default());
     let api_side = tokio::spawn(api_loop(client, config.clone(), rounds_rx, tier_metrics));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -397,7 +399,11 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
         }
         let all: Arc<Vec<PersistentVolume>> =
             Arc::new(reader.state().iter().map(|pv| (**pv).clone()).collect());
-        let plan = plan(&node, &all);
+        let served_now: std::collections::BTreeSet<String> =
+            manager.lock().served().into_iter().collect();
+        let plan = keys
+            .resolve(&key_client, plan(&node, &all), &served_now)
+            .await;
         let mut served = local_state::Served::from_plan(&plan);
         let release = Arc::new(plan.clone());
         let outcome = apply_blocking(&manager, &health, plan).await?;

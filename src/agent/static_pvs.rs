@@ -58,6 +58,8 @@ pub fn build(
         replicas: 1,
         compression: Compression::None,
         inode_limit: None,
+        encryption: Default::default(),
+        encryption_secret: None,
     };
     let hostname = node
         .hostname

@@ -66,6 +66,9 @@ pub enum Wanted {
         pv: String,
         spec: VolumeSpec,
         uid: Option<String>,
+        /// The master key of an encrypted volume (read from its Secret by the API side:
+        /// see `super::keys`); `None` for others, and before it is read.
+        key: Option<store::MasterKey>,
     },
     /// No claim uses the PV any more (Released or Failed with reclaim policy Delete, or an
     /// unbound PV being deleted): unmount and delete the volume's data (`delete_data`), or
@@ -152,6 +155,7 @@ pub fn plan(node: &str, pvs: &[PersistentVolume]) -> Plan {
                 pv: name,
                 spec,
                 uid: pv.metadata.uid.clone(),
+                key: None,
             }),
             Some(Err(e)) => wanted.push(Wanted::Broken {
                 pv: name,
@@ -355,9 +359,9 @@ impl VolumeManager {
         let mut keep = BTreeSet::new();
         for w in &plan.wanted {
             match w {
-                Wanted::Serve { pv, spec, uid } => {
+                Wanted::Serve { pv, spec, uid, key } => {
                     keep.insert(pv.clone());
-                    match self.ensure_served(pv, spec, uid.as_deref()) {
+                    match self.ensure_served(pv, spec, uid.as_deref(), key.as_ref()) {
                         Ok(true) => out.started.push(pv.clone()),
                         Ok(false) => {}
                         Err(e) => out.errors.push(e),
@@ -405,6 +409,7 @@ impl VolumeManager {
         pv: &str,
         spec: &VolumeSpec,
         uid: Option<&str>,
+        key: Option<&store::MasterKey>,
     ) -> Result<bool, VolumeError> {
         if let Some((s, applied, owner)) = self.served.get(pv) {
             if !s.finished() {
@@ -443,8 +448,18 @@ impl VolumeManager {
             None if self.known.contains(pv) => {
                 return Err(VolumeError::VolumeMissing { pv: pv.into() })
             }
-            None => self.create_volume(pv, spec)?,
+            None => self.create_volume(pv, spec, key)?,
         };
+        self.check_encryption(disk, pv, spec)?;
+        if let Some(key) = key {
+            self.disks[disk]
+                .store
+                .unlock(pv, key)
+                .map_err(|source| VolumeError::Volume {
+                    pv: pv.into(),
+                    source,
+                })?;
+        }
         if let Some(uid) = uid {
             self.disks[disk]
                 .store
@@ -549,7 +564,22 @@ impl VolumeManager {
         Ok(())
     }
 
-    fn create_volume(&mut self, pv: &str, spec: &VolumeSpec) -> Result<usize, VolumeError> {
+    fn create_volume(
+        &mut self,
+        pv: &str,
+        spec: &VolumeSpec,
+        key: Option<&store::MasterKey>,
+    ) -> Result<usize, VolumeError> {
+        let encryption = match (spec.encryption, key) {
+            (store::Encryption::None, _) => None,
+            (_, Some(key)) => Some(key.clone()),
+            (_, None) => {
+                return Err(VolumeError::Volume {
+                    pv: pv.into(),
+                    source: store::Error::KeyRequired(pv.into()),
+                })
+            }
+        };
         let candidates: Vec<usize> = (0..self.disks.len())
             .filter(|&i| self.disks[i].tier == spec.tier)
             .collect();
@@ -582,6 +612,7 @@ impl VolumeManager {
             quota: Some(spec.quota_bytes),
             inode_limit: spec.inode_limit,
             compression: spec.compression,
+            encryption,
         };
         self.disks[best]
             .store
@@ -605,6 +636,37 @@ impl VolumeManager {
                     "the volume was created with another compression, fixed at creation: serving it as it is");
             }
         }
+    }
+
+    /// Encryption is fixed when a volume is created: a volume whose encryption is not the
+    /// one its PV's spec asks for is not served (a class that promises sealed data must
+    /// not get plain data, e.g. of a volume an agent older than encryption created; a
+    /// sealed volume has no key under a spec without encryption).
+    fn check_encryption(
+        &self,
+        disk: usize,
+        pv: &str,
+        spec: &VolumeSpec,
+    ) -> Result<(), VolumeError> {
+        let has = self.disks[disk]
+            .store
+            .inspect_volume(pv)
+            .map_err(|source| VolumeError::Volume {
+                pv: pv.into(),
+                source,
+            })?
+            .encryption
+            .algorithm;
+        if has != spec.encryption {
+            return Err(VolumeError::Unsupported {
+                pv: pv.into(),
+                message: format!(
+                    "the volume has encryption {has}, its PV asks for {}: encryption is fixed when a volume is created; not serving it",
+                    spec.encryption
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Index of the disk whose store holds volume `pv`.

@@ -12,7 +12,9 @@
 //! without being read (sequential streaming needs no read-modify-write); a partly
 //! covered chunk gets a patch (a RocksDB merge operand holding only the written bytes),
 //! so a 4 KiB overwrite neither reads nor rewrites its 64 KiB chunk. RocksDB applies the
-//! patches when the chunk is read and folds them into the chunk at compaction.
+//! patches when the chunk is read and folds them into the chunk at compaction. An
+//! encrypted volume's chunks are sealed whole (RocksDB cannot merge what it cannot read):
+//! there a partial write reads, patches and rewrites its chunk.
 
 use super::charge::CHUNK_CHARGE;
 use super::{Change, Fs, FsError, Result, Timestamp, MAX_FILE_SIZE};
@@ -131,6 +133,14 @@ impl Fs {
             if lo == 0 && hi >= old_len.unwrap_or(0) {
                 // Covers everything stored in the chunk: replace without reading.
                 self.stage_chunk(&mut c, ino, idx, src, new_len, old_len);
+            } else if self.vol.is_encrypted() {
+                // An encrypted volume seals chunks whole: read, patch, rewrite.
+                let mut bytes = self.get_chunk(ino, idx)?;
+                if bytes.len() < hi as usize {
+                    bytes.resize(hi as usize, 0);
+                }
+                bytes[lo as usize..hi as usize].copy_from_slice(src);
+                self.stage_chunk(&mut c, ino, idx, &bytes, new_len, old_len);
             } else {
                 // Part of the chunk: a patch operand, applied when the chunk is read or
                 // compacted, so a 4 KiB write costs 4 KiB instead of a chunk read and

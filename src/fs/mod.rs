@@ -392,9 +392,9 @@ impl Fs {
         c.txn.delete_inode(ino);
         let txn = &mut c.txn;
         let mut xattrs = 0;
-        self.view().xattrs(ino, |name, value| {
+        self.view().xattr_sizes(ino, |name, len| {
             txn.delete_xattr(ino, name);
-            xattrs += charge::xattr_charge(name.len(), value.len());
+            xattrs += charge::xattr_charge(name.len(), len);
         })?;
         if r.chunk_count > RANGE_DELETE_MIN_CHUNKS {
             c.txn.delete_all_chunks(ino);

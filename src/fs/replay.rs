@@ -207,9 +207,10 @@ pub(super) fn next_mount_generation(vol: &OpenVolume) -> Result<u64> {
 
 impl Answering<'_> {
     fn req(&self, op: Op) -> Req {
+        let fingerprint = self.fs.volume().keyed_fingerprint(op.fingerprint);
         Req {
             unique: self.unique,
-            op,
+            op: Op { fingerprint, ..op },
         }
     }
 

@@ -27,6 +27,7 @@ fn setup(quota: Option<u64>, inodes: Option<u64>) -> T {
         quota,
         inode_limit: inodes,
         compression: crate::store::Compression::None,
+        encryption: None,
     })
 }
 
@@ -767,18 +768,26 @@ fn a_corrupted_inode_record_is_an_error_not_a_panic() {
 #[test]
 fn small_overwrites_read_back_exactly_before_and_after_compaction_and_restart() {
     for compression in crate::store::Compression::ALL {
-        overwrites_read_back_exactly(compression);
+        overwrites_read_back_exactly(compression, None);
     }
+    // Encrypted: chunks sealed whole, partial writes read, patch and rewrite them.
+    let key = crate::store::MasterKey::generate().unwrap();
+    overwrites_read_back_exactly(crate::store::Compression::None, Some(key));
 }
 
-/// The test above on a volume of `compression` (its chunks in that column family).
-fn overwrites_read_back_exactly(compression: crate::store::Compression) {
+/// The test above on a volume of `compression` (its chunks in that column family),
+/// encrypted under `key` if given.
+fn overwrites_read_back_exactly(
+    compression: crate::store::Compression,
+    key: Option<crate::store::MasterKey>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let (ino, model) = {
         let store = Store::open_or_create(&path, &StoreOptions::default()).unwrap();
         let new = crate::store::NewVolume {
             compression,
+            encryption: key.clone(),
             ..Default::default()
         };
         store.create_volume_with("v", &new).unwrap();
@@ -843,6 +852,18 @@ fn overwrites_read_back_exactly(compression: crate::store::Compression) {
         (ino, model)
     };
     let store = Store::open_or_create(&path, &StoreOptions::default()).unwrap();
+    if let Some(key) = &key {
+        assert!(matches!(
+            store.open_volume("v"),
+            Err(crate::store::Error::KeyRequired(_))
+        ));
+        let wrong = crate::store::MasterKey::generate().unwrap();
+        assert!(matches!(
+            store.unlock("v", &wrong),
+            Err(crate::store::Error::WrongKey(_))
+        ));
+        store.unlock("v", key).unwrap();
+    }
     let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
     assert_eq!(fs.read(ino, 0, model.len() as u32).unwrap(), model);
     // A read in the middle of a chunk sees the same bytes as the model.
@@ -892,13 +913,19 @@ fn a_patch_past_the_stored_end_of_a_chunk_leaves_zeros_and_truncate_keeps_it() {
 #[test]
 fn deleted_files_leave_no_keys_behind() {
     for compression in crate::store::Compression::ALL {
-        deleted_files_leave_no_keys(compression);
+        deleted_files_leave_no_keys(compression, None);
     }
+    let key = crate::store::MasterKey::generate().unwrap();
+    deleted_files_leave_no_keys(crate::store::Compression::None, Some(key));
 }
 
-fn deleted_files_leave_no_keys(compression: crate::store::Compression) {
+fn deleted_files_leave_no_keys(
+    compression: crate::store::Compression,
+    key: Option<crate::store::MasterKey>,
+) {
     let t = setup_with(&crate::store::NewVolume {
         compression,
+        encryption: key,
         ..Default::default()
     });
     let cs = t.fs.chunk_size;
@@ -1442,6 +1469,7 @@ fn compressed_volumes_count_bytes_before_compression_and_store_less() {
             quota: Some(6 << 20),
             inode_limit: None,
             compression: c,
+            encryption: None,
         };
         store.create_volume_with(c.name(), &new).unwrap();
         let fs = Fs::new(store.clone(), store.open_volume(c.name()).unwrap()).unwrap();
@@ -1514,4 +1542,109 @@ fn compressed_volumes_count_bytes_before_compression_and_store_less() {
         stored > 0 && stored < 1 << 20,
         "{zstd:?}, {zstd_before:?} before"
     );
+}
+
+/// Runs the same operations on `fs` and returns what a caller saw: every name, target,
+/// xattr and byte, and the volume's usage, for comparing an encrypted volume with a plain
+/// one.
+fn transcript(fs: &Fs) -> Vec<String> {
+    let mut out = Vec::new();
+    let cs = fs.chunk_size as usize;
+    let d = mkdir(fs, ROOT, "répertoire-ünïcode");
+    let mut files = Vec::new();
+    for i in 0..40 {
+        let f = mkfile(fs, d, &format!("file-{i:02}-{}", "x".repeat(i * 5)));
+        fs.write(f, 0, &pattern(i * 1000 + 1, i as u8), false)
+            .unwrap();
+        files.push(f);
+    }
+    let big = mkfile(fs, ROOT, "big");
+    fs.write(big, 0, &pattern(3 * cs + 17, 9), false).unwrap();
+    fs.write(big, 5, b"partial", false).unwrap();
+    fs.write(big, (5 * cs + 3) as u64, b"past a hole", false)
+        .unwrap();
+    fs.fallocate(
+        big,
+        cs as u64 + 10,
+        100,
+        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    )
+    .unwrap();
+    let size = |s: u64| SetAttr {
+        size: Some(s),
+        ..Default::default()
+    };
+    fs.setattr(files[3], size(100)).unwrap();
+    fs.setattr(files[4], size(50_000)).unwrap();
+    fs.create_node(ME, d, b"link", libc::S_IFLNK, 0, Some(b"../big"))
+        .unwrap();
+    fs.setxattr(big, b"user.one", b"first value", 0).unwrap();
+    fs.setxattr(big, b"user.two", &[7u8; 3000], 0).unwrap();
+    fs.setxattr(big, b"user.one", b"replaced", XATTR_REPLACE)
+        .unwrap();
+    fs.removexattr(big, b"user.two").unwrap();
+    fs.setxattr(big, b"user.three", b"", 0).unwrap();
+    fs.rename(d, b"file-00-", ROOT, b"moved", 0).unwrap();
+    fs.rename(d, b"file-01-xxxxx", d, b"file-02-xxxxxxxxxx", 0)
+        .unwrap();
+    fs.unlink(d, b"file-05-xxxxxxxxxxxxxxxxxxxxxxxxx").unwrap();
+    let mut listed = names(fs, d);
+    listed.sort();
+    out.push(format!("{listed:?}"));
+    let mut root = names(fs, ROOT);
+    root.sort();
+    out.push(format!("{root:?}"));
+    let l = fs.lookup(d, b"link").unwrap();
+    out.push(format!("{:?}", fs.readlink(l.ino).unwrap()));
+    for name in ["user.one", "user.two", "user.three"] {
+        out.push(format!(
+            "{name}: {:?}",
+            fs.getxattr(big, name.as_bytes(), 4096)
+        ));
+    }
+    let XattrReply::Data(list) = fs.listxattr(big, 4096).unwrap() else {
+        panic!("listxattr gave a size")
+    };
+    let mut list: Vec<&[u8]> = list.split(|b| *b == 0).filter(|n| !n.is_empty()).collect();
+    list.sort();
+    out.push(format!("{list:?}"));
+    for f in files.iter().chain([&big]) {
+        if let Ok(a) = fs.getattr(*f) {
+            out.push(format!(
+                "{} {} {:?}",
+                a.size,
+                a.blocks,
+                fs.read(*f, 0, 1 << 20).unwrap()
+            ));
+        }
+    }
+    let v = fs.volume();
+    out.push(format!(
+        "usage {} {} {}",
+        v.used_bytes(),
+        v.inodes(),
+        v.chunks()
+    ));
+    out
+}
+
+/// An encrypted volume answers every operation exactly as a plain one (names, targets,
+/// xattrs, bytes, sizes, usage: the quota counts plaintext), and fsck, given the key,
+/// finds it clean and its counters right.
+#[test]
+fn an_encrypted_volume_answers_as_a_plain_one_and_fsck_finds_it_clean() {
+    let plain = setup(None, None);
+    let key = crate::store::MasterKey::generate().unwrap();
+    let sealed = setup_with(&crate::store::NewVolume {
+        encryption: Some(key.clone()),
+        ..Default::default()
+    });
+    assert!(sealed.fs.volume().is_encrypted() && !plain.fs.volume().is_encrypted());
+    assert_eq!(transcript(&sealed.fs), transcript(&plain.fs));
+    sealed.fs.fsync().unwrap();
+    let store = sealed.fs.store().clone();
+    drop(sealed.fs);
+    let report = crate::fsck::check_volume(&store, "v", false).unwrap();
+    assert_eq!(report.problems, Vec::<String>::new());
+    assert_eq!(report.inodes, plain.fs.volume().inodes());
 }

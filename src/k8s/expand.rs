@@ -55,7 +55,8 @@ pub enum Expansion {
         resource_version: Option<String>,
         from: u64,
         to: u64,
-        spec: VolumeSpec,
+        /// Boxed: a spec is several times the size of the other variants.
+        spec: Box<VolumeSpec>,
         reservation: Reservation,
     },
     /// The PV asks for `quota`; its agent has not confirmed it yet.
@@ -244,10 +245,10 @@ fn grow(
         resource_version: pv.metadata.resource_version.clone(),
         from,
         to: request,
-        spec: VolumeSpec {
+        spec: Box::new(VolumeSpec {
             quota_bytes: request,
             ..spec
-        },
+        }),
         reservation,
     }
 }

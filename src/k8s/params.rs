@@ -10,6 +10,8 @@
 //! | `replicas`    | `1` (copies on distinct disks of a tier) | `1`       |
 //! | `compression` | `none`, `lz4`, `zstd`                    | `none`    |
 //! | `inodeLimit`  | a positive integer                       | no limit  |
+//! | `encryption`  | `none`, `aes-256-gcm`                    | `none`    |
+//! | `encryptionSecretName`, `encryptionSecretNamespace` | the Secret holding the master key (data key `key`: 32 bytes or 64 hex digits); both required with `encryption: aes-256-gcm` | |
 //!
 //! `replicas` above 1 is recognised but rejected as "not supported yet" until the store
 //! implements it. Validation collects every problem of a claim
@@ -31,7 +33,10 @@ const PARAM_TIER: &str = "tier";
 const PARAM_REPLICAS: &str = "replicas";
 const PARAM_COMPRESSION: &str = "compression";
 const PARAM_INODE_LIMIT: &str = "inodeLimit";
-const KNOWN_PARAMETERS: &str = "tier, replicas, compression, inodeLimit";
+const PARAM_ENCRYPTION: &str = "encryption";
+const PARAM_SECRET_NAME: &str = "encryptionSecretName";
+const PARAM_SECRET_NAMESPACE: &str = "encryptionSecretNamespace";
+const KNOWN_PARAMETERS: &str = "tier, replicas, compression, inodeLimit, encryption, encryptionSecretName, encryptionSecretNamespace";
 
 const ACCESS_MODE_RWO: &str = "ReadWriteOnce";
 const ACCESS_MODE_RWOP: &str = "ReadWriteOncePod";
@@ -53,6 +58,25 @@ pub struct VolumeSpec {
     /// Maximum number of inodes; `None` for no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inode_limit: Option<u64>,
+    /// Encryption at rest (applied when the agent creates the volume).
+    #[serde(default, skip_serializing_if = "Encryption::is_none")]
+    pub encryption: Encryption,
+    /// The Secret holding the master key of an encrypted volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_secret: Option<SecretRef>,
+}
+
+/// A Secret named by a StorageClass: the agent reads only Secrets named this way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 impl VolumeSpec {
@@ -70,7 +94,7 @@ impl VolumeSpec {
 
 /// Compression of a volume's stored chunks (the store's own setting, fixed when the
 /// agent creates the volume).
-pub use crate::store::Compression;
+pub use crate::store::{Compression, Encryption};
 
 /// What happens to a PV (and its data) when its claim is deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +132,8 @@ pub struct ClassSettings {
     pub replicas: u32,
     pub compression: Compression,
     pub inode_limit: Option<u64>,
+    pub encryption: Encryption,
+    pub encryption_secret: Option<SecretRef>,
     pub reclaim_policy: ReclaimPolicy,
     pub binding_mode: BindingMode,
     /// `mountOptions` of the class, copied to the PV.
@@ -171,6 +197,8 @@ pub enum Problem {
     DataSource(String),
     #[error("spec.selector is not supported: fusevol provisions a new volume for every claim")]
     Selector,
+    #[error("StorageClass parameters: {0}")]
+    Encryption(&'static str),
 }
 
 /// Every problem found in a claim and its StorageClass. Displayed as the one problem's message,
@@ -274,6 +302,8 @@ impl VolumeRequest {
                 replicas: settings.replicas,
                 compression: settings.compression,
                 inode_limit: settings.inode_limit,
+                encryption: settings.encryption,
+                encryption_secret: settings.encryption_secret,
             },
             reclaim_policy: settings.reclaim_policy,
             binding_mode: settings.binding_mode,
@@ -293,6 +323,8 @@ fn class_settings(class: &StorageClass, problems: &mut Vec<Problem>) -> ClassSet
         replicas: 1,
         compression: Compression::None,
         inode_limit: None,
+        encryption: Encryption::None,
+        encryption_secret: None,
         reclaim_policy: ReclaimPolicy::Delete,
         binding_mode: BindingMode::Immediate,
         mount_options: class.mount_options.clone().unwrap_or_default(),
@@ -339,9 +371,19 @@ fn class_settings(class: &StorageClass, problems: &mut Vec<Problem>) -> ClassSet
                     allowed: "a positive integer (e.g. 100000)",
                 }),
             },
+            PARAM_ENCRYPTION => match value.parse::<Encryption>() {
+                Ok(e) => settings.encryption = e,
+                Err(_) => problems.push(Problem::ParameterNotAllowed {
+                    name: PARAM_ENCRYPTION,
+                    value: value.clone(),
+                    allowed: "none, aes-256-gcm",
+                }),
+            },
+            PARAM_SECRET_NAME | PARAM_SECRET_NAMESPACE => {}
             _ => problems.push(Problem::UnknownParameter { name: name.clone() }),
         }
     }
+    encryption_settings(parameters, &mut settings, problems);
     match class.reclaim_policy.as_deref() {
         None | Some("Delete") => settings.reclaim_policy = ReclaimPolicy::Delete,
         Some("Retain") => settings.reclaim_policy = ReclaimPolicy::Retain,
@@ -353,6 +395,57 @@ fn class_settings(class: &StorageClass, problems: &mut Vec<Problem>) -> ClassSet
         Some(other) => problems.push(Problem::BindingMode(other.to_string())),
     }
     settings
+}
+
+/// The encryption Secret of a class (`encryptionSecretName`/`Namespace`), checked against
+/// its `encryption` and `compression`.
+fn encryption_settings(
+    parameters: &BTreeMap<String, String>,
+    settings: &mut ClassSettings,
+    problems: &mut Vec<Problem>,
+) {
+    let name = parameters.get(PARAM_SECRET_NAME);
+    let namespace = parameters.get(PARAM_SECRET_NAMESPACE);
+    if let Some(n) = name.filter(|n| !is_dns_subdomain(n)) {
+        problems.push(Problem::ParameterNotAllowed {
+            name: PARAM_SECRET_NAME,
+            value: n.clone(),
+            allowed: "the name of a Secret (a DNS subdomain)",
+        });
+    }
+    if let Some(n) = namespace.filter(|n| !super::is_dns_label(n)) {
+        problems.push(Problem::ParameterNotAllowed {
+            name: PARAM_SECRET_NAMESPACE,
+            value: n.clone(),
+            allowed: "the name of a namespace (a DNS label)",
+        });
+    }
+    match (settings.encryption, name, namespace) {
+        (Encryption::None, None, None) => {}
+        (Encryption::None, _, _) => problems.push(Problem::Encryption(
+            "encryptionSecretName/encryptionSecretNamespace given without encryption: aes-256-gcm",
+        )),
+        (_, Some(name), Some(namespace)) => {
+            settings.encryption_secret = Some(SecretRef {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            });
+        }
+        _ => problems.push(Problem::Encryption(
+            "encryption: aes-256-gcm needs encryptionSecretName and encryptionSecretNamespace (the Secret whose data key `key` holds the master key)",
+        )),
+    }
+    if !settings.encryption.is_none() && !settings.compression.is_none() {
+        problems.push(Problem::Encryption(
+            "compression and encryption together are not supported yet (encrypted chunks do not compress): choose one",
+        ));
+    }
+}
+
+/// A DNS subdomain (RFC 1123) as Kubernetes object names use: at most 253 characters,
+/// dot-separated DNS labels.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(super::is_dns_label)
 }
 
 #[cfg(test)]
@@ -407,6 +500,63 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypted_class_names_its_secret_and_the_spec_carries_it() {
+        let params = [
+            ("encryption", "aes-256-gcm"),
+            ("encryptionSecretName", "db-key"),
+            ("encryptionSecretNamespace", "fusevol"),
+        ];
+        let req = VolumeRequest::new(&rwo("1Gi"), &class(&params)).unwrap();
+        assert_eq!(req.spec.encryption, Encryption::Aes256Gcm);
+        let secret = req.spec.encryption_secret.clone().unwrap();
+        assert_eq!(secret.to_string(), "fusevol/db-key");
+        let json = req.spec.to_annotation();
+        assert!(
+            json.contains(r#""encryption":"aes-256-gcm","encryptionSecret":{"namespace":"fusevol","name":"db-key"}"#),
+            "{json}"
+        );
+        assert_eq!(VolumeSpec::from_annotation(&json).unwrap(), req.spec);
+        // Unencrypted specs do not mention it (older agents read them unchanged).
+        let plain = VolumeRequest::new(&rwo("1Gi"), &class(&[])).unwrap();
+        assert!(!plain.spec.to_annotation().contains("ncryption"));
+    }
+
+    #[test]
+    fn encryption_without_its_secret_or_with_compression_is_refused_with_what_to_fix() {
+        let p = problems(&rwo("1Gi"), &class(&[("encryption", "aes-256-gcm")]));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("needs encryptionSecretName and encryptionSecretNamespace"),
+            "{p:?}"
+        );
+        let p = problems(
+            &rwo("1Gi"),
+            &class(&[
+                ("encryptionSecretName", "k"),
+                ("encryptionSecretNamespace", "n"),
+            ]),
+        );
+        assert!(p[0].contains("without encryption: aes-256-gcm"), "{p:?}");
+        let p = problems(
+            &rwo("1Gi"),
+            &class(&[
+                ("encryption", "aes-256-gcm"),
+                ("encryptionSecretName", "Bad_Name"),
+                ("encryptionSecretNamespace", "n"),
+                ("compression", "lz4"),
+            ]),
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].contains("\"encryptionSecretName\": \"Bad_Name\" is not allowed"),
+            "{p:?}"
+        );
+        assert!(p[1].contains("not supported yet"), "{p:?}");
+        let p = problems(&rwo("1Gi"), &class(&[("encryption", "rot13")]));
+        assert!(p[0].contains("allowed values: none, aes-256-gcm"), "{p:?}");
+    }
+
+    #[test]
     fn defaults_give_tier_default_one_replica_no_compression_no_inode_limit() {
         let request = VolumeRequest::new(&rwo("10Gi"), &class(&[])).unwrap();
         assert_eq!(
@@ -417,6 +567,8 @@ mod tests {
                 replicas: 1,
                 compression: Compression::None,
                 inode_limit: None,
+                encryption: Encryption::None,
+                encryption_secret: None,
             }
         );
         assert_eq!(request.reclaim_policy, ReclaimPolicy::Delete);
@@ -443,7 +595,7 @@ mod tests {
         assert_eq!(
             problems(&rwo("1Gi"), &class(&[("fsType", "ext4")])),
             [
-                r#"StorageClass parameter "fsType" is not known; allowed parameters: tier, replicas, compression, inodeLimit"#
+                r#"StorageClass parameter "fsType" is not known; allowed parameters: tier, replicas, compression, inodeLimit, encryption, encryptionSecretName, encryptionSecretNamespace"#
             ]
         );
     }
@@ -625,6 +777,8 @@ mod tests {
             replicas: 1,
             compression: Compression::None,
             inode_limit: Some(1000),
+            encryption: Encryption::None,
+            encryption_secret: None,
         };
         let json = spec.to_annotation();
         assert_eq!(

@@ -236,6 +236,87 @@ pub struct VolumeConfig {
     /// How the volume's chunk data is compressed on disk (chosen at creation, fixed).
     #[serde(default, skip_serializing_if = "Compression::is_none")]
     pub compression: Compression,
+    /// Encryption at rest of the volume's contents and names (chosen at creation, fixed).
+    #[serde(default, skip_serializing_if = "Encryption::is_none")]
+    pub encryption: Encryption,
+    /// The volume's data key sealed by its master key, in hex (encrypted volumes only;
+    /// see [`super::crypt`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<String>,
+}
+
+/// Encryption at rest of a volume (see [`super::crypt`]): chunk data, file names, symlink
+/// targets, xattr names and values sealed with a per-volume data key, itself sealed by a
+/// master key the user holds (a key file; in Kubernetes a Secret).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Encryption {
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// AES-256-GCM (RustCrypto's `aes-gcm`).
+    #[serde(rename = "aes-256-gcm")]
+    Aes256Gcm,
+}
+
+impl Encryption {
+    pub const ALL: [Encryption; 2] = [Encryption::None, Encryption::Aes256Gcm];
+
+    pub fn is_none(&self) -> bool {
+        *self == Encryption::None
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Encryption::None => "none",
+            Encryption::Aes256Gcm => "aes-256-gcm",
+        }
+    }
+}
+
+impl fmt::Display for Encryption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Encryption {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Encryption::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("unknown encryption {s:?}: use none or aes-256-gcm"))
+    }
+}
+
+/// Lower-case hex of `b` (how a volume's sealed data key is kept in its JSON config).
+pub fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The bytes of lower- or upper-case hex `s`; `None` if it is not hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The context a directory entry's name is sealed in: its directory.
+pub fn dirent_name_context(parent: Ino) -> [u8; 9] {
+    let mut c = [b'd'; 9];
+    c[1..].copy_from_slice(&parent.to_be_bytes());
+    c
+}
+
+/// The context an xattr's name is sealed in: its inode.
+pub fn xattr_name_context(ino: Ino) -> [u8; 9] {
+    let mut c = [b'x'; 9];
+    c[1..].copy_from_slice(&ino.to_be_bytes());
+    c
 }
 
 /// Compression of a volume's chunk data on disk. The quota and every usage counter count
@@ -1250,8 +1331,11 @@ mod tests {
         #[test]
         fn configs_round_trip(vol in 1u32.., quota in proptest::option::of(any::<u64>()), limit in proptest::option::of(any::<u64>()),
                               created in any::<i64>(), owner in proptest::option::of("[a-z0-9-]{1,36}"), accounting in 0u32..3,
-                              compression in proptest::sample::select(Compression::ALL.to_vec())) {
-            let cfg = VolumeConfig { name: "v".into(), quota_bytes: quota, inode_limit: limit, created, owner, accounting, compression };
+                              compression in proptest::sample::select(Compression::ALL.to_vec()),
+                              encryption in proptest::sample::select(Encryption::ALL.to_vec()),
+                              sealed_key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80))) {
+            let sealed_key = sealed_key.map(|k| to_hex(&k));
+            let cfg = VolumeConfig { name: "v".into(), quota_bytes: quota, inode_limit: limit, created, owner, accounting, compression, encryption, sealed_key };
             prop_assert_eq!(decode_config(vol, &encode_config(&cfg).unwrap()).ok(), Some(cfg));
         }
 
@@ -1276,6 +1360,48 @@ mod tests {
         };
         let text = String::from_utf8(encode_config(&lz4).unwrap()).unwrap();
         assert!(text.contains(r#""compression":"lz4""#), "{text}");
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_what_is_not_hex() {
+        let b: Vec<u8> = (0..=255).collect();
+        assert_eq!(from_hex(&to_hex(&b)), Some(b));
+        assert_eq!(from_hex("0aFF"), Some(vec![10, 255]));
+        for bad in ["0", "zz", "0g", "é0"] {
+            assert_eq!(from_hex(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn encryption_names_parse_print_and_are_not_written_when_none() {
+        for e in Encryption::ALL {
+            assert_eq!(e.to_string().parse::<Encryption>(), Ok(e));
+        }
+        assert!("aes"
+            .parse::<Encryption>()
+            .unwrap_err()
+            .contains("aes-256-gcm"));
+        let old = br#"{"name":"v","quota_bytes":null,"inode_limit":null,"created":1}"#;
+        let cfg = decode_config(1, old).unwrap();
+        assert_eq!(
+            (cfg.encryption, cfg.sealed_key.as_deref()),
+            (Encryption::None, None)
+        );
+        let text = String::from_utf8(encode_config(&cfg).unwrap()).unwrap();
+        assert!(
+            !text.contains("encryption") && !text.contains("sealed"),
+            "{text}"
+        );
+        let enc = VolumeConfig {
+            encryption: Encryption::Aes256Gcm,
+            sealed_key: Some("00ff".into()),
+            ..cfg
+        };
+        let text = String::from_utf8(encode_config(&enc).unwrap()).unwrap();
+        assert!(
+            text.contains(r#""encryption":"aes-256-gcm","sealed_key":"00ff""#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod codec;
+mod crypt;
 mod health;
 mod memory;
 mod txn;
@@ -46,10 +47,12 @@ use rocksdb::{
 };
 use serde::Serialize;
 
-pub use codec::Compression;
 use codec::{
     decode_config, encode_config, Ino, InodeRecord, Kind, Timestamp, Usage, VolumeConfig, VolumeId,
 };
+pub use codec::{Compression, Encryption};
+use crypt::VolumeCipher;
+pub use crypt::{CryptError, MasterKey};
 
 pub const CF_META: &str = "meta";
 pub const CF_CHUNKS: &str = "chunks";
@@ -73,7 +76,15 @@ pub const HOLDER_FILE: &str = "fdstore-socket";
 pub const LOCK_FILE: &str = "fusevol.lock";
 pub const CONTROL_SOCKET: &str = "control.sock";
 pub const DB_DIR: &str = "db";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest store format this build reads. Format 1 is every store's at creation;
+/// format 2 ([`FORMAT_ENCRYPTION`]) is set when the store's first encrypted volume is
+/// created, so that a fusevol without encryption refuses the store instead of serving
+/// sealed bytes as if they were plain.
+pub const FORMAT_VERSION: u32 = 2;
+/// The format of a new store.
+const FORMAT_BASE: u32 = 1;
+/// The format from which a store may hold encrypted volumes.
+const FORMAT_ENCRYPTION: u32 = 2;
 /// Default chunk size: see the README's "Chunk size" section for the measurements.
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Root directory inode of every volume.
@@ -121,6 +132,14 @@ pub enum Error {
         owner: String,
         claimant: String,
     },
+    #[error("volume {0:?} is encrypted: its key is needed to open it (--key-file; in Kubernetes the Secret its StorageClass names)")]
+    KeyRequired(String),
+    #[error("volume {0:?}: wrong key (its data key does not open with the key given)")]
+    WrongKey(String),
+    #[error("encryption: {0}")]
+    Crypt(#[from] CryptError),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl Error {
@@ -141,6 +160,13 @@ impl Error {
             Error::VolumeBusy(_) => "volume_busy",
             Error::Exhausted(_) => "no_space",
             Error::OwnerMismatch { .. } => "owner_mismatch",
+            Error::KeyRequired(_) => "key_required",
+            Error::WrongKey(_) => "wrong_key",
+            Error::Crypt(CryptError::BadKey(_) | CryptError::KeyFile { .. }) => "bad_key",
+            Error::Crypt(CryptError::WrongKey) => "wrong_key",
+            Error::Crypt(CryptError::Tampered(_)) => "corrupt",
+            Error::Crypt(CryptError::Random(_)) => "io",
+            Error::Unsupported(_) => "invalid_argument",
         }
     }
 
@@ -192,6 +218,15 @@ pub struct VolumeInfo {
     /// How the volume's chunk data is stored (older servers did not report it: none).
     #[serde(default)]
     pub compression: CompressionInfo,
+    /// Encryption at rest of the volume (older servers did not report it: none).
+    #[serde(default)]
+    pub encryption: EncryptionInfo,
+}
+
+/// What `volume inspect` reports of a volume's encryption.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EncryptionInfo {
+    pub algorithm: Encryption,
 }
 
 /// What `volume inspect` reports of a volume's compression.
@@ -211,13 +246,16 @@ pub struct CompressionInfo {
 }
 
 /// The settings of a new volume ([`Store::create_volume_with`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct NewVolume {
     /// Quota in bytes; `None`: unlimited.
     pub quota: Option<u64>,
     /// Inode limit; `None`: unlimited.
     pub inode_limit: Option<u64>,
     pub compression: Compression,
+    /// `Some`: the volume is encrypted ([`Encryption::Aes256Gcm`]) under this master key,
+    /// which the store also keeps for opening it (see [`Store::unlock`]).
+    pub encryption: Option<MasterKey>,
 }
 
 /// An open volume: its id and the live counters that quota admission works on.
@@ -231,6 +269,8 @@ pub struct Volume {
     pub name: String,
     /// Where its chunks live (see [`Compression`]).
     pub compression: Compression,
+    /// Encrypted volumes: the cipher every value passes through (see [`crypt`]).
+    cipher: Option<Arc<VolumeCipher>>,
     disk: Arc<DiskSpace>,
     quota: AtomicU64,
     inode_limit: AtomicU64,
@@ -263,6 +303,19 @@ impl Volume {
     }
     pub fn chunks(&self) -> u64 {
         self.chunks.load(Ordering::Acquire)
+    }
+
+    /// Whether the volume is encrypted: its chunks are sealed whole, so a partial write
+    /// reads, patches and rewrites its chunk instead of storing a patch.
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher.is_some()
+    }
+
+    /// A fingerprint of names (the ring of recent answers of `crate::fs::replay`) as the
+    /// store keeps it: for an encrypted volume keyed with a subkey of its data key, so that
+    /// the disk holds nothing to test guessed names against.
+    pub fn keyed_fingerprint(&self, fp: u64) -> u64 {
+        crypt::Sealer(self.cipher.as_deref()).fingerprint(fp)
     }
 
     /// For a compressed volume, what its chunks take in the table files of their column
@@ -555,7 +608,12 @@ impl OpenVolume {
 
     /// Reads of the volume.
     pub fn view(&self) -> VolumeView<'_> {
-        VolumeView::new(&self.store, self.vol.id, self.vol.compression)
+        VolumeView::new(
+            &self.store,
+            self.vol.id,
+            self.vol.compression,
+            self.vol.cipher.as_deref(),
+        )
     }
 }
 
@@ -623,9 +681,9 @@ impl Format {
             }
         }
         let version = version.ok_or("marker file lacks a valid format=")?;
-        if version != FORMAT_VERSION {
+        if !(FORMAT_BASE..=FORMAT_VERSION).contains(&version) {
             return Err(format!(
-                "store format {version} is not supported (this fusevol reads format {FORMAT_VERSION})"
+                "store format {version} is not supported (this fusevol reads formats {FORMAT_BASE} to {FORMAT_VERSION}): upgrade fusevol"
             ));
         }
         let chunk_size = chunk_size
@@ -673,6 +731,9 @@ struct StoreInner {
     format: Format,
     db: Arc<DB>,
     open_volumes: Mutex<HashMap<String, Arc<Volume>>>,
+    /// Master keys of encrypted volumes, by volume name, given by [`Store::unlock`] or at
+    /// creation; in memory only.
+    keys: Mutex<HashMap<String, MasterKey>>,
     /// Batches written since the last idle check (see [`Store::flush_if_idle`]).
     writes: AtomicU64,
     /// Serializes registry changes (create/delete/resize) within this process.
@@ -695,6 +756,21 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Writes the marker file of the store in `dir` atomically and durably (a temporary file,
+/// synced, renamed over it, the directory synced).
+fn write_marker(dir: &Path, format: &Format) -> Result<()> {
+    let (tmp, marker) = (dir.join(".FUSEVOL.tmp"), dir.join(MARKER_FILE));
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(format.render().as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &marker).map_err(io_err(&marker))?;
+    // The rename is durable only once the directory is synced.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// `create_dir_all` whose result survives a power cut: each directory it creates is
@@ -898,23 +974,14 @@ impl Store {
                 }
                 create_dir_all_durable(dir).map_err(io_err(dir))?;
                 let format = Format {
-                    version: FORMAT_VERSION,
+                    version: FORMAT_BASE,
                     chunk_size: opts.chunk_size,
                 };
                 // Written last-to-first so a crash leaves either nothing or a store: the
                 // marker goes in via rename once the lock is held and the db exists.
                 let lock = Self::lock(dir)?;
                 let db = Self::open_db(dir, opts)?;
-                let tmp = dir.join(".FUSEVOL.tmp");
-                let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-                f.write_all(format.render().as_bytes())
-                    .and_then(|_| f.sync_all())
-                    .map_err(io_err(&tmp))?;
-                std::fs::rename(&tmp, &marker).map_err(io_err(&marker))?;
-                // The rename is durable only once the directory is synced.
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io_err(dir))?;
+                write_marker(dir, &format)?;
                 return Ok(Self::finish(dir, format, db, lock, opts));
             }
             Err(e) => return Err(io_err(&marker)(e)),
@@ -931,6 +998,20 @@ impl Store {
         Ok(Self::finish(dir, format, db, lock, opts))
     }
 
+    /// Raises the store's format to at least `version` (rewriting its marker durably), for
+    /// a change older builds must not see. Under the registry lock.
+    fn require_format(&self, version: u32) -> Result<()> {
+        let dir = &self.inner.dir;
+        let marker = dir.join(MARKER_FILE);
+        let text = std::fs::read_to_string(&marker).map_err(io_err(&marker))?;
+        let mut format = Format::parse(&text).map_err(|m| Error::BadMarker(dir.clone(), m))?;
+        if format.version < version {
+            format.version = version;
+            write_marker(dir, &format)?;
+        }
+        Ok(())
+    }
+
     fn finish(dir: &Path, format: Format, db: DB, lock: Flock<File>, opts: &StoreOptions) -> Store {
         let db = Arc::new(db);
         let disk = Arc::new(DiskSpace::new(dir, opts.free_space_floor, db.clone()));
@@ -940,6 +1021,7 @@ impl Store {
                 format,
                 db,
                 open_volumes: Mutex::new(HashMap::new()),
+                keys: Mutex::new(HashMap::new()),
                 writes: AtomicU64::new(0),
                 registry: Mutex::new(()),
                 disk,
@@ -1265,6 +1347,7 @@ impl Store {
                 quota,
                 inode_limit,
                 compression: Compression::None,
+                encryption: None,
             },
         )
     }
@@ -1276,8 +1359,14 @@ impl Store {
             quota,
             inode_limit,
             compression,
+            ref encryption,
         } = *new;
         validate_volume_name(name)?;
+        if encryption.is_some() && !compression.is_none() {
+            return Err(Error::Unsupported(format!(
+                "volume {name:?}: compression {compression} and encryption together are not supported yet (encrypted chunks do not compress): choose one"
+            )));
+        }
         let _g = self.inner.registry.lock();
         if self.volume_id(name)?.is_some() {
             return Err(Error::VolumeExists(name.to_string()));
@@ -1290,6 +1379,13 @@ impl Store {
             });
         }
         let id = self.next_volume_id()?;
+        let sealed_key = match encryption {
+            Some(master) => {
+                self.require_format(FORMAT_ENCRYPTION)?;
+                Some(codec::to_hex(&master.new_volume_key()?.1))
+            }
+            None => None,
+        };
         let cfg = VolumeConfig {
             name: name.to_string(),
             quota_bytes: quota,
@@ -1298,6 +1394,12 @@ impl Store {
             owner: None,
             accounting: codec::ACCOUNTING_VERSION,
             compression,
+            encryption: if sealed_key.is_some() {
+                Encryption::Aes256Gcm
+            } else {
+                Encryption::None
+            },
+            sealed_key,
         };
         let now = Timestamp::now();
         let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, now);
@@ -1338,7 +1440,52 @@ impl Store {
         );
         self.write(b)?;
         self.sync()?;
+        if let Some(master) = encryption {
+            self.inner
+                .keys
+                .lock()
+                .insert(name.to_string(), master.clone());
+        }
         self.inspect_volume(name)
+    }
+
+    /// Gives the store the master key of encrypted volume `name`, for [`Store::open_volume`]
+    /// (kept in memory, by name, until the store closes). Fails with
+    /// [`Error::WrongKey`] if it does not open the volume's data key; a volume that is not
+    /// encrypted takes no key, which is an error too, so a key is never silently ignored.
+    pub fn unlock(&self, name: &str, key: &MasterKey) -> Result<()> {
+        let id = self.existing_id(name)?;
+        let cfg = self.config(id)?;
+        if cfg.encryption.is_none() {
+            return Err(Error::Unsupported(format!(
+                "volume {name:?} is not encrypted: it takes no key"
+            )));
+        }
+        self.volume_cipher(name, &cfg, key)?;
+        self.inner.keys.lock().insert(name.to_string(), key.clone());
+        Ok(())
+    }
+
+    /// The cipher of encrypted volume `name` (configuration `cfg`) under master key `key`.
+    fn volume_cipher(
+        &self,
+        name: &str,
+        cfg: &VolumeConfig,
+        key: &MasterKey,
+    ) -> Result<VolumeCipher> {
+        let sealed = cfg
+            .sealed_key
+            .as_deref()
+            .and_then(codec::from_hex)
+            .ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "volume {name:?}: encrypted, but its sealed key is missing or not hex"
+                ))
+            })?;
+        key.open_volume_key(&sealed).map_err(|e| match e {
+            CryptError::WrongKey => Error::WrongKey(name.to_string()),
+            e => Error::Crypt(e),
+        })
     }
 
     /// The id for a new volume: the persisted counter, and never below one past the
@@ -1388,10 +1535,19 @@ impl Store {
                 "volume {name:?} has negative usage counters {usage:?}; run fsck --repair"
             )));
         }
+        let cipher = match cfg.encryption {
+            Encryption::None => None,
+            Encryption::Aes256Gcm => {
+                let key = self.inner.keys.lock().get(name).cloned();
+                let key = key.ok_or_else(|| Error::KeyRequired(name.to_string()))?;
+                Some(Arc::new(self.volume_cipher(name, &cfg, &key)?))
+            }
+        };
         let v = Arc::new(Volume {
             id,
             name: name.to_string(),
             compression: cfg.compression,
+            cipher,
             disk: self.inner.disk.clone(),
             quota: AtomicU64::new(cfg.quota_bytes.unwrap_or(UNLIMITED)),
             inode_limit: AtomicU64::new(cfg.inode_limit.unwrap_or(UNLIMITED)),
@@ -1437,6 +1593,9 @@ impl Store {
                 algorithm: cfg.compression,
                 ..CompressionInfo::default()
             },
+            encryption: EncryptionInfo {
+                algorithm: cfg.encryption,
+            },
         })
     }
 
@@ -1452,7 +1611,7 @@ impl Store {
         let algorithm = info.compression.algorithm;
         let mut logical = 0u64;
         let mut bad = None;
-        VolumeView::new(self, id, algorithm).each_chunk_len(|ino, idx, len| match len {
+        VolumeView::new(self, id, algorithm, None).each_chunk_len(|ino, idx, len| match len {
             Ok(len) => logical = logical.saturating_add(len),
             Err(e) => bad = Some(format!("chunk {idx} of inode {ino}: {e}; run fsck")),
         })?;
@@ -1625,6 +1784,8 @@ impl Store {
         }
         self.write(b)?;
         self.sync()?;
+        // A later volume of that name has its own data key (and maybe another master key).
+        self.inner.keys.lock().remove(name);
         self.reclaim_range(&lo, &hi)
     }
 

@@ -14,6 +14,7 @@
 use rocksdb::WriteBatch;
 
 use super::codec::{self, CookieValue, DirentValue, Ino, InodeRecord, ReplayRecord, Usage};
+use super::crypt::{CryptError, Sealer};
 use super::{Error, Result, Store, Volume};
 
 /// The staged changes of one operation on one volume (see the module doc). Dropping it
@@ -23,6 +24,8 @@ pub struct VolumeTxn<'a> {
     store: &'a Store,
     vol: &'a Volume,
     batch: WriteBatch,
+    /// A change that could not be staged (sealing failed): the commit fails with it.
+    failed: Option<Error>,
     /// The volume's usage change this transaction accounts for: merged into the usage key
     /// in the same batch and admitted against the quota at [`VolumeTxn::commit`].
     pub usage: Usage,
@@ -34,12 +37,29 @@ impl<'a> VolumeTxn<'a> {
             store,
             vol,
             batch: WriteBatch::default(),
+            failed: None,
             usage: Usage::default(),
         }
     }
 
     fn vid(&self) -> codec::VolumeId {
         self.vol.id
+    }
+
+    /// How the volume's names and contents are stored (sealed if it is encrypted).
+    fn seal(&self) -> Sealer<'a> {
+        Sealer(self.vol.cipher.as_deref())
+    }
+
+    /// Contents `plain` as stored under `key`; a failure is kept for the commit.
+    fn sealed<'p>(&mut self, key: &[u8], plain: &'p [u8]) -> std::borrow::Cow<'p, [u8]> {
+        match self.seal().seal(key, plain) {
+            Ok(v) => v,
+            Err(e) => {
+                self.failed.get_or_insert(Error::Crypt(e));
+                std::borrow::Cow::Borrowed(&[])
+            }
+        }
     }
 
     /// The column family of the volume's chunks (by its compression).
@@ -52,7 +72,14 @@ impl<'a> VolumeTxn<'a> {
     /// Stages inode `ino`'s record.
     pub fn put_inode(&mut self, ino: Ino, r: &InodeRecord) {
         let key = codec::inode_key(self.vid(), ino);
-        self.batch.put_cf(self.store.meta(), key, r.encode());
+        let value = if self.seal().is_sealing() && !r.target.is_empty() {
+            let mut sealed = r.clone();
+            sealed.target = self.sealed(&key, &r.target).into_owned();
+            sealed.encode()
+        } else {
+            r.encode()
+        };
+        self.batch.put_cf(self.store.meta(), key, value);
     }
 
     /// Stages the removal of inode `ino`'s record (its chunks, lengths and xattrs have
@@ -88,8 +115,9 @@ impl<'a> VolumeTxn<'a> {
     /// directory entry; an existing entry of that name and cookie is replaced (both keys).
     pub fn put_dirent(&mut self, parent: Ino, name: &[u8], entry: DirentValue) {
         let (meta, v) = (self.store.meta(), self.vid());
+        let name = self.seal().name(&codec::dirent_name_context(parent), name);
         self.batch
-            .put_cf(meta, codec::dirent_key(v, parent, name), entry.encode());
+            .put_cf(meta, codec::dirent_key(v, parent, &name), entry.encode());
         self.batch.put_cf(
             meta,
             codec::cookie_key(v, parent, entry.cookie),
@@ -106,8 +134,9 @@ impl<'a> VolumeTxn<'a> {
     /// is `cookie`: both its keys. The one place that removes a directory entry.
     pub fn remove_dirent(&mut self, parent: Ino, name: &[u8], cookie: u64) {
         let (meta, v) = (self.store.meta(), self.vid());
+        let name = self.seal().name(&codec::dirent_name_context(parent), name);
         self.batch
-            .delete_cf(meta, codec::dirent_key(v, parent, name));
+            .delete_cf(meta, codec::dirent_key(v, parent, &name));
         self.batch
             .delete_cf(meta, codec::cookie_key(v, parent, cookie));
     }
@@ -115,7 +144,8 @@ impl<'a> VolumeTxn<'a> {
     /// Repair of a broken entry: removes only its by-name key (its readdir position
     /// belongs to another name, or to none).
     pub fn remove_dirent_name(&mut self, parent: Ino, name: &[u8]) {
-        let key = codec::dirent_key(self.vid(), parent, name);
+        let name = self.seal().name(&codec::dirent_name_context(parent), name);
+        let key = codec::dirent_key(self.vid(), parent, &name);
         self.batch.delete_cf(self.store.meta(), key);
     }
 
@@ -130,12 +160,20 @@ impl<'a> VolumeTxn<'a> {
     /// Stages chunk `idx` of `ino` as `bytes` (replacing what it held).
     pub fn put_chunk(&mut self, ino: Ino, idx: u64, bytes: &[u8]) {
         let key = codec::chunk_key(self.vid(), ino, idx);
-        self.batch.put_cf(self.chunk_cf(), key, bytes);
+        let value = self.sealed(&key, bytes);
+        self.batch.put_cf(self.chunk_cf(), &key, value);
     }
 
     /// Stages `bytes` at `offset` inside chunk `idx` without reading it (a merge operand,
-    /// see [`codec::merge_chunk`]).
+    /// see [`codec::merge_chunk`]). Not for an encrypted volume (its chunks are sealed
+    /// whole: see [`Volume::is_encrypted`]), whose commit then fails.
     pub fn patch_chunk(&mut self, ino: Ino, idx: u64, offset: u32, bytes: &[u8]) {
+        if self.seal().is_sealing() {
+            self.failed.get_or_insert(Error::Crypt(CryptError::Tampered(
+                "a patch of a sealed chunk (a bug: encrypted volumes rewrite whole chunks)",
+            )));
+            return;
+        }
         let key = codec::chunk_key(self.vid(), ino, idx);
         self.batch.merge_cf(
             self.chunk_cf(),
@@ -177,12 +215,15 @@ impl<'a> VolumeTxn<'a> {
     // ----- extended attributes -----
 
     pub fn put_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) {
-        let key = codec::xattr_key(self.vid(), ino, name);
-        self.batch.put_cf(self.store.meta(), key, value);
+        let name = self.seal().name(&codec::xattr_name_context(ino), name);
+        let key = codec::xattr_key(self.vid(), ino, &name);
+        let value = self.sealed(&key, value);
+        self.batch.put_cf(self.store.meta(), &key, value);
     }
 
     pub fn delete_xattr(&mut self, ino: Ino, name: &[u8]) {
-        let key = codec::xattr_key(self.vid(), ino, name);
+        let name = self.seal().name(&codec::xattr_name_context(ino), name);
+        let key = codec::xattr_key(self.vid(), ino, &name);
         self.batch.delete_cf(self.store.meta(), key);
     }
 
@@ -238,6 +279,9 @@ impl<'a> VolumeTxn<'a> {
     /// usage merged into the volume's counters, and settles. Refused with
     /// [`Error::Exhausted`], having written nothing.
     pub fn commit(mut self) -> Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         if !self.usage.is_zero() {
             let key = codec::usage_key(self.vid());
             self.batch
@@ -262,7 +306,10 @@ impl<'a> VolumeTxn<'a> {
 
     /// Writes the batch as it is: no usage merged, nothing admitted or settled. For
     /// repairs (`fsck`), which set the counters outright on a volume nobody serves.
-    pub fn commit_unaccounted(self) -> Result<()> {
+    pub fn commit_unaccounted(mut self) -> Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         self.store.write(self.batch)
     }
 }

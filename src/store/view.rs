@@ -11,23 +11,31 @@ use super::codec::{
     self, decode_chunk_len, CookieValue, DirentValue, Ino, InodeRecord, RecordError, ReplayRecord,
     Usage, VolumeId,
 };
+use super::crypt::{Sealer, VolumeCipher};
 use super::{Compression, Result, Store, ROOT_INO};
 
-/// Reads of one volume (see the module doc). Cheap: a store, a volume id and where the
-/// volume's chunks live.
+/// Reads of one volume (see the module doc). Cheap: a store, a volume id, where the
+/// volume's chunks live and how its values are sealed.
 #[derive(Clone, Copy)]
 pub struct VolumeView<'a> {
     store: &'a Store,
     vid: VolumeId,
     compression: Compression,
+    seal: Sealer<'a>,
 }
 
 impl<'a> VolumeView<'a> {
-    pub(super) fn new(store: &'a Store, vid: VolumeId, compression: Compression) -> Self {
+    pub(super) fn new(
+        store: &'a Store,
+        vid: VolumeId,
+        compression: Compression,
+        cipher: Option<&'a VolumeCipher>,
+    ) -> Self {
         VolumeView {
             store,
             vid,
             compression,
+            seal: Sealer(cipher),
         }
     }
 
@@ -52,7 +60,7 @@ impl<'a> VolumeView<'a> {
     /// Inode `ino`'s record, if it exists.
     pub fn inode(&self, ino: Ino) -> Result<Option<InodeRecord>> {
         match self.store.get_meta(&codec::inode_key(self.vid, ino))? {
-            Some(raw) => Ok(Some(InodeRecord::decode(&raw)?)),
+            Some(raw) => Ok(Some(open_inode(self.seal, self.vid, ino, &raw)?)),
             None => Ok(None),
         }
     }
@@ -94,9 +102,10 @@ impl<'a> VolumeView<'a> {
         &self,
         mut f: impl FnMut(Ino, Result<InodeRecord, RecordError>),
     ) -> Result<()> {
-        let v = self.vid;
+        let (v, seal) = (self.vid, self.seal);
         self.scan_tag(codec::TAG_INODE, |k, val| {
-            f(codec::parse_inode_key(v, k)?, InodeRecord::decode(val));
+            let ino = codec::parse_inode_key(v, k)?;
+            f(ino, open_inode(seal, v, ino, val));
             Ok(true)
         })
     }
@@ -105,9 +114,10 @@ impl<'a> VolumeView<'a> {
 
     /// Entry `name` of directory `parent`, if any.
     pub fn dirent(&self, parent: Ino, name: &[u8]) -> Result<Option<DirentValue>> {
+        let name = self.seal.name(&codec::dirent_name_context(parent), name);
         match self
             .store
-            .get_meta(&codec::dirent_key(self.vid, parent, name))?
+            .get_meta(&codec::dirent_key(self.vid, parent, &name))?
         {
             Some(raw) => Ok(Some(DirentValue::decode(&raw)?)),
             None => Ok(None),
@@ -128,7 +138,8 @@ impl<'a> VolumeView<'a> {
     /// Up to `limit` entries of `dir` from readdir position `from` on, in cookie order:
     /// `(cookie, entry)`.
     pub fn readdir(&self, dir: Ino, from: u64, limit: usize) -> Result<Vec<(u64, CookieValue)>> {
-        let v = self.vid;
+        let (v, seal) = (self.vid, self.seal);
+        let ctx = codec::dirent_name_context(dir);
         let start = codec::cookie_key(v, dir, from);
         let end = codec::prefix_end(&codec::cookie_prefix(v, dir));
         let mut out = Vec::new();
@@ -137,7 +148,9 @@ impl<'a> VolumeView<'a> {
                 return Ok(false);
             }
             let (_, cookie) = codec::parse_cookie_key(v, k)?;
-            out.push((cookie, CookieValue::decode(val)?));
+            let mut entry = CookieValue::decode(val)?;
+            entry.name = seal.open_name(&ctx, entry.name)?;
+            out.push((cookie, entry));
             Ok(true)
         })?;
         Ok(out)
@@ -148,9 +161,10 @@ impl<'a> VolumeView<'a> {
         &self,
         mut f: impl FnMut(Ino, Vec<u8>, Result<DirentValue, RecordError>),
     ) -> Result<()> {
-        let v = self.vid;
+        let (v, seal) = (self.vid, self.seal);
         self.scan_tag(codec::TAG_DIRENT, |k, val| {
             let (parent, name) = codec::parse_dirent_key(v, k)?;
+            let name = seal.open_name(&codec::dirent_name_context(parent), name)?;
             f(parent, name, DirentValue::decode(val));
             Ok(true)
         })
@@ -161,10 +175,18 @@ impl<'a> VolumeView<'a> {
         &self,
         mut f: impl FnMut(Ino, u64, Result<CookieValue, RecordError>),
     ) -> Result<()> {
-        let v = self.vid;
+        let (v, seal) = (self.vid, self.seal);
         self.scan_tag(codec::TAG_DIRENT_COOKIE, |k, val| {
             let (parent, cookie) = codec::parse_cookie_key(v, k)?;
-            f(parent, cookie, CookieValue::decode(val));
+            let entry = CookieValue::decode(val).and_then(|mut e| {
+                let ctx = codec::dirent_name_context(parent);
+                e.name = seal.open_name(&ctx, e.name).map_err(|_| RecordError {
+                    what: "sealed name of a dirent cookie",
+                    len: val.len(),
+                })?;
+                Ok(e)
+            });
+            f(parent, cookie, entry);
             Ok(true)
         })
     }
@@ -200,11 +222,14 @@ impl<'a> VolumeView<'a> {
 
     /// The bytes of chunk `idx` of `ino` (empty if none are stored).
     pub fn chunk(&self, ino: Ino, idx: u64) -> Result<Vec<u8>> {
-        Ok(self
-            .store
-            .db()
-            .get_cf(self.chunk_cf(), codec::chunk_key(self.vid, ino, idx))?
-            .unwrap_or_default())
+        let key = codec::chunk_key(self.vid, ino, idx);
+        match self.store.db().get_cf(self.chunk_cf(), &key)? {
+            Some(stored) if self.seal.is_sealing() => {
+                Ok(self.seal.open(&key, &stored)?.into_owned())
+            }
+            Some(stored) => Ok(stored),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Pass over every chunk length of the volume: `f(ino, idx, length)`.
@@ -217,16 +242,17 @@ impl<'a> VolumeView<'a> {
         })
     }
 
-    /// Pass over every stored chunk of the volume: `f(ino, idx, bytes stored)`.
+    /// Pass over every stored chunk of the volume: `f(ino, idx, bytes stored)` (of file
+    /// data: an encrypted chunk's nonce and tag not counted).
     pub fn each_chunk_size(&self, mut f: impl FnMut(Ino, u64, u64)) -> Result<()> {
-        let v = self.vid;
+        let (v, seal) = (self.vid, self.seal);
         self.store.scan(
             self.chunk_cf(),
             &codec::volume_start(v),
             &codec::volume_end(v),
             |k, val| {
                 let (_, ino, idx) = codec::parse_chunk_key(k)?;
-                f(ino, idx, val.len() as u64);
+                f(ino, idx, seal.plain_len(val.len()) as u64);
                 Ok(true)
             },
         )
@@ -238,6 +264,7 @@ impl<'a> VolumeView<'a> {
             store: self.store,
             vid: self.vid,
             chunk_cf: self.chunk_cf(),
+            seal: self.seal,
             snap: self.store.db().snapshot(),
         }
     }
@@ -246,24 +273,46 @@ impl<'a> VolumeView<'a> {
 
     /// The value of xattr `name` of `ino`, if set.
     pub fn xattr(&self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.store.get_meta(&codec::xattr_key(self.vid, ino, name))
+        let name = self.seal.name(&codec::xattr_name_context(ino), name);
+        let key = codec::xattr_key(self.vid, ino, &name);
+        match self.store.get_meta(&key)? {
+            Some(stored) if self.seal.is_sealing() => {
+                Ok(Some(self.seal.open(&key, &stored)?.into_owned()))
+            }
+            other => Ok(other),
+        }
     }
 
-    /// Calls `f(name, value)` for every xattr of `ino`, in name order.
+    /// Calls `f(name, value)` for every xattr of `ino`, in name order (of the stored
+    /// names: for an encrypted volume, an order that tells nothing of the names).
     pub fn xattrs(&self, ino: Ino, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
         let prefix = codec::xattr_prefix(self.vid, ino);
+        let (seal, ctx) = (self.seal, codec::xattr_name_context(ino));
         self.store.scan_meta(&prefix, |k, val| {
-            f(&k[prefix.len()..], val);
+            let name = seal.open_name(&ctx, k[prefix.len()..].to_vec())?;
+            f(&name, &seal.open(k, val)?);
+            Ok(true)
+        })
+    }
+
+    /// Calls `f(name, value length)` for every xattr of `ino` (values not opened).
+    pub fn xattr_sizes(&self, ino: Ino, mut f: impl FnMut(&[u8], usize)) -> Result<()> {
+        let prefix = codec::xattr_prefix(self.vid, ino);
+        let (seal, ctx) = (self.seal, codec::xattr_name_context(ino));
+        self.store.scan_meta(&prefix, |k, val| {
+            let name = seal.open_name(&ctx, k[prefix.len()..].to_vec())?;
+            f(&name, seal.plain_len(val.len()));
             Ok(true)
         })
     }
 
     /// Pass over every xattr of the volume: `f(ino, name, value length)`.
     pub fn each_xattr(&self, mut f: impl FnMut(Ino, Vec<u8>, usize)) -> Result<()> {
-        let v = self.vid;
+        let (v, seal) = (self.vid, self.seal);
         self.scan_tag(codec::TAG_XATTR, |k, val| {
             let (ino, name) = codec::parse_xattr_key(v, k)?;
-            f(ino, name, val.len());
+            let name = seal.open_name(&codec::xattr_name_context(ino), name)?;
+            f(ino, name, seal.plain_len(val.len()));
             Ok(true)
         })
     }
@@ -313,6 +362,7 @@ pub struct VolumeSnapshot<'a> {
     store: &'a Store,
     vid: VolumeId,
     chunk_cf: &'a rocksdb::ColumnFamily,
+    seal: Sealer<'a>,
     snap: Snapshot<'a>,
 }
 
@@ -323,7 +373,7 @@ impl VolumeSnapshot<'_> {
             .snap
             .get_cf(self.store.meta(), codec::inode_key(self.vid, ino))?
         {
-            Some(raw) => Ok(Some(InodeRecord::decode(&raw)?)),
+            Some(raw) => Ok(Some(open_inode(self.seal, self.vid, ino, &raw)?)),
             None => Ok(None),
         }
     }
@@ -336,14 +386,13 @@ impl VolumeSnapshot<'_> {
         last: u64,
         mut f: impl FnMut(u64, &[u8]),
     ) -> Result<()> {
-        let (v, chunks) = (self.vid, self.chunk_cf);
+        let (v, chunks, seal) = (self.vid, self.chunk_cf, self.seal);
         if first == last {
             // One chunk: a point lookup, without copying the value.
-            let bytes: Option<DBPinnableSlice> = self
-                .snap
-                .get_pinned_cf(chunks, codec::chunk_key(v, ino, first))?;
+            let key = codec::chunk_key(v, ino, first);
+            let bytes: Option<DBPinnableSlice> = self.snap.get_pinned_cf(chunks, &key)?;
             if let Some(bytes) = bytes {
-                f(first, &bytes);
+                f(first, &seal.open(&key, &bytes)?);
             }
             return Ok(());
         }
@@ -354,10 +403,31 @@ impl VolumeSnapshot<'_> {
         it.seek(codec::chunk_key(v, ino, first));
         while let (Some(k), Some(val)) = (it.key(), it.value()) {
             let (_, _, idx) = codec::parse_chunk_key(k)?;
-            f(idx, val);
+            f(idx, &seal.open(k, val)?);
             it.next();
         }
         it.status()?;
         Ok(())
     }
+}
+
+/// Decodes inode `ino`'s stored record, opening a sealed symlink target.
+fn open_inode(
+    seal: Sealer<'_>,
+    vid: VolumeId,
+    ino: Ino,
+    raw: &[u8],
+) -> Result<InodeRecord, RecordError> {
+    let mut r = InodeRecord::decode(raw)?;
+    if seal.is_sealing() && !r.target.is_empty() {
+        let key = codec::inode_key(vid, ino);
+        r.target = seal
+            .open(&key, &r.target)
+            .map_err(|_| RecordError {
+                what: "sealed symlink target",
+                len: raw.len(),
+            })?
+            .into_owned();
+    }
+    Ok(r)
 }

@@ -836,6 +836,67 @@ def bad_input(c):
     check_alive(c)
 
 
+ENCRYPTION_SECRET = "fusevol-volume-key"
+
+
+@scenario("encryption")
+def encryption(c):
+    """Issue 14 §3: a class with `encryption: aes-256-gcm` gets volumes sealed under the
+    master key of the Secret it names, which the agent may read only through the optional
+    grant of deploy/encryption/ (get on that one Secret). What a pod writes reaches the
+    node's disk only sealed; a class naming a Secret the agent cannot read or that does not
+    exist leaves its PV unserved with a Warning saying what to fix."""
+    ns = "e2e-encryption"
+    start_fusevol(c, {n: [Tier("fast", "10Gi")] for n in c.node_names})
+    c.ensure_namespace(ns)
+    key = os.urandom(32).hex()
+    c.kubectl("create", "secret", "generic", ENCRYPTION_SECRET, "-n", NAMESPACE,
+              f"--from-literal=key={key}")
+    c.kubectl("create", "secret", "generic", "not-granted", "-n", NAMESPACE,
+              f"--from-literal=key={key}")
+    c.kubectl("apply", "-f", str(c.deploy_dir / "encryption" / "rbac-agent-keys.yaml"))
+
+    def enc_class(name, secret):
+        return storage_class(name, tier="fast", encryption="aes-256-gcm",
+                             encryptionSecretName=secret, encryptionSecretNamespace=NAMESPACE)
+    c.create(enc_class("e2e-encrypted", ENCRYPTION_SECRET),
+             enc_class("e2e-not-granted", "not-granted"),
+             storage_class("e2e-no-secret", tier="fast", encryption="aes-256-gcm"))
+    c.create(*claim_with_pod("sealed", ns, "e2e-encrypted", "1Gi"),
+             *claim_with_pod("denied", ns, "e2e-not-granted", "1Gi"),
+             *claim_with_pod("nosecret", ns, "e2e-no-secret", "1Gi"))
+    wait_warning(c, ns, "PersistentVolumeClaim", "nosecret",
+                 ["encryptionSecretName", "encryptionSecretNamespace"], timeout=60)
+    wait_bound(c, ns, ["sealed"], 90)
+    (v,) = wait_kubelet_view(c, ns, "sealed", timeout=60)
+    marker = b"E2E-PLAINTEXT-MARKER-%d-" % os.getpid()
+    write_file(os.path.join(v.path, marker.decode() + "name"), marker * 20000)
+    disk = c.node_dir(v.node) / "disks" / "fast-0"
+    out = subprocess.run([c.fusevol_bin, "volume", "inspect", "--data", str(disk), v.pv_name,
+                          "--json"], capture_output=True, text=True, timeout=60)
+    check(out.returncode == 0, f"volume inspect {v.pv_name} failed: {out.stderr}")
+    info = json.loads(out.stdout)
+    check((info.get("encryption") or {}).get("algorithm") == "aes-256-gcm",
+          f"volume {v.pv_name} of an encrypted class: {info}")
+    leaks = []
+    for root, _, files in os.walk(disk):
+        for f in files:
+            try:
+                data = open(os.path.join(root, f), "rb").read()
+            except OSError:
+                continue
+            if marker in data:
+                leaks.append(os.path.join(root, f))
+    check(not leaks, f"plaintext of a file written through the pod found in {leaks}")
+    # The not-granted Secret: Bound (the controller does not read keys), never served,
+    # and a Warning on its PV that says what to grant.
+    wait_bound(c, ns, ["denied"], 90)
+    denied_pv = pvc(c, ns, "denied")["spec"]["volumeName"]
+    wait_warning(c, "default", "PersistentVolume", denied_pv,
+                 ["not-granted", "grant its service account"], timeout=60)
+    check_alive(c)
+
+
 def check_compressed_volume(c, ns, pod_name, algorithm):
     """Issue 14 §2: the class's `compression` reaches the node: the volume of `pod_name` is
     created with `algorithm`, and text written through the pod's view is stored in a fraction

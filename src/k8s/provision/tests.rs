@@ -189,6 +189,8 @@ fn selected_node_with_room_gets_a_pv_pinned_to_it_with_every_field_set() {
             replicas: 1,
             compression: Compression::None,
             inode_limit: None,
+            encryption: Default::default(),
+            encryption_secret: None,
         }
     );
     let labels = meta.labels.clone().unwrap_or_default();
@@ -686,7 +688,7 @@ fn bad_parameters_fail_naming_each_parameter_even_before_a_node_is_selected() {
         concat!(
             "4 problems: ",
             r#"(1) StorageClass parameter "compression": "brotli" is not allowed; allowed values: none, lz4, zstd; "#,
-            r#"(2) StorageClass parameter "encrypt" is not known; allowed parameters: tier, replicas, compression, inodeLimit; "#,
+            r#"(2) StorageClass parameter "encrypt" is not known; allowed parameters: tier, replicas, compression, inodeLimit, encryption, encryptionSecretName, encryptionSecretNamespace; "#,
             r#"(3) StorageClass parameter "inodeLimit": "many" is not allowed; allowed values: a positive integer (e.g. 100000); "#,
             r#"(4) StorageClass parameter "replicas": "2" is not supported yet; allowed values: 1"#,
         )
