@@ -116,6 +116,7 @@ impl Fs {
         let lens = self.chunk_lens(ino, first, last)?;
         let mut lens = lens.into_iter().peekable();
         let mut c = self.change();
+        let granule = self.view().chunk_granule();
         for idx in first..=last {
             let old_len = match lens.peek() {
                 Some((i, l)) if *i == idx => {
@@ -133,14 +134,12 @@ impl Fs {
             if lo == 0 && hi >= old_len.unwrap_or(0) {
                 // Covers everything stored in the chunk: replace without reading.
                 self.stage_chunk(&mut c, ino, idx, src, new_len, old_len);
-            } else if self.vol.is_encrypted() {
-                // An encrypted volume seals chunks whole: read, patch, rewrite.
-                let mut bytes = self.get_chunk(ino, idx)?;
-                if bytes.len() < hi as usize {
-                    bytes.resize(hi as usize, 0);
-                }
-                bytes[lo as usize..hi as usize].copy_from_slice(src);
-                self.stage_chunk(&mut c, ino, idx, &bytes, new_len, old_len);
+            } else if granule > 1 {
+                // An encrypted volume seals chunks in blocks: whole blocks are patched,
+                // the partly written first and last ones are read first.
+                let bytes = self.whole_blocks(ino, idx, lo, hi, src, granule)?;
+                let alo = lo / granule * granule;
+                self.stage_chunk_patch(&mut c, ino, idx, alo as u32, &bytes, new_len, old_len);
             } else {
                 // Part of the chunk: a patch operand, applied when the chunk is read or
                 // compacted, so a 4 KiB write costs 4 KiB instead of a chunk read and
@@ -163,6 +162,33 @@ impl Fs {
         self.stage_inode(&mut c, ino, &r);
         self.commit(c)?;
         Ok(data.len() as u32)
+    }
+
+    /// `src`, written at bytes `lo..hi` of chunk `idx`, widened to whole blocks of
+    /// `granule` bytes with what the chunk holds around it (the first and last block,
+    /// when partly written).
+    fn whole_blocks(
+        &self,
+        ino: Ino,
+        idx: u64,
+        lo: u64,
+        hi: u64,
+        src: &[u8],
+        granule: u64,
+    ) -> Result<Vec<u8>> {
+        let (alo, ahi) = (lo / granule * granule, hi.div_ceil(granule) * granule);
+        let mut bytes = vec![0u8; (ahi - alo) as usize];
+        if lo > alo {
+            let head = self.view().chunk_range(ino, idx, alo, alo + granule)?;
+            bytes[..granule as usize].copy_from_slice(&head);
+        }
+        // The last block, unless it is the first one, read already.
+        if hi < ahi && !(lo > alo && ahi - alo == granule) {
+            let tail = self.view().chunk_range(ino, idx, ahi - granule, ahi)?;
+            bytes[(ahi - granule - alo) as usize..].copy_from_slice(&tail);
+        }
+        bytes[(lo - alo) as usize..(hi - alo) as usize].copy_from_slice(src);
+        Ok(bytes)
     }
 
     /// Reads up to `size` bytes at `offset` (short at end of file). All chunks are read
@@ -192,7 +218,7 @@ impl Fs {
                     .copy_from_slice(&bytes[(lo - cstart) as usize..(hi - cstart) as usize]);
             }
         };
-        snap.chunks(ino, first, last, &mut place)?;
+        snap.chunks_in(ino, first, last, Some((offset, end, cs)), &mut place)?;
         drop(snap);
         self.touch_atime(ino, &r)?;
         Ok(out)

@@ -3,11 +3,19 @@
 //! Owns: the master key a user holds ([`MasterKey`]: a key file, or a Kubernetes Secret),
 //! the per-volume data key wrapped by it in the volume's configuration, and the three
 //! ways the store seals a value with that data key ([`VolumeCipher`]):
-//! - contents (chunk bytes, symlink targets, xattr values): AES-256-GCM under a key of
-//!   its own, derived by HKDF-SHA256 from the data key and a random 192-bit salt stored
-//!   with the value (so the 2^32 limit of random 96-bit nonces under one key does not
-//!   apply: a volume rewrites chunks for its whole life under one data key), the value's
-//!   key as associated data (a sealed value moved to another key does not open);
+//! - contents (symlink targets, xattr values): AES-256-GCM under a key of its own,
+//!   derived by HKDF-SHA256 from the data key and a random 192-bit salt stored with the
+//!   value (so the 2^32 limit of random 96-bit nonces under one key does not apply: a
+//!   volume rewrites data for its whole life under one data key), the value's key as
+//!   associated data (a sealed value moved to another key does not open);
+//! - chunk bytes the same way, in blocks of [`SEALED_BLOCK`] bytes, each sealed in a slot
+//!   of fixed size [`SLOT`] at its place in the chunk value (block `i` at `i * SLOT`), so
+//!   that a write of whole blocks is a patch of their slots (a RocksDB merge operand, as
+//!   for plain chunks) and a read opens only the blocks it needs; the blocks sealed by one
+//!   write share one salt (one key derivation per write), told apart by their nonce (the
+//!   block's index); associated data: the chunk's key and the block's index. A slot of
+//!   zeros (never written) reads as a block of zeros; the last block is padded with zeros
+//!   (what the chunk-length index says is the file's);
 //! - names (directory entries and xattr names), which must stay lookups by key: AES-256-GCM
 //!   with a synthetic nonce, HMAC-SHA256 of the name and its directory, so one name in
 //!   one directory always seals to the same bytes (deterministic, like fscrypt's names:
@@ -40,6 +48,10 @@ const SALT_LEN: usize = 24;
 pub const OVERHEAD: usize = SALT_LEN + TAG_LEN;
 /// Names are padded with NULs (which no name holds) to a multiple of this.
 const NAME_PAD: usize = 32;
+/// Plaintext bytes of a sealed chunk block.
+pub const SEALED_BLOCK: usize = 4096;
+/// Bytes a sealed chunk block takes in its chunk value: salt, ciphertext, tag.
+pub const SLOT: usize = SEALED_BLOCK + OVERHEAD;
 const KEY_LEN: usize = 32;
 /// Associated data of a wrapped data key (its format version).
 const WRAP_AAD: &[u8] = b"fusevol volume data key v1";
@@ -248,6 +260,80 @@ impl VolumeCipher {
         Ok(out)
     }
 
+    /// Seals `plain` (zero-padded to whole blocks) as the slots of blocks `first..` of the
+    /// chunk stored under `key`, under one fresh derived key.
+    pub fn seal_blocks(&self, key: &[u8], first: u32, plain: &[u8]) -> Result<Vec<u8>, CryptError> {
+        let blocks = plain.len().div_ceil(SEALED_BLOCK);
+        let mut salt = [0u8; SALT_LEN];
+        random(&mut salt)?;
+        let aead = self.content_key(&salt);
+        let mut out = Vec::with_capacity(blocks * SLOT);
+        for (i, piece) in plain.chunks(SEALED_BLOCK).enumerate() {
+            let index = first + i as u32;
+            let start = out.len();
+            out.extend_from_slice(&salt);
+            out.extend_from_slice(piece);
+            out.resize(start + SALT_LEN + SEALED_BLOCK, 0);
+            let tag = aead
+                .encrypt_in_place_detached(
+                    &block_nonce(index),
+                    &block_aad(key, index),
+                    &mut out[start + SALT_LEN..],
+                )
+                .map_err(|_| CryptError::Tampered("value too large to seal"))?;
+            out.extend_from_slice(&tag);
+        }
+        Ok(out)
+    }
+
+    /// Opens blocks `from..to` of chunk value `stored` (under `key`) into `out`
+    /// (`(to - from) * SEALED_BLOCK` bytes): zeros for a block past the value's end or in
+    /// a slot never written.
+    pub fn open_blocks(
+        &self,
+        key: &[u8],
+        stored: &[u8],
+        from: usize,
+        to: usize,
+        out: &mut [u8],
+    ) -> Result<(), CryptError> {
+        if !stored.len().is_multiple_of(SLOT) {
+            return Err(CryptError::Tampered("chunk value of partial blocks"));
+        }
+        let mut cached: Option<([u8; SALT_LEN], Aes256Gcm)> = None;
+        for (n, index) in (from..to).enumerate() {
+            let dst = &mut out[n * SEALED_BLOCK..(n + 1) * SEALED_BLOCK];
+            let Some(slot) = stored.get(index * SLOT..(index + 1) * SLOT) else {
+                dst.fill(0);
+                continue;
+            };
+            if slot.iter().all(|b| *b == 0) {
+                dst.fill(0);
+                continue;
+            }
+            let (salt, rest) = slot.split_at(SALT_LEN);
+            let (ct, tag) = rest.split_at(SEALED_BLOCK);
+            if !matches!(&cached, Some((s, _)) if s[..] == *salt) {
+                let mut s = [0u8; SALT_LEN];
+                s.copy_from_slice(salt);
+                cached = Some((s, self.content_key(salt)));
+            }
+            let Some((_, aead)) = &cached else {
+                return Err(CryptError::Tampered("chunk block"));
+            };
+            dst.copy_from_slice(ct);
+            let index = u32::try_from(index).map_err(|_| CryptError::Tampered("chunk block"))?;
+            aead.decrypt_in_place_detached(
+                &block_nonce(index),
+                &block_aad(key, index),
+                dst,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| CryptError::Tampered("chunk block"))?;
+        }
+        Ok(())
+    }
+
     /// A fingerprint of names (see `crate::fs::replay`) as stored: keyed, so the store
     /// holds nothing to test guessed names against.
     pub fn fingerprint(&self, fp: u64) -> u64 {
@@ -339,6 +425,68 @@ impl Sealer<'_> {
         }
     }
 
+    /// A chunk's plaintext `plain` as stored from block `first` on (whole chunks: 0).
+    pub fn seal_chunk<'p>(
+        &self,
+        key: &[u8],
+        first: u32,
+        plain: &'p [u8],
+    ) -> Result<Cow<'p, [u8]>, CryptError> {
+        match self.0 {
+            Some(c) => c.seal_blocks(key, first, plain).map(Cow::Owned),
+            None => Ok(Cow::Borrowed(plain)),
+        }
+    }
+
+    /// A chunk value as stored, opened: for an encrypted volume its blocks that hold the
+    /// bytes `range` of the chunk (all of them: `None`), at their place (other blocks
+    /// zero); as it is for others.
+    pub fn open_chunk<'s>(
+        &self,
+        key: &[u8],
+        stored: &'s [u8],
+        range: Option<(usize, usize)>,
+    ) -> Result<Cow<'s, [u8]>, CryptError> {
+        let Some(c) = self.0 else {
+            return Ok(Cow::Borrowed(stored));
+        };
+        let slots = stored.len().div_ceil(SLOT);
+        let (from, to) = match range {
+            Some((lo, hi)) => (lo / SEALED_BLOCK, hi.div_ceil(SEALED_BLOCK).min(slots)),
+            None => (0, slots),
+        };
+        let mut out = vec![0u8; to.max(from) * SEALED_BLOCK];
+        if to > from {
+            c.open_blocks(key, stored, from, to, &mut out[from * SEALED_BLOCK..])?;
+        }
+        Ok(Cow::Owned(out))
+    }
+
+    /// How chunk writes must be aligned: whole sealed blocks for an encrypted volume.
+    pub fn chunk_granule(&self) -> usize {
+        match self.0 {
+            Some(_) => SEALED_BLOCK,
+            None => 1,
+        }
+    }
+
+    /// Where chunk byte `offset` is stored in the chunk value.
+    pub fn stored_offset(&self, offset: usize) -> usize {
+        match self.0 {
+            Some(_) => offset / SEALED_BLOCK * SLOT,
+            None => offset,
+        }
+    }
+
+    /// The plaintext bytes a chunk value of `stored` bytes holds (whole blocks when
+    /// sealed).
+    pub fn chunk_plain_len(&self, stored: usize) -> usize {
+        match self.0 {
+            Some(_) => stored.div_ceil(SLOT) * SEALED_BLOCK,
+            None => stored,
+        }
+    }
+
     /// The plaintext length of contents stored in `stored` bytes.
     pub fn plain_len(&self, stored: usize) -> usize {
         match self.0 {
@@ -350,6 +498,21 @@ impl Sealer<'_> {
     pub fn is_sealing(&self) -> bool {
         self.0.is_some()
     }
+}
+
+/// The nonce of chunk block `index` (unique under the key of the write that sealed it).
+fn block_nonce(index: u32) -> aes_gcm::aead::Nonce<Aes256Gcm> {
+    let mut n = aes_gcm::aead::Nonce::<Aes256Gcm>::default();
+    n[8..].copy_from_slice(&index.to_be_bytes());
+    n
+}
+
+/// The associated data of chunk block `index` of the chunk stored under `key`.
+fn block_aad(key: &[u8], index: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(key.len() + 4);
+    aad.extend_from_slice(key);
+    aad.extend_from_slice(&index.to_be_bytes());
+    aad
 }
 
 fn hmac_key(key: &[u8]) -> Hmac<Sha256> {
@@ -472,6 +635,49 @@ mod tests {
         assert!(c.open_name(b"dir 2", &a).is_err());
         // Another volume's cipher cannot open it.
         assert!(cipher().open_name(b"dir 1", &a).is_err());
+    }
+
+    #[test]
+    fn chunk_blocks_open_in_place_and_only_under_their_chunk_and_index() {
+        let c = cipher();
+        let plain: Vec<u8> = (0..3 * SEALED_BLOCK + 100)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let sealed = c.seal_blocks(b"chunk", 0, &plain).unwrap();
+        assert_eq!(sealed.len(), 4 * SLOT);
+        let mut out = vec![0u8; 4 * SEALED_BLOCK];
+        c.open_blocks(b"chunk", &sealed, 0, 4, &mut out).unwrap();
+        assert_eq!(&out[..plain.len()], &plain[..]);
+        assert!(
+            out[plain.len()..].iter().all(|b| *b == 0),
+            "padded with zeros"
+        );
+        // One block alone, and a block past the end or never written reads zeros.
+        let mut one = vec![0u8; SEALED_BLOCK];
+        c.open_blocks(b"chunk", &sealed, 2, 3, &mut one).unwrap();
+        assert_eq!(one, plain[2 * SEALED_BLOCK..3 * SEALED_BLOCK]);
+        c.open_blocks(b"chunk", &sealed, 7, 8, &mut one).unwrap();
+        assert!(one.iter().all(|b| *b == 0));
+        let mut holed = sealed.clone();
+        holed[SLOT..2 * SLOT].fill(0);
+        c.open_blocks(b"chunk", &holed, 1, 2, &mut one).unwrap();
+        assert!(one.iter().all(|b| *b == 0));
+        // A patch of block 1 sealed as block 1 of another write opens; moved or under
+        // another chunk it does not.
+        let patch = c.seal_blocks(b"chunk", 1, &[9u8; SEALED_BLOCK]).unwrap();
+        let mut patched = sealed.clone();
+        patched[SLOT..2 * SLOT].copy_from_slice(&patch);
+        c.open_blocks(b"chunk", &patched, 0, 4, &mut out).unwrap();
+        assert_eq!(out[SEALED_BLOCK..2 * SEALED_BLOCK], [9u8; SEALED_BLOCK]);
+        assert_eq!(out[..SEALED_BLOCK], plain[..SEALED_BLOCK]);
+        let mut moved = sealed.clone();
+        moved[..SLOT].copy_from_slice(&patch);
+        assert!(c.open_blocks(b"chunk", &moved, 0, 1, &mut one).is_err());
+        assert!(c.open_blocks(b"other", &sealed, 0, 1, &mut one).is_err());
+        assert!(c
+            .open_blocks(b"chunk", &sealed[..SLOT + 1], 0, 1, &mut one)
+            .is_err());
+        assert!(!sealed.windows(32).any(|w| w == &plain[..32]));
     }
 
     #[test]

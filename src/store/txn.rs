@@ -160,26 +160,39 @@ impl<'a> VolumeTxn<'a> {
     /// Stages chunk `idx` of `ino` as `bytes` (replacing what it held).
     pub fn put_chunk(&mut self, ino: Ino, idx: u64, bytes: &[u8]) {
         let key = codec::chunk_key(self.vid(), ino, idx);
-        let value = self.sealed(&key, bytes);
+        let value = match self.seal().seal_chunk(&key, 0, bytes) {
+            Ok(v) => v,
+            Err(e) => return self.fail(Error::Crypt(e)),
+        };
         self.batch.put_cf(self.chunk_cf(), &key, value);
     }
 
     /// Stages `bytes` at `offset` inside chunk `idx` without reading it (a merge operand,
-    /// see [`codec::merge_chunk`]). Not for an encrypted volume (its chunks are sealed
-    /// whole: see [`Volume::is_encrypted`]), whose commit then fails.
+    /// see [`codec::merge_chunk`]). For an encrypted volume `offset` and the length must
+    /// be whole sealed blocks ([`VolumeView::chunk_granule`](super::VolumeView::chunk_granule):
+    /// a short last block is padded with zeros): the patch is their sealed slots.
     pub fn patch_chunk(&mut self, ino: Ino, idx: u64, offset: u32, bytes: &[u8]) {
-        if self.seal().is_sealing() {
-            self.failed.get_or_insert(Error::Crypt(CryptError::Tampered(
-                "a patch of a sealed chunk (a bug: encrypted volumes rewrite whole chunks)",
-            )));
-            return;
-        }
         let key = codec::chunk_key(self.vid(), ino, idx);
-        self.batch.merge_cf(
-            self.chunk_cf(),
-            key,
-            codec::encode_chunk_patch(offset, bytes),
-        );
+        let seal = self.seal();
+        let granule = seal.chunk_granule();
+        if !(offset as usize).is_multiple_of(granule) {
+            return self.fail(Error::Crypt(CryptError::Tampered(
+                "a patch of a sealed chunk not on a block boundary (a bug)",
+            )));
+        }
+        let first = (offset as usize / granule) as u32;
+        let value = match seal.seal_chunk(&key, if seal.is_sealing() { first } else { 0 }, bytes) {
+            Ok(v) => v,
+            Err(e) => return self.fail(Error::Crypt(e)),
+        };
+        let at = seal.stored_offset(offset as usize) as u32;
+        self.batch
+            .merge_cf(self.chunk_cf(), key, codec::encode_chunk_patch(at, &value));
+    }
+
+    /// Keeps the first failure of staging for the commit.
+    fn fail(&mut self, e: Error) {
+        self.failed.get_or_insert(e);
     }
 
     /// Stages the removal of chunk `idx`'s bytes (not its length).

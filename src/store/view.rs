@@ -221,15 +221,40 @@ impl<'a> VolumeView<'a> {
     }
 
     /// The bytes of chunk `idx` of `ino` (empty if none are stored).
+    /// (An encrypted volume's chunk reads as whole blocks: bytes past its stored length
+    /// are zeros, as they read for any chunk.)
     pub fn chunk(&self, ino: Ino, idx: u64) -> Result<Vec<u8>> {
         let key = codec::chunk_key(self.vid, ino, idx);
         match self.store.db().get_cf(self.chunk_cf(), &key)? {
             Some(stored) if self.seal.is_sealing() => {
-                Ok(self.seal.open(&key, &stored)?.into_owned())
+                Ok(self.seal.open_chunk(&key, &stored, None)?.into_owned())
             }
             Some(stored) => Ok(stored),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// How writes into part of a chunk must be aligned to be staged as patches
+    /// ([`super::VolumeTxn::patch_chunk`]): whole sealed blocks for an encrypted volume,
+    /// any byte for others.
+    pub fn chunk_granule(&self) -> u64 {
+        self.seal.chunk_granule() as u64
+    }
+
+    /// Bytes `lo..hi` of chunk `idx` of `ino`, whole sealed blocks (for the head and tail
+    /// of a write into an encrypted chunk): zeros where nothing is stored.
+    pub fn chunk_range(&self, ino: Ino, idx: u64, lo: u64, hi: u64) -> Result<Vec<u8>> {
+        let key = codec::chunk_key(self.vid, ino, idx);
+        let (lo, hi) = (lo as usize, hi as usize);
+        let mut out = vec![0u8; hi - lo];
+        if let Some(stored) = self.store.db().get_pinned_cf(self.chunk_cf(), &key)? {
+            let plain = self.seal.open_chunk(&key, &stored, Some((lo, hi)))?;
+            let end = hi.min(plain.len());
+            if end > lo {
+                out[..end - lo].copy_from_slice(&plain[lo..end]);
+            }
+        }
+        Ok(out)
     }
 
     /// Pass over every chunk length of the volume: `f(ino, idx, length)`.
@@ -243,7 +268,7 @@ impl<'a> VolumeView<'a> {
     }
 
     /// Pass over every stored chunk of the volume: `f(ino, idx, bytes stored)` (of file
-    /// data: an encrypted chunk's nonce and tag not counted).
+    /// data: for an encrypted chunk its whole blocks, salts and tags not counted).
     pub fn each_chunk_size(&self, mut f: impl FnMut(Ino, u64, u64)) -> Result<()> {
         let (v, seal) = (self.vid, self.seal);
         self.store.scan(
@@ -252,7 +277,7 @@ impl<'a> VolumeView<'a> {
             &codec::volume_end(v),
             |k, val| {
                 let (_, ino, idx) = codec::parse_chunk_key(k)?;
-                f(ino, idx, seal.plain_len(val.len()) as u64);
+                f(ino, idx, seal.chunk_plain_len(val.len()) as u64);
                 Ok(true)
             },
         )
@@ -379,20 +404,37 @@ impl VolumeSnapshot<'_> {
     }
 
     /// Calls `f(idx, bytes)` for each stored chunk `first..=last` of `ino`, in order.
-    pub fn chunks(
+    pub fn chunks(&self, ino: Ino, first: u64, last: u64, f: impl FnMut(u64, &[u8])) -> Result<()> {
+        self.chunks_in(ino, first, last, None, f)
+    }
+
+    /// [`VolumeSnapshot::chunks`] for a read of the file's bytes `lo..hi` (`window`:
+    /// `(lo, hi, chunk size)`): of an encrypted chunk only the blocks holding them are
+    /// opened (the others read as zeros in `bytes`).
+    pub fn chunks_in(
         &self,
         ino: Ino,
         first: u64,
         last: u64,
+        window: Option<(u64, u64, u64)>,
         mut f: impl FnMut(u64, &[u8]),
     ) -> Result<()> {
         let (v, chunks, seal) = (self.vid, self.chunk_cf, self.seal);
+        // The bytes of chunk `idx` the window covers.
+        let range = |idx: u64| {
+            window.map(|(lo, hi, cs)| {
+                let start = idx * cs;
+                let a = lo.clamp(start, start + cs) - start;
+                let b = hi.clamp(start, start + cs) - start;
+                (a as usize, b as usize)
+            })
+        };
         if first == last {
             // One chunk: a point lookup, without copying the value.
             let key = codec::chunk_key(v, ino, first);
             let bytes: Option<DBPinnableSlice> = self.snap.get_pinned_cf(chunks, &key)?;
             if let Some(bytes) = bytes {
-                f(first, &seal.open(&key, &bytes)?);
+                f(first, &seal.open_chunk(&key, &bytes, range(first))?);
             }
             return Ok(());
         }
@@ -403,7 +445,7 @@ impl VolumeSnapshot<'_> {
         it.seek(codec::chunk_key(v, ino, first));
         while let (Some(k), Some(val)) = (it.key(), it.value()) {
             let (_, _, idx) = codec::parse_chunk_key(k)?;
-            f(idx, &seal.open(k, val)?);
+            f(idx, &seal.open_chunk(k, val, range(idx))?);
             it.next();
         }
         it.status()?;
