@@ -412,7 +412,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 std::env::var("NODE_NAME").ok(),
             )?;
             let fdstore = a.fdstore.map(crate::fdstore::FdStore::new);
-            runtime()?.block_on(crate::agent::run(config, fdstore))?;
+            runtime()?.block_on(crate::agent::run(config, Some(a.config), fdstore))?;
             Ok(0)
         }
         Command::Controller(a) => {

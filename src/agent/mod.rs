@@ -10,11 +10,13 @@
 //!   data-cleanup finalizer of PVs whose data is gone, confirms the quotas its mounts enforce
 //!   ([`applied_quota`], for volume expansion), keeps the static PVs published and refreshes
 //!   the capacity in the `FusevolNode` status.
+//! - [`reload`]: a changed configuration file applies its tiers and disks at once.
 
 mod applied_quota;
 pub mod config;
 mod keys;
 mod local_state;
+mod reload;
 pub mod static_pvs;
 pub mod volumes;
 
@@ -273,7 +275,11 @@ struct Round {
 /// registers the node, removes finalizers, posts events and publishes capacity, each call
 /// with a timeout. At start, before the API is reached, the volumes of the last run are
 /// served again from local state.
-pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    config_path: Option<std::path::PathBuf>,
+    fdstore: Option<FdStore>,
+) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     let tier_metrics = TierMetrics::register(&metrics);
     crate::wake::apply(config.fuse_wake_here);
@@ -369,7 +375,17 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
     }
     let (rounds, rounds_rx) = tokio::sync::watch::channel(Round::default());
     let (key_client, mut keys) = (client.clone(), keys::KeyCache::default());
-    let api_side = tokio::spawn(api_loop(client, config.clone(), rounds_rx, tier_metrics));
+    let (node_warn, node_warnings) = tokio::sync::mpsc::unbounded_channel();
+    let api_side = tokio::spawn(api_loop(
+        client,
+        config.clone(),
+        rounds_rx,
+        node_warnings,
+        tier_metrics,
+    ));
+    let mut watch =
+        config_path.map(|p| reload::ConfigWatch::new(&p, std::env::var("NODE_NAME").ok()));
+    let mut running = config.clone();
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Config(format!("cannot handle SIGTERM: {e}")))?;
@@ -396,6 +412,12 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
                 continue;
             }
             synced = true;
+        }
+        if let Some(change) = watch.as_mut().and_then(reload::ConfigWatch::poll) {
+            for (reason, w) in apply_config(change, &mut running, &manager, &metrics).await? {
+                tracing::warn!(reason, "{w}");
+                let _ = node_warn.send((reason, w));
+            }
         }
         let all: Arc<Vec<PersistentVolume>> =
             Arc::new(reader.state().iter().map(|pv| (**pv).clone()).collect());
@@ -458,6 +480,55 @@ pub async fn run(config: AgentConfig, fdstore: Option<FdStore>) -> Result<(), Ag
     Ok(())
 }
 
+/// Applies a changed configuration file (see [`reload`]): its tiers and disks now, the
+/// rest at the next start. Returns what to tell the cluster: Warning events on the node's
+/// `FusevolNode`, (reason, message); one reason per kind of problem, as events of one
+/// object and reason are aggregated into one (its first message).
+async fn apply_config(
+    change: reload::Change,
+    running: &mut AgentConfig,
+    manager: &Arc<Mutex<VolumeManager>>,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<(&'static str, String)>, AgentError> {
+    let new = match change {
+        reload::Change::Invalid(m) => {
+            return Ok(vec![(
+                "ConfigInvalid",
+                format!("configuration not applied: {m}"),
+            )])
+        }
+        reload::Change::Valid(new) => new,
+    };
+    let mut warnings = Vec::new();
+    let restart = reload::needs_restart(running, &new);
+    if !restart.is_empty() {
+        warnings.push((
+            "ConfigNeedsRestart",
+            format!(
+                "configuration changed: {} apply at the next start of the agent",
+                restart.join(", ")
+            ),
+        ));
+    }
+    let (m, tiers) = (manager.clone(), new.tiers.clone());
+    let done = tokio::task::spawn_blocking(move || m.lock().reconfigure(&tiers))
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))?;
+    for store in done.opened {
+        let disk = store.dir().display().to_string();
+        if let Err(e) = crate::control::serve(store, metrics.clone()) {
+            warnings.push((
+                "DiskNotOpened",
+                format!("control socket of new disk {disk}: {e}"),
+            ));
+        }
+    }
+    warnings.extend(done.refused.into_iter().map(|m| ("DiskChangeRefused", m)));
+    tracing::info!(tiers = %new.tiers.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","), "configuration reloaded");
+    running.tiers = new.tiers;
+    Ok(warnings)
+}
+
 /// Registers with the FUSE connection holder and, if a live agent still serves this
 /// node's volumes, asks it to hand over and waits until it has exited (its stores can be
 /// opened only then). A holder that cannot be reached is logged and not used.
@@ -512,6 +583,7 @@ async fn api_loop(
     client: Client,
     config: AgentConfig,
     mut rounds: tokio::sync::watch::Receiver<Round>,
+    mut node_warnings: tokio::sync::mpsc::UnboundedReceiver<(&'static str, String)>,
     tier_metrics: TierMetrics,
 ) {
     let node = config.node_name.clone();
@@ -580,6 +652,24 @@ async fn api_loop(
             }
         }
         reported = round.failing.clone();
+        if let Some(n) = &registered {
+            while let Ok((reason, message)) = node_warnings.try_recv() {
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: reason.into(),
+                    note: Some(truncate(&message, 1000)),
+                    action: "Reconfigure".into(),
+                    secondary: None,
+                };
+                let mut reference = n.object_ref(&());
+                reference.namespace = Some("default".into());
+                if let Err(e) =
+                    api_call("posting an event", recorder.publish(&event, &reference)).await
+                {
+                    tracing::warn!(error = %e, "event not posted");
+                }
+            }
+        }
         if let (Some(static_mode), Some(n)) = (&config.static_mode, &registered) {
             let work = static_pvs::reconcile(&client, &n.spec, static_mode, &round.all);
             if tokio::time::timeout(API_TIMEOUT * 4, work).await.is_err() {

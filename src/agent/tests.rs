@@ -607,3 +607,80 @@ async fn a_confirmation_is_an_annotation_patch_guarded_by_the_resource_version()
         }})
     );
 }
+
+/// A changed configuration (issue 15, per-node configuration without a restart): a new
+/// tier's disk is opened and offered at once; a disk that holds volumes is neither
+/// removed nor moved (refused, with a message naming it), an empty one is; a disk
+/// removed and added again comes back.
+#[test]
+fn a_reconfiguration_opens_new_disks_and_never_drops_one_holding_volumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut manager, root) = one_disk_manager(tmp.path());
+    let config = |tiers: &str| {
+        let text = format!("node_name = \"n1\"\nroot = \"{}\"\n{tiers}", root.display());
+        AgentConfig::parse(&text, None).unwrap().tiers
+    };
+    let (fast, bulk, spare) = (
+        tmp.path().join("disk"),
+        tmp.path().join("bulk"),
+        tmp.path().join("spare"),
+    );
+    let tier = |name: &str, disks: &[&std::path::Path]| {
+        let list: Vec<String> = disks
+            .iter()
+            .map(|d| format!("{:?}", d.display().to_string()))
+            .collect();
+        format!(
+            "[[tiers]]\nname = \"{name}\"\ndisks = [{}]\n",
+            list.join(", ")
+        )
+    };
+    let names = |m: &VolumeManager| -> Vec<(String, Vec<String>)> {
+        m.capacity()
+            .into_iter()
+            .map(|t| (t.name.clone(), t.disks.clone()))
+            .collect()
+    };
+    // Add a tier of two disks.
+    let r = manager.reconfigure(&config(&format!(
+        "{}{}",
+        tier("fast", &[&fast]),
+        tier("bulk", &[&bulk, &spare])
+    )));
+    assert!(r.refused.is_empty(), "{:?}", r.refused);
+    assert_eq!(r.opened.len(), 2);
+    let shown = names(&manager);
+    assert_eq!(shown[1].0, "bulk");
+    assert_eq!(shown[1].1.len(), 2);
+    // The fast disk holds a volume: removing it, or moving it, is refused; the empty
+    // spare disk goes.
+    manager.stores()[0]
+        .create_volume("pvc-1", Some(1 << 20), None)
+        .unwrap();
+    let r = manager.reconfigure(&config(&tier("bulk", &[&bulk])));
+    assert_eq!(r.refused.len(), 1, "{:?}", r.refused);
+    assert!(r.refused[0].contains("holds volumes") && r.refused[0].contains("removing it"));
+    assert_eq!(r.removed, std::slice::from_ref(&spare));
+    let shown = names(&manager);
+    let tiers: Vec<&str> = shown.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        tiers,
+        ["bulk", "fast"],
+        "fast stays while a volume is on it"
+    );
+    let r = manager.reconfigure(&config(&tier("bulk", &[&bulk, &fast])));
+    assert!(
+        r.refused[0].contains("moving it to tier \"bulk\""),
+        "{:?}",
+        r.refused
+    );
+    // The spare disk again: the same store, not a second open of it.
+    let r = manager.reconfigure(&config(&format!(
+        "{}{}",
+        tier("fast", &[&fast]),
+        tier("bulk", &[&bulk, &spare])
+    )));
+    assert!(r.refused.is_empty(), "{:?}", r.refused);
+    assert_eq!(names(&manager)[1].1.len(), 2);
+    manager.shutdown();
+}

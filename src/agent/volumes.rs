@@ -170,6 +170,36 @@ pub fn plan(node: &str, pvs: &[PersistentVolume]) -> Plan {
     Plan { wanted }
 }
 
+/// What [`VolumeManager::reconfigure`] did.
+#[derive(Default)]
+pub struct Reconfigured {
+    /// Stores of the disks opened (their control sockets are the caller's to start).
+    pub opened: Vec<Store>,
+    /// Empty disks no longer used (their store stays open until the agent restarts).
+    pub removed: Vec<PathBuf>,
+    /// What was refused or failed, one message each.
+    pub refused: Vec<String>,
+}
+
+/// Opens (or creates) the store of disk `path` of `tier`.
+fn open_disk(tier: &TierConfig, path: &Path, metrics: &Metrics) -> Result<Disk, VolumeError> {
+    let opts = StoreOptions {
+        free_space_floor: tier.free_space_floor,
+        memory_budget: tier.memory_budget,
+        ..Default::default()
+    };
+    let store = Store::open_or_create(path, &opts).map_err(|source| VolumeError::Store {
+        disk: path.to_path_buf(),
+        source,
+    })?;
+    metrics.watch_store(&tier.name, &store);
+    Ok(Disk {
+        tier: tier.name.clone(),
+        path: path.to_path_buf(),
+        store,
+    })
+}
+
 /// What [`VolumeManager::apply`] did.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -199,6 +229,9 @@ pub struct VolumeManager {
     orphaned: BTreeSet<String>,
     /// PVs served before (see [`VolumeManager::remember_served`]).
     known: BTreeSet<String>,
+    /// Empty disks removed from the configuration: their stores stay open (their control
+    /// sockets hold them) for a configuration that adds them again.
+    retired: Vec<Disk>,
     metrics: Arc<Metrics>,
     serve_options: ServeOptions,
     /// The fd holder's ownership session the served connections were last handed under.
@@ -211,22 +244,7 @@ impl VolumeManager {
         let mut disks = Vec::new();
         for tier in &config.tiers {
             for path in &tier.disks {
-                let opts = StoreOptions {
-                    free_space_floor: tier.free_space_floor,
-                    memory_budget: tier.memory_budget,
-                    ..Default::default()
-                };
-                let store =
-                    Store::open_or_create(path, &opts).map_err(|source| VolumeError::Store {
-                        disk: path.clone(),
-                        source,
-                    })?;
-                metrics.watch_store(&tier.name, &store);
-                disks.push(Disk {
-                    tier: tier.name.clone(),
-                    path: path.clone(),
-                    store,
-                });
+                disks.push(open_disk(tier, path, &metrics)?);
             }
         }
         Ok(VolumeManager {
@@ -236,6 +254,7 @@ impl VolumeManager {
             served: BTreeMap::new(),
             orphaned: BTreeSet::new(),
             known: BTreeSet::new(),
+            retired: Vec::new(),
             metrics,
             serve_options: ServeOptions {
                 allow_other: true,
@@ -246,6 +265,80 @@ impl VolumeManager {
             },
             held_session: None,
         })
+    }
+
+    /// Applies the tiers of a changed configuration (see [`super::reload`]): opens the
+    /// disks that are new, moves an empty disk to its new tier, forgets an empty disk that
+    /// is gone. A disk that holds volumes is never dropped nor moved: it stays in its tier
+    /// (capacity, serving) and the refusal is reported, until its volumes are gone.
+    pub fn reconfigure(&mut self, tiers: &[TierConfig]) -> Reconfigured {
+        let mut out = Reconfigured::default();
+        let wanted = |path: &Path| tiers.iter().find(|t| t.disks.iter().any(|d| d == path));
+        let mut kept_tiers = BTreeSet::new();
+        let mut i = 0;
+        while i < self.disks.len() {
+            let d = &self.disks[i];
+            let to = wanted(&d.path);
+            if to.is_some_and(|t| t.name == d.tier) {
+                i += 1;
+                continue;
+            }
+            let volumes = d.store.volume_names().map_or(usize::MAX, |v| v.len());
+            if volumes > 0 {
+                let what = match to {
+                    Some(t) => format!("moving it to tier {:?}", t.name),
+                    None => "removing it".to_string(),
+                };
+                out.refused.push(format!(
+                    "disk {} of tier {:?} holds volumes: {what} is refused; it stays in tier {:?} until its volumes are gone",
+                    d.path.display(),
+                    d.tier,
+                    d.tier
+                ));
+                kept_tiers.insert(d.tier.clone());
+                i += 1;
+            } else if let Some(t) = to {
+                tracing::info!(disk = %d.path.display(), from = %d.tier, to = %t.name, "empty disk moved to another tier");
+                self.disks[i].tier = t.name.clone();
+                i += 1;
+            } else {
+                let d = self.disks.remove(i);
+                tracing::info!(disk = %d.path.display(), tier = %d.tier, "empty disk removed from the configuration: no longer used");
+                out.removed.push(d.path.clone());
+                self.retired.push(d);
+            }
+        }
+        for tier in tiers {
+            for path in &tier.disks {
+                if self.disks.iter().any(|d| d.path == *path) {
+                    continue;
+                }
+                if let Some(i) = self.retired.iter().position(|d| d.path == *path) {
+                    let mut d = self.retired.remove(i);
+                    d.tier = tier.name.clone();
+                    tracing::info!(disk = %path.display(), tier = %tier.name, "disk added again");
+                    self.disks.push(d);
+                    continue;
+                }
+                match open_disk(tier, path, &self.metrics) {
+                    Ok(disk) => {
+                        tracing::info!(disk = %path.display(), tier = %tier.name, "disk added");
+                        out.opened.push(disk.store.clone());
+                        self.disks.push(disk);
+                    }
+                    Err(e) => out.refused.push(format!("new disk not opened: {e}")),
+                }
+            }
+        }
+        // A tier gone from the configuration stays while a disk of it holds volumes.
+        let mut new_tiers = tiers.to_vec();
+        for t in &self.tiers {
+            if kept_tiers.contains(&t.name) && !new_tiers.iter().any(|n| n.name == t.name) {
+                new_tiers.push(t.clone());
+            }
+        }
+        self.tiers = new_tiers;
+        out
     }
 
     /// Serves through the FUSE connection holder: mounts outlive this agent, and the next
@@ -766,9 +859,9 @@ impl VolumeManager {
                     t.name.clone(),
                     raw.saturating_sub(t.reserved),
                     allocated,
-                    t.disks
+                    disks
                         .iter()
-                        .map(|d| d.to_string_lossy().into_owned())
+                        .map(|d| d.path.to_string_lossy().into_owned())
                         .collect(),
                 )
             })

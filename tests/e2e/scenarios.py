@@ -897,6 +897,51 @@ def encryption(c):
     check_alive(c)
 
 
+@scenario("reconfigure")
+def reconfigure(c):
+    """Issue 15: per-node configuration changes without a restart. A tier added to one
+    node's configuration file (written as the kubelet updates a ConfigMap volume: a new
+    file renamed over the old) is published by the same agent process within a round and
+    gets claims; removing a disk that holds a volume is refused with a Warning on the
+    node's FusevolNode, and the volume stays served; an invalid file is reported and the
+    running configuration kept."""
+    ns = "e2e-reconfigure"
+    start_fusevol(c, {n: [Tier("fast", "4Gi")] for n in c.node_names})
+    c.ensure_namespace(ns)
+    node = c.node_names[0]
+    agent = c.agents[node]
+    pid = agent.proc.pid
+    original = agent.config_path.read_text()
+    bulk_disk = c.node_dir(node) / "disks" / "bulk-0"
+    bulk_disk.mkdir(parents=True, exist_ok=True)
+
+    def rewrite(text):
+        tmp = agent.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.rename(tmp, agent.config_path)
+    rewrite(original + f'\n[[tiers]]\nname = "bulk"\ndisks = ["{bulk_disk}"]\ncapacity = "2Gi"\n')
+    wait_for(lambda: fvn_tier(c, node, "bulk"), 40, f"FusevolNode {node} to publish tier bulk")
+    check(agent.proc.alive() and agent.proc.pid == pid, "the agent restarted to apply its configuration")
+    c.create(storage_class("e2e-bulk", tier="bulk"))
+    c.create(*claim_with_pod("b", ns, "e2e-bulk", "1Gi"))
+    wait_bound(c, ns, ["b"], 90)
+    (v,) = wait_kubelet_view(c, ns, "b", timeout=60)
+    check(v.node == node, f"a claim of tier bulk landed on {v.node}, the only bulk node is {node}")
+    write_file(os.path.join(v.path, "before"), payload("before"))
+    # The bulk disk holds that volume: removing the tier is refused, the volume served.
+    rewrite(original)
+    wait_warning(c, "default", "FusevolNode", node, ["holds volumes", str(bulk_disk)], timeout=40)
+    write_file(os.path.join(v.path, "after"), payload("after"))
+    check(fvn_tier(c, node, "bulk")["allocatedBytes"] == GiB, "tier bulk no longer counts its volume")
+    # An invalid file: reported, nothing changes.
+    rewrite("this is = not [ toml")
+    wait_warning(c, "default", "FusevolNode", node, ["configuration not applied"], timeout=40)
+    check(agent.proc.alive() and agent.proc.pid == pid, "the agent exited on an invalid configuration")
+    check(open(os.path.join(v.path, "before"), "rb").read() == payload("before"), "data changed")
+    rewrite(original)
+    check_alive(c)
+
+
 def check_compressed_volume(c, ns, pod_name, algorithm):
     """Issue 14 §2: the class's `compression` reaches the node: the volume of `pod_name` is
     created with `algorithm`, and text written through the pod's view is stored in a fraction
