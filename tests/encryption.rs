@@ -256,15 +256,10 @@ fn inspect_reports_encryption_and_the_quota_counts_the_bytes_written() {
     .ok();
     assert_eq!(out.json()["encryption"]["algorithm"], "aes-256-gcm");
     create_volume(&dirs.data, "plain", &["--json"]).ok();
-    let out = fusevol(args!["volume", "list", "--data", &dirs.data, "--json"]).ok();
-    let algorithms: Vec<String> = out
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["encryption"]["algorithm"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(algorithms, ["none", "aes-256-gcm"]);
+    assert_eq!(
+        listed_algorithms(&dirs.data, "encryption"),
+        ["none", "aes-256-gcm"]
+    );
     let out = fusevol(args!["volume", "inspect", "--data", &dirs.data, "vault"]).ok();
     assert!(
         out.stdout.contains("encryption=aes-256-gcm"),

@@ -27,6 +27,12 @@
 //! name = "fast"
 //! disks = ["/var/lib/fusevol/disks/nvme1"]
 //!
+//! [[nodes]]                       # or by the node's labels (all must match); an entry
+//! labels = { "fusevol.io/disks" = "two-nvme" }  # naming the node wins over labels
+//! [[nodes.tiers]]
+//! name = "fast"
+//! disks = ["/mnt/nvme0/fusevol", "/mnt/nvme1/fusevol"]
+//!
 //! [static]                        # optional: static-provisioner mode
 //! storage_class = "fusevol-static"
 //! [[static.pools]]
@@ -35,7 +41,7 @@
 //! size = "10Gi"
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -78,11 +84,15 @@ struct RawConfig {
     static_: Option<RawStatic>,
 }
 
-/// `[[nodes]]`: the nodes named in `names` use `tiers` instead of the top-level ones.
+/// `[[nodes]]`: the nodes named in `names`, or else the nodes with all of `labels`, use
+/// `tiers` instead of the top-level ones.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNode {
+    #[serde(default)]
     names: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
     tiers: Vec<RawTier>,
 }
 
@@ -125,8 +135,19 @@ pub struct AgentConfig {
     pub fuse_wake_here: bool,
     /// FUSE workers take turns at reading (`crate::mount::ServeOptions::split_data`).
     pub split_data: bool,
+    /// The node's tiers: of the `[[nodes]]` entry naming it, else the top-level ones
+    /// (before [`AgentConfig::with_labels`] applies the entries that match by labels).
     pub tiers: Vec<TierConfig>,
+    /// `[[nodes]]` entries that match by labels, when no entry names the node.
+    pub by_labels: Vec<LabelOverride>,
     pub static_mode: Option<StaticConfig>,
+}
+
+/// A `[[nodes]]` entry matching nodes by their labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelOverride {
+    pub labels: BTreeMap<String, String>,
+    pub tiers: Vec<TierConfig>,
 }
 
 /// One disk pool.
@@ -214,7 +235,7 @@ impl AgentConfig {
                 .parse()
                 .map_err(|e| invalid(format!("max_dirty: {e}")))?,
         };
-        let raw_tiers = tiers_of_node(&node_name, raw.tiers, raw.nodes)?;
+        let (raw_tiers, by_labels) = tiers_of_node(&node_name, raw.tiers, raw.nodes)?;
         let tiers = validate_tiers(raw_tiers)?;
         let names: BTreeSet<String> = tiers.iter().map(|t| t.name.clone()).collect();
         let static_mode = match raw.static_ {
@@ -260,8 +281,39 @@ impl AgentConfig {
             fuse_wake_here: raw.fuse_wake_here.unwrap_or(true),
             split_data: raw.split_data.unwrap_or(true),
             tiers,
+            by_labels,
             static_mode,
         })
+    }
+
+    /// This configuration for a node with `labels`: the tiers of the `[[nodes]]` entry
+    /// whose labels it has, if no entry names the node. A node that two entries match by
+    /// labels is an error (which tiers would be a guess).
+    pub fn with_labels(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let matching: Vec<&LabelOverride> = self
+            .by_labels
+            .iter()
+            .filter(|o| o.labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .collect();
+        let mut out = self.clone();
+        match matching.as_slice() {
+            [] => {}
+            [one] => out.tiers = one.tiers.clone(),
+            many => {
+                let shown: Vec<String> = many.iter().map(|o| format!("{:?}", o.labels)).collect();
+                return Err(ConfigError::Invalid(format!(
+                    "node {:?} matches {} [[nodes]] entries by labels: {}",
+                    self.node_name,
+                    many.len(),
+                    shown.join(", ")
+                )));
+            }
+        }
+        out.by_labels.clear();
+        Ok(out)
     }
 
     /// The tier named `name`.
@@ -270,22 +322,43 @@ impl AgentConfig {
     }
 }
 
-/// The tiers that apply to node `node`: those of the first `[[nodes]]` entry naming it, else
-/// the top-level ones. A node named by two entries is an error; so is an entry without
-/// names, as it would apply to no node.
+/// The tiers that apply to node `node`: those of the `[[nodes]]` entry naming it, else
+/// the top-level ones; and, when no entry names it, the entries that match by labels. A
+/// node named by two entries is an error; so is an entry with neither names nor labels
+/// (it would apply to no node) or with both.
 fn tiers_of_node(
     node: &str,
     top: Vec<RawTier>,
     nodes: Vec<RawNode>,
-) -> Result<Vec<RawTier>, ConfigError> {
+) -> Result<(Vec<RawTier>, Vec<LabelOverride>), ConfigError> {
     let mut chosen = None;
     let mut seen = BTreeSet::new();
+    let mut by_labels = Vec::new();
     for (i, n) in nodes.into_iter().enumerate() {
-        if n.names.is_empty() {
-            return Err(ConfigError::Invalid(format!(
-                "[[nodes]] entry {} has no names (list the node names it applies to)",
-                i + 1
-            )));
+        match (n.names.is_empty(), n.labels.is_empty()) {
+            (true, true) => {
+                return Err(ConfigError::Invalid(format!(
+                    "[[nodes]] entry {} has neither names nor labels (list the node names, or the labels, it applies to)",
+                    i + 1
+                )))
+            }
+            (false, false) => {
+                return Err(ConfigError::Invalid(format!(
+                    "[[nodes]] entry {} has both names and labels: use one (an entry naming a node wins over entries matching its labels)",
+                    i + 1
+                )))
+            }
+            (true, false) => {
+                let label = format!("[[nodes]] labels {:?}", n.labels);
+                let tiers = validate_tiers(n.tiers)
+                    .map_err(|e| ConfigError::Invalid(format!("{label}: {e}")))?;
+                by_labels.push(LabelOverride {
+                    labels: n.labels,
+                    tiers,
+                });
+                continue;
+            }
+            (false, true) => {}
         }
         for name in &n.names {
             if !seen.insert(name.clone()) {
@@ -302,7 +375,10 @@ fn tiers_of_node(
             chosen = Some(n.tiers);
         }
     }
-    Ok(chosen.unwrap_or(top))
+    match chosen {
+        Some(tiers) => Ok((tiers, Vec::new())),
+        None => Ok((top, by_labels)),
+    }
 }
 
 /// Validates tiers: names, disks (absolute, each in one tier), quantities.
@@ -393,6 +469,74 @@ mod tests {
         count = 3
         size = "1Gi"
     "#;
+
+    #[test]
+    fn nodes_entries_match_by_labels_unless_one_names_the_node() {
+        let text = r#"
+            [[tiers]]
+            name = "fast"
+            disks = ["/d/default"]
+            [[nodes]]
+            labels = { "disks" = "two", "zone" = "a" }
+            [[nodes.tiers]]
+            name = "fast"
+            disks = ["/d/n0", "/d/n1"]
+            [[nodes]]
+            labels = { "disks" = "two" }
+            [[nodes.tiers]]
+            name = "bulk"
+            disks = ["/d/hdd"]
+            [[nodes]]
+            names = ["special"]
+            [[nodes.tiers]]
+            name = "fast"
+            disks = ["/d/special"]
+        "#;
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let disks = |c: &AgentConfig| -> Vec<String> {
+            c.tiers
+                .iter()
+                .flat_map(|t| &t.disks)
+                .map(|d| d.display().to_string())
+                .collect()
+        };
+        let c = AgentConfig::parse(text, Some("n1".into())).unwrap();
+        assert_eq!(
+            disks(&c),
+            ["/d/default"],
+            "before labels are known: top-level"
+        );
+        let none = c.with_labels(&labels(&[("zone", "a")])).unwrap();
+        assert_eq!(disks(&none), ["/d/default"]);
+        let hdd = c
+            .with_labels(&labels(&[("disks", "two"), ("zone", "b")]))
+            .unwrap();
+        assert_eq!(disks(&hdd), ["/d/hdd"]);
+        let e = c
+            .with_labels(&labels(&[("disks", "two"), ("zone", "a")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matches 2 [[nodes]] entries by labels"), "{e}");
+        // A name wins over labels.
+        let s = AgentConfig::parse(text, Some("special".into())).unwrap();
+        let s = s
+            .with_labels(&labels(&[("disks", "two"), ("zone", "a")]))
+            .unwrap();
+        assert_eq!(disks(&s), ["/d/special"]);
+        for bad in [
+            "[[nodes]]\n[[nodes.tiers]]\nname = \"f\"\ndisks = [\"/d/x\"]\n",
+            "[[nodes]]\nnames = [\"a\"]\nlabels = { k = \"v\" }\n[[nodes.tiers]]\nname = \"f\"\ndisks = [\"/d/x\"]\n",
+        ] {
+            let text = format!("[[tiers]]\nname = \"f\"\ndisks = [\"/d/y\"]\n{bad}");
+            let e = AgentConfig::parse(&text, Some("n".into())).unwrap_err().to_string();
+            assert!(e.contains("names") && e.contains("labels"), "{e}");
+        }
+    }
 
     #[test]
     fn a_full_config_parses_with_defaults_filled_in() {
@@ -512,7 +656,7 @@ mod tests {
             ),
             (
                 PER_NODE.replace("names = [\"small-1\"]", "names = []"),
-                "[[nodes]] entry 2 has no names",
+                "[[nodes]] entry 2 has neither names nor labels",
             ),
             (
                 PER_NODE.replace("name = \"bulk\"", "name = \"Bulk\""),

@@ -276,10 +276,12 @@ struct Round {
 /// with a timeout. At start, before the API is reached, the volumes of the last run are
 /// served again from local state.
 pub async fn run(
-    config: AgentConfig,
+    base: AgentConfig,
     config_path: Option<std::path::PathBuf>,
     fdstore: Option<FdStore>,
 ) -> Result<(), AgentError> {
+    // Before any disk is opened: which ones are this node's may depend on its labels.
+    let (config, labels) = labelled(&base).await?;
     let metrics = Arc::new(Metrics::new());
     let tier_metrics = TierMetrics::register(&metrics);
     crate::wake::apply(config.fuse_wake_here);
@@ -376,16 +378,18 @@ pub async fn run(
     let (rounds, rounds_rx) = tokio::sync::watch::channel(Round::default());
     let (key_client, mut keys) = (client.clone(), keys::KeyCache::default());
     let (node_warn, node_warnings) = tokio::sync::mpsc::unbounded_channel();
+    let (labels_tx, mut labels_rx) = tokio::sync::watch::channel(labels.clone());
     let api_side = tokio::spawn(api_loop(
         client,
         config.clone(),
         rounds_rx,
         node_warnings,
+        labels_tx,
         tier_metrics,
     ));
     let mut watch =
         config_path.map(|p| reload::ConfigWatch::new(&p, std::env::var("NODE_NAME").ok()));
-    let mut running = config.clone();
+    let (mut base, mut labels, mut running) = (base, labels, config.clone());
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Config(format!("cannot handle SIGTERM: {e}")))?;
@@ -413,11 +417,48 @@ pub async fn run(
             }
             synced = true;
         }
-        if let Some(change) = watch.as_mut().and_then(reload::ConfigWatch::poll) {
-            for (reason, w) in apply_config(change, &mut running, &manager, &metrics).await? {
-                tracing::warn!(reason, "{w}");
-                let _ = node_warn.send((reason, w));
+        let mut warnings = Vec::new();
+        let mut recompute = false;
+        match watch.as_mut().and_then(reload::ConfigWatch::poll) {
+            None => {}
+            Some(reload::Change::Invalid(m)) => {
+                warnings.push(("ConfigInvalid", format!("configuration not applied: {m}")));
             }
+            Some(reload::Change::Valid(new)) => {
+                base = *new;
+                recompute = true;
+            }
+        }
+        if labels_rx.has_changed().unwrap_or(false) {
+            labels = labels_rx.borrow_and_update().clone();
+            if let Some(l) = &labels {
+                save_labels(&base.root, l);
+            }
+            recompute |= !base.by_labels.is_empty();
+        }
+        if recompute {
+            match (&labels, base.by_labels.is_empty()) {
+                (None, false) => warnings.push((
+                    "ConfigInvalid",
+                    "configuration not applied: its [[nodes]] entries by labels wait for the Node's labels".to_string(),
+                )),
+                (labels, _) => {
+                    let resolved = match labels {
+                        Some(l) => base.with_labels(l),
+                        None => Ok(base.clone()),
+                    };
+                    match resolved {
+                        Ok(new) => warnings
+                            .extend(apply_config(new, &mut running, &manager, &metrics).await?),
+                        Err(e) => warnings
+                            .push(("ConfigInvalid", format!("configuration not applied: {e}"))),
+                    }
+                }
+            }
+        }
+        for (reason, w) in warnings {
+            tracing::warn!(reason, "{w}");
+            let _ = node_warn.send((reason, w));
         }
         let all: Arc<Vec<PersistentVolume>> =
             Arc::new(reader.state().iter().map(|pv| (**pv).clone()).collect());
@@ -485,20 +526,14 @@ pub async fn run(
 /// `FusevolNode`, (reason, message); one reason per kind of problem, as events of one
 /// object and reason are aggregated into one (its first message).
 async fn apply_config(
-    change: reload::Change,
+    new: AgentConfig,
     running: &mut AgentConfig,
     manager: &Arc<Mutex<VolumeManager>>,
     metrics: &Arc<Metrics>,
 ) -> Result<Vec<(&'static str, String)>, AgentError> {
-    let new = match change {
-        reload::Change::Invalid(m) => {
-            return Ok(vec![(
-                "ConfigInvalid",
-                format!("configuration not applied: {m}"),
-            )])
-        }
-        reload::Change::Valid(new) => new,
-    };
+    if new.tiers == running.tiers && reload::needs_restart(running, &new).is_empty() {
+        return Ok(Vec::new());
+    }
     let mut warnings = Vec::new();
     let restart = reload::needs_restart(running, &new);
     if !restart.is_empty() {
@@ -527,6 +562,84 @@ async fn apply_config(
     tracing::info!(tiers = %new.tiers.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","), "configuration reloaded");
     running.tiers = new.tiers;
     Ok(warnings)
+}
+
+/// Where the agent keeps the labels its node had when last read (for a start while the API
+/// server cannot be reached).
+const LABELS_FILE: &str = "node-labels.json";
+/// How often the API side reads the Node's labels again.
+const LABELS_EVERY: Duration = Duration::from_secs(60);
+
+/// `base` for this node's labels, when `[[nodes]]` entries match by labels: the Node's
+/// labels are read before any disk is opened (they decide which disks are the node's), or,
+/// if the API server cannot be reached, those of the last start. With neither the agent
+/// does not start: opening the top-level disks on a node meant for others would create
+/// stores where none belong (the DaemonSet starts it again; mounts stay with the fd holder).
+async fn labelled(
+    base: &AgentConfig,
+) -> Result<(AgentConfig, Option<BTreeMap<String, String>>), AgentError> {
+    if base.by_labels.is_empty() {
+        return Ok((base.clone(), None));
+    }
+    let read = match client().await {
+        Ok(c) => node_labels(&c, &base.node_name).await,
+        Err(e) => Err(e.to_string()),
+    };
+    choose_labels(base, read)
+}
+
+/// [`labelled`] once the Node's labels were read (`read`), or not.
+fn choose_labels(
+    base: &AgentConfig,
+    read: Result<BTreeMap<String, String>, String>,
+) -> Result<(AgentConfig, Option<BTreeMap<String, String>>), AgentError> {
+    let node = &base.node_name;
+    let labels = match read {
+        Ok(l) => {
+            save_labels(&base.root, &l);
+            l
+        }
+        Err(e) => {
+            let path = base.root.join(LABELS_FILE);
+            let kept = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            match kept {
+                Some(l) => {
+                    tracing::warn!(error = %e, "cannot read the Node's labels; using those of the last start");
+                    l
+                }
+                None => {
+                    return Err(AgentError::Config(format!(
+                        "the configuration chooses disks by node labels, and the labels of Node {node} cannot be read ({e}) nor were kept by an earlier start"
+                    )))
+                }
+            }
+        }
+    };
+    let config = base
+        .with_labels(&labels)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    Ok((config, Some(labels)))
+}
+
+/// The labels of Node `node`.
+async fn node_labels(client: &Client, node: &str) -> Result<BTreeMap<String, String>, String> {
+    let api: Api<Node> = Api::all(client.clone());
+    api_call("reading the Node's labels", api.get(node))
+        .await
+        .map(|n| n.labels().clone())
+}
+
+fn save_labels(root: &std::path::Path, labels: &BTreeMap<String, String>) {
+    let write = std::fs::create_dir_all(root).and_then(|()| {
+        let tmp = root.join(format!("{LABELS_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(labels).unwrap_or_default())?;
+        std::fs::rename(&tmp, root.join(LABELS_FILE))
+    });
+    if let Err(e) = write {
+        tracing::warn!(error = %e, "cannot keep the Node's labels");
+    }
 }
 
 /// Registers with the FUSE connection holder and, if a live agent still serves this
@@ -584,8 +697,10 @@ async fn api_loop(
     config: AgentConfig,
     mut rounds: tokio::sync::watch::Receiver<Round>,
     mut node_warnings: tokio::sync::mpsc::UnboundedReceiver<(&'static str, String)>,
+    labels: tokio::sync::watch::Sender<Option<BTreeMap<String, String>>>,
     tier_metrics: TierMetrics,
 ) {
+    let mut labels_read: Option<Instant> = None;
     let node = config.node_name.clone();
     let recorder = Recorder::new(
         client.clone(),
@@ -652,6 +767,20 @@ async fn api_loop(
             }
         }
         reported = round.failing.clone();
+        // The node's labels (`[[nodes]]` entries may match them), read now and then.
+        if labels_read.is_none_or(|t| t.elapsed() >= LABELS_EVERY) {
+            match node_labels(&client, &node).await {
+                Ok(l) => {
+                    labels_read = Some(Instant::now());
+                    labels.send_if_modified(|cur| {
+                        let changed = cur.as_ref() != Some(&l);
+                        *cur = Some(l);
+                        changed
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "node labels not read"),
+            }
+        }
         if let Some(n) = &registered {
             while let Ok((reason, message)) = node_warnings.try_recv() {
                 let event = Event {

@@ -684,3 +684,31 @@ fn a_reconfiguration_opens_new_disks_and_never_drops_one_holding_volumes() {
     assert_eq!(names(&manager)[1].1.len(), 2);
     manager.shutdown();
 }
+
+/// `[[nodes]]` entries by labels: the labels read decide the disks, and are kept for a
+/// start without the API server; with neither, the agent refuses to start rather than
+/// open the top-level disks.
+#[test]
+fn labels_read_or_kept_choose_the_disks_and_without_them_the_agent_does_not_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let text = format!(
+        "node_name = \"n1\"\nroot = \"{}\"\n[[tiers]]\nname = \"fast\"\ndisks = [\"/d/top\"]\n[[nodes]]\nlabels = {{ disks = \"nvme\" }}\n[[nodes.tiers]]\nname = \"fast\"\ndisks = [\"/d/nvme\"]\n",
+        root.display()
+    );
+    let base = AgentConfig::parse(&text, None).unwrap();
+    let disk = |c: &AgentConfig| c.tiers[0].disks[0].display().to_string();
+    let e = super::choose_labels(&base, Err("API down".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot be read (API down)"), "{e}");
+    let nvme: std::collections::BTreeMap<String, String> =
+        [("disks".to_string(), "nvme".to_string())].into();
+    let (c, l) = super::choose_labels(&base, Ok(nvme.clone())).unwrap();
+    assert_eq!((disk(&c), l), ("/d/nvme".to_string(), Some(nvme.clone())));
+    // Kept: the next start without the API server chooses the same disks.
+    let (c, _) = super::choose_labels(&base, Err("API down".into())).unwrap();
+    assert_eq!(disk(&c), "/d/nvme");
+    let (c, _) = super::choose_labels(&base, Ok(Default::default())).unwrap();
+    assert_eq!(disk(&c), "/d/top", "relabelled: the top-level tiers");
+}

@@ -774,6 +774,18 @@ pub fn create_volume(data: &Path, name: &str, extra: &[&str]) -> Out {
     fusevol(a)
 }
 
+/// `volume list --json` of store `data`: each volume's `<option>.algorithm`
+/// (`compression`, `encryption`), in list order.
+pub fn listed_algorithms(data: &Path, option: &str) -> Vec<String> {
+    let out = fusevol(args!["volume", "list", "--data", data, "--json"]).ok();
+    out.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[option]["algorithm"].as_str().unwrap().to_string())
+        .collect()
+}
+
 pub fn fsck(data: &Path, extra: &[&str]) -> Out {
     let mut a = args!["fsck", "--data", data];
     a.extend(extra.iter().map(OsString::from));

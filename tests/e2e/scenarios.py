@@ -939,6 +939,22 @@ def reconfigure(c):
     check(agent.proc.alive() and agent.proc.pid == pid, "the agent exited on an invalid configuration")
     check(open(os.path.join(v.path, "before"), "rb").read() == payload("before"), "data changed")
     rewrite(original)
+    # [[nodes]] by labels: node b gets tier "lab" once the Node carries the label.
+    other = c.agents[c.node_names[1]]
+    lab_disk = c.node_dir(other.node) / "disks" / "lab-0"
+    lab_disk.mkdir(parents=True, exist_ok=True)
+    text = other.config_path.read_text()
+    tmp = other.config_path.with_suffix(".tmp")
+    tmp.write_text(text + f'\n[[nodes]]\nlabels = {{ "fusevol-e2e/disks" = "lab" }}\n'
+                          f'[[nodes.tiers]]\nname = "lab"\ndisks = ["{lab_disk}"]\n')
+    os.rename(tmp, other.config_path)
+    time.sleep(12)
+    check(all(t["name"] != "lab" for t in c.get("fusevolnodes", other.node)["status"]["tiers"]),
+          f"{other.node} has tier lab without the label")
+    c.kubectl("label", "node", other.node, "fusevol-e2e/disks=lab")
+    wait_for(lambda: fvn_tier(c, other.node, "lab"), 90,
+             f"FusevolNode {other.node} to publish tier lab after the Node was labelled")
+    check(other.proc.alive(), "the agent of the labelled node exited")
     check_alive(c)
 
 
