@@ -407,12 +407,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Fsck(a) => fsck_cmd(a),
         Command::Agent(a) => {
-            let config = crate::agent::config::AgentConfig::load(
+            let (config, text) = crate::agent::config::AgentConfig::load_text(
                 &a.config,
                 std::env::var("NODE_NAME").ok(),
             )?;
             let fdstore = a.fdstore.map(crate::fdstore::FdStore::new);
-            runtime()?.block_on(crate::agent::run(config, Some(a.config), fdstore))?;
+            let source = Some((a.config, text));
+            runtime()?.block_on(crate::agent::run(config, source, fdstore))?;
             Ok(0)
         }
         Command::Controller(a) => {

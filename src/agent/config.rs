@@ -191,17 +191,26 @@ pub const DEFAULT_STATIC_CLASS: &str = "fusevol-static";
 impl AgentConfig {
     /// Reads and validates `path`; `node_env` is the value of `NODE_NAME`, if set.
     pub fn load(path: &Path, node_env: Option<String>) -> Result<AgentConfig, ConfigError> {
+        Self::load_text(path, node_env).map(|(c, _)| c)
+    }
+
+    /// [`AgentConfig::load`], and the text it was parsed from.
+    pub fn load_text(
+        path: &Path,
+        node_env: Option<String>,
+    ) -> Result<(AgentConfig, String), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
-        Self::parse(&text, node_env).map_err(|e| match e {
+        let config = Self::parse(&text, node_env).map_err(|e| match e {
             ConfigError::Invalid(message) => ConfigError::Parse {
                 path: path.into(),
                 message,
             },
             other => other,
-        })
+        })?;
+        Ok((config, text))
     }
 
     /// Parses and validates a configuration text.
@@ -237,7 +246,13 @@ impl AgentConfig {
         };
         let (raw_tiers, by_labels) = tiers_of_node(&node_name, raw.tiers, raw.nodes)?;
         let tiers = validate_tiers(raw_tiers)?;
-        let names: BTreeSet<String> = tiers.iter().map(|t| t.name.clone()).collect();
+        // A static pool may use a tier of the node's own tiers or of an entry matching it by
+        // labels (checked again once the labels decide: `with_labels`).
+        let names: BTreeSet<String> = tiers
+            .iter()
+            .chain(by_labels.iter().flat_map(|o| &o.tiers))
+            .map(|t| t.name.clone())
+            .collect();
         let static_mode = match raw.static_ {
             None => None,
             Some(s) => {
@@ -311,6 +326,16 @@ impl AgentConfig {
                     shown.join(", ")
                 )));
             }
+        }
+        let names: BTreeSet<&str> = out.tiers.iter().map(|t| t.name.as_str()).collect();
+        let mut pools = out.static_mode.iter().flat_map(|s| &s.pools);
+        if let Some(p) = pools.find(|p| !names.contains(p.tier.as_str())) {
+            return Err(ConfigError::Invalid(format!(
+                "static pool: unknown tier {:?} for node {:?} (its tiers: {})",
+                p.tier,
+                self.node_name,
+                names.iter().copied().collect::<Vec<_>>().join(", ")
+            )));
         }
         out.by_labels.clear();
         Ok(out)

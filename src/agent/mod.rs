@@ -277,7 +277,7 @@ struct Round {
 /// served again from local state.
 pub async fn run(
     base: AgentConfig,
-    config_path: Option<std::path::PathBuf>,
+    config_source: Option<(std::path::PathBuf, String)>,
     fdstore: Option<FdStore>,
 ) -> Result<(), AgentError> {
     // Before any disk is opened: which ones are this node's may depend on its labels.
@@ -387,9 +387,12 @@ pub async fn run(
         labels_tx,
         tier_metrics,
     ));
-    let mut watch =
-        config_path.map(|p| reload::ConfigWatch::new(&p, std::env::var("NODE_NAME").ok()));
+    let mut watch = config_source
+        .map(|(p, text)| reload::ConfigWatch::new(&p, text, std::env::var("NODE_NAME").ok()));
     let (mut base, mut labels, mut running) = (base, labels, config.clone());
+    // A disk added by the configuration that could not be opened yet: tried every round.
+    let mut retry = false;
+    let mut last_warnings = std::collections::BTreeSet::new();
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Config(format!("cannot handle SIGTERM: {e}")))?;
@@ -418,7 +421,7 @@ pub async fn run(
             synced = true;
         }
         let mut warnings = Vec::new();
-        let mut recompute = false;
+        let mut recompute = std::mem::take(&mut retry);
         match watch.as_mut().and_then(reload::ConfigWatch::poll) {
             None => {}
             Some(reload::Change::Invalid(m)) => {
@@ -448,17 +451,27 @@ pub async fn run(
                         None => Ok(base.clone()),
                     };
                     match resolved {
-                        Ok(new) => warnings
-                            .extend(apply_config(new, &mut running, &manager, &metrics).await?),
+                        Ok(new) => {
+                            let (w, complete) =
+                                apply_config(new, &mut running, &manager, &metrics).await?;
+                            warnings.extend(w);
+                            retry = !complete;
+                        }
                         Err(e) => warnings
                             .push(("ConfigInvalid", format!("configuration not applied: {e}"))),
                     }
                 }
             }
         }
-        for (reason, w) in warnings {
+        // Said once each (a retried disk gives the same message every round).
+        let now: std::collections::BTreeSet<(&'static str, String)> =
+            warnings.into_iter().collect();
+        for (reason, w) in now.difference(&last_warnings) {
             tracing::warn!(reason, "{w}");
-            let _ = node_warn.send((reason, w));
+            let _ = node_warn.send((reason, w.clone()));
+        }
+        if recompute || !now.is_empty() {
+            last_warnings = now;
         }
         let all: Arc<Vec<PersistentVolume>> =
             Arc::new(reader.state().iter().map(|pv| (**pv).clone()).collect());
@@ -530,9 +543,9 @@ async fn apply_config(
     running: &mut AgentConfig,
     manager: &Arc<Mutex<VolumeManager>>,
     metrics: &Arc<Metrics>,
-) -> Result<Vec<(&'static str, String)>, AgentError> {
+) -> Result<(Vec<(&'static str, String)>, bool), AgentError> {
     if new.tiers == running.tiers && reload::needs_restart(running, &new).is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), true));
     }
     let mut warnings = Vec::new();
     let restart = reload::needs_restart(running, &new);
@@ -560,8 +573,11 @@ async fn apply_config(
     }
     warnings.extend(done.refused.into_iter().map(|m| ("DiskChangeRefused", m)));
     tracing::info!(tiers = %new.tiers.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","), "configuration reloaded");
-    running.tiers = new.tiers;
-    Ok(warnings)
+    // Only what was applied: a disk that did not open is tried again next round.
+    if !done.incomplete {
+        running.tiers = new.tiers;
+    }
+    Ok((warnings, !done.incomplete))
 }
 
 /// Where the agent keeps the labels its node had when last read (for a start while the API
@@ -714,6 +730,21 @@ async fn api_loop(
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
     while rounds.changed().await.is_ok() {
         let round = rounds.borrow_and_update().clone();
+        // First: the labels must not wait for the registration to succeed.
+        // The node's labels (`[[nodes]]` entries may match them), read now and then.
+        if labels_read.is_none_or(|t| t.elapsed() >= LABELS_EVERY) {
+            match node_labels(&client, &node).await {
+                Ok(l) => {
+                    labels_read = Some(Instant::now());
+                    labels.send_if_modified(|cur| {
+                        let changed = cur.as_ref() != Some(&l);
+                        *cur = Some(l);
+                        changed
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "node labels not read"),
+            }
+        }
         if registered.is_none() {
             match register_node(&client, &config).await {
                 Ok(n) => {
@@ -767,20 +798,6 @@ async fn api_loop(
             }
         }
         reported = round.failing.clone();
-        // The node's labels (`[[nodes]]` entries may match them), read now and then.
-        if labels_read.is_none_or(|t| t.elapsed() >= LABELS_EVERY) {
-            match node_labels(&client, &node).await {
-                Ok(l) => {
-                    labels_read = Some(Instant::now());
-                    labels.send_if_modified(|cur| {
-                        let changed = cur.as_ref() != Some(&l);
-                        *cur = Some(l);
-                        changed
-                    });
-                }
-                Err(e) => tracing::warn!(error = %e, "node labels not read"),
-            }
-        }
         if let Some(n) = &registered {
             while let Ok((reason, message)) = node_warnings.try_recv() {
                 let event = Event {

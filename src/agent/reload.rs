@@ -30,12 +30,13 @@ pub enum Change {
 }
 
 impl ConfigWatch {
-    /// Watches `path`, whose current text is the running configuration's.
-    pub fn new(path: &Path, node_env: Option<String>) -> ConfigWatch {
+    /// Watches `path`, whose text `running` the running configuration was parsed from
+    /// (an edit made while the agent started is then seen as a change).
+    pub fn new(path: &Path, running: String, node_env: Option<String>) -> ConfigWatch {
         ConfigWatch {
             path: path.to_path_buf(),
             node_env,
-            text: std::fs::read_to_string(path).ok(),
+            text: Some(running),
         }
     }
 
@@ -105,7 +106,7 @@ disks = ["/d/a"]
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, BASE).unwrap();
-        let mut w = ConfigWatch::new(&path, None);
+        let mut w = ConfigWatch::new(&path, BASE.to_string(), None);
         assert!(w.poll().is_none(), "unchanged");
         let more = format!("{BASE}[[tiers]]\nname = \"bulk\"\ndisks = [\"/d/b\"]\n");
         std::fs::write(&path, &more).unwrap();

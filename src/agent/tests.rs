@@ -635,6 +635,8 @@ fn a_reconfiguration_opens_new_disks_and_never_drops_one_holding_volumes() {
             list.join(", ")
         )
     };
+    std::fs::create_dir_all(&bulk).unwrap();
+    std::fs::create_dir_all(&spare).unwrap();
     let names = |m: &VolumeManager| -> Vec<(String, Vec<String>)> {
         m.capacity()
             .into_iter()
@@ -711,4 +713,64 @@ fn labels_read_or_kept_choose_the_disks_and_without_them_the_agent_does_not_star
     assert_eq!(disk(&c), "/d/nvme");
     let (c, _) = super::choose_labels(&base, Ok(Default::default())).unwrap();
     assert_eq!(disk(&c), "/d/top", "relabelled: the top-level tiers");
+}
+
+/// A disk kept for its volumes (removed from the configuration while holding one) is
+/// opened again by the next start, still gives no new volumes and no free room, and goes
+/// once it is empty and a configuration change looks at it again.
+#[test]
+fn a_disk_kept_for_its_volumes_survives_a_restart_and_takes_no_new_volumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut manager, root) = one_disk_manager(tmp.path());
+    let (fast, bulk) = (tmp.path().join("disk"), tmp.path().join("bulk"));
+    std::fs::create_dir_all(&bulk).unwrap();
+    let text = |disks: &str| {
+        format!(
+            "node_name = \"n1\"\nroot = \"{}\"\nlisten = \"127.0.0.1:0\"\n[[tiers]]\nname = \"fast\"\ndisks = [{disks}]\n",
+            root.display()
+        )
+    };
+    let only_bulk =
+        AgentConfig::parse(&text(&format!("{:?}", bulk.display().to_string())), None).unwrap();
+    manager.stores()[0]
+        .create_volume("pvc-old", Some(1 << 20), None)
+        .unwrap();
+    let r = manager.reconfigure(&only_bulk.tiers);
+    assert_eq!(r.refused.len(), 1, "{:?}", r.refused);
+    manager.shutdown();
+    drop((manager, r));
+    // The next start opens the kept disk beside the configured one.
+    let mut manager =
+        VolumeManager::open(&only_bulk, Arc::new(crate::metrics::Metrics::new())).unwrap();
+    let dirs: Vec<std::path::PathBuf> = manager
+        .stores()
+        .iter()
+        .map(|s| s.dir().to_path_buf())
+        .collect();
+    assert_eq!(dirs, [bulk.clone(), fast.clone()]);
+    let fast_tier = &manager.capacity()[0];
+    assert_eq!(
+        fast_tier.allocated_bytes,
+        1 << 20,
+        "the kept disk's volume still counts"
+    );
+    // New volumes go to the configured disk only.
+    let out = manager.apply(&plan(
+        "n1",
+        &[pv("pvc-new", "n1", "Bound", "Delete", false)],
+    ));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert!(manager.stores()[0]
+        .volume_names()
+        .unwrap()
+        .contains(&"pvc-new".to_string()));
+    assert!(!manager.stores()[1]
+        .volume_names()
+        .unwrap()
+        .contains(&"pvc-new".to_string()));
+    // Emptied, it goes at the next change.
+    manager.stores()[1].delete_volume("pvc-old").unwrap();
+    let r = manager.reconfigure(&only_bulk.tiers);
+    assert_eq!(r.removed, std::slice::from_ref(&fast));
+    manager.shutdown();
 }

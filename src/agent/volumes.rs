@@ -179,6 +179,28 @@ pub struct Reconfigured {
     pub removed: Vec<PathBuf>,
     /// What was refused or failed, one message each.
     pub refused: Vec<String>,
+    /// A new disk could not be opened yet: worth trying again next round.
+    pub incomplete: bool,
+}
+
+/// The disks kept for their volumes by an earlier run.
+fn load_kept(root: &Path) -> Vec<KeptDisk> {
+    std::fs::read(root.join(KEPT_DISKS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// The settings of a tier that left the configuration while a disk of it holds volumes.
+fn draining_tier(name: &str) -> TierConfig {
+    TierConfig {
+        name: name.to_string(),
+        disks: Vec::new(),
+        capacity: None,
+        reserved: 0,
+        free_space_floor: None,
+        memory_budget: store::DEFAULT_MEMORY_BUDGET,
+    }
 }
 
 /// Opens (or creates) the store of disk `path` of `tier`.
@@ -197,6 +219,7 @@ fn open_disk(tier: &TierConfig, path: &Path, metrics: &Metrics) -> Result<Disk, 
         tier: tier.name.clone(),
         path: path.to_path_buf(),
         store,
+        draining: false,
     })
 }
 
@@ -215,6 +238,19 @@ struct Disk {
     tier: String,
     path: PathBuf,
     store: Store,
+    /// Gone from the configuration but holding volumes: still served, given no new
+    /// volumes, kept across restarts (see [`KEPT_DISKS_FILE`]) until it is empty.
+    draining: bool,
+}
+
+/// Where the agent keeps the disks that left its configuration while holding volumes, so
+/// that the next start opens them too (their volumes are never left behind).
+pub const KEPT_DISKS_FILE: &str = "kept-disks.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct KeptDisk {
+    tier: String,
+    path: PathBuf,
 }
 
 /// The stores of the node's disks and the mounts being served.
@@ -247,9 +283,33 @@ impl VolumeManager {
                 disks.push(open_disk(tier, path, &metrics)?);
             }
         }
+        let mut tiers = config.tiers.clone();
+        for kept in load_kept(&config.root) {
+            if disks.iter().any(|d| d.path == kept.path) {
+                continue;
+            }
+            let tier = tiers
+                .iter()
+                .find(|t| t.name == kept.tier)
+                .cloned()
+                .unwrap_or_else(|| draining_tier(&kept.tier));
+            match open_disk(&tier, &kept.path, &metrics) {
+                Ok(mut d) => {
+                    tracing::warn!(disk = %kept.path.display(), tier = %kept.tier, "disk no longer configured but holding volumes: served, given no new volumes");
+                    d.draining = true;
+                    if !tiers.iter().any(|t| t.name == kept.tier) {
+                        tiers.push(tier);
+                    }
+                    disks.push(d);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a disk kept for its volumes cannot be opened")
+                }
+            }
+        }
         Ok(VolumeManager {
             root: config.root.clone(),
-            tiers: config.tiers.clone(),
+            tiers,
             disks,
             served: BTreeMap::new(),
             orphaned: BTreeSet::new(),
@@ -280,6 +340,7 @@ impl VolumeManager {
             let d = &self.disks[i];
             let to = wanted(&d.path);
             if to.is_some_and(|t| t.name == d.tier) {
+                self.disks[i].draining = false;
                 i += 1;
                 continue;
             }
@@ -296,10 +357,12 @@ impl VolumeManager {
                     d.tier
                 ));
                 kept_tiers.insert(d.tier.clone());
+                self.disks[i].draining = true;
                 i += 1;
             } else if let Some(t) = to {
                 tracing::info!(disk = %d.path.display(), from = %d.tier, to = %t.name, "empty disk moved to another tier");
                 self.disks[i].tier = t.name.clone();
+                self.disks[i].draining = false;
                 i += 1;
             } else {
                 let d = self.disks.remove(i);
@@ -316,8 +379,20 @@ impl VolumeManager {
                 if let Some(i) = self.retired.iter().position(|d| d.path == *path) {
                     let mut d = self.retired.remove(i);
                     d.tier = tier.name.clone();
+                    d.draining = false;
                     tracing::info!(disk = %path.display(), tier = %tier.name, "disk added again");
                     self.disks.push(d);
+                    continue;
+                }
+                // A disk added while running must be there (mounted): creating its
+                // directory would put a store on whatever filesystem holds the path.
+                if !path.is_dir() {
+                    out.refused.push(format!(
+                        "new disk {} of tier {:?}: no such directory (not mounted yet?); tried again every round",
+                        path.display(),
+                        tier.name
+                    ));
+                    out.incomplete = true;
                     continue;
                 }
                 match open_disk(tier, path, &self.metrics) {
@@ -326,7 +401,10 @@ impl VolumeManager {
                         out.opened.push(disk.store.clone());
                         self.disks.push(disk);
                     }
-                    Err(e) => out.refused.push(format!("new disk not opened: {e}")),
+                    Err(e) => {
+                        out.refused.push(format!("new disk not opened: {e}"));
+                        out.incomplete = true;
+                    }
                 }
             }
         }
@@ -338,7 +416,31 @@ impl VolumeManager {
             }
         }
         self.tiers = new_tiers;
+        self.save_kept();
         out
+    }
+
+    /// Records the draining disks for the next start ([`KEPT_DISKS_FILE`]).
+    fn save_kept(&self) {
+        let kept: Vec<KeptDisk> = self
+            .disks
+            .iter()
+            .filter(|d| d.draining)
+            .map(|d| KeptDisk {
+                tier: d.tier.clone(),
+                path: d.path.clone(),
+            })
+            .collect();
+        let path = self.root.join(KEPT_DISKS_FILE);
+        let write = std::fs::create_dir_all(&self.root).and_then(|()| {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&kept).unwrap_or_default())?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        });
+        if let Err(e) = write {
+            tracing::warn!(error = %e, "cannot record the disks kept for their volumes");
+        }
     }
 
     /// Serves through the FUSE connection holder: mounts outlive this agent, and the next
@@ -674,7 +776,7 @@ impl VolumeManager {
             }
         };
         let candidates: Vec<usize> = (0..self.disks.len())
-            .filter(|&i| self.disks[i].tier == spec.tier)
+            .filter(|&i| self.disks[i].tier == spec.tier && !self.disks[i].draining)
             .collect();
         if candidates.is_empty() {
             return Err(VolumeError::UnknownTier {
@@ -840,12 +942,13 @@ impl VolumeManager {
             .iter()
             .map(|t| {
                 let disks: Vec<&Disk> = self.disks.iter().filter(|d| d.tier == t.name).collect();
-                let size = disks
-                    .iter()
+                // A draining disk offers nothing: its volumes count, its room does not.
+                let offering = disks.iter().filter(|d| !d.draining);
+                let size = offering
+                    .clone()
                     .map(|d| fs_size(&d.path).unwrap_or(0))
                     .fold(0, u64::saturating_add);
-                let floors = disks
-                    .iter()
+                let floors = offering
                     .map(|d| d.store.free_space_floor().0)
                     .fold(0, u64::saturating_add);
                 // The disks can offer their size less the floors; a cap only lowers that.

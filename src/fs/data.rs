@@ -13,8 +13,8 @@
 //! covered chunk gets a patch (a RocksDB merge operand holding only the written bytes),
 //! so a 4 KiB overwrite neither reads nor rewrites its 64 KiB chunk. RocksDB applies the
 //! patches when the chunk is read and folds them into the chunk at compaction. An
-//! encrypted volume's chunks are sealed whole (RocksDB cannot merge what it cannot read):
-//! there a partial write reads, patches and rewrites its chunk.
+//! encrypted volume's chunks are sealed in 4 KiB blocks (see `crate::store`'s crypt): a
+//! patch there covers whole blocks, the partly written first and last ones read first.
 
 use super::charge::CHUNK_CHARGE;
 use super::{Change, Fs, FsError, Result, Timestamp, MAX_FILE_SIZE};
