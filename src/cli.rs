@@ -215,6 +215,13 @@ pub struct MountArgs {
     /// and left on at exit; false leaves the kernel's setting alone.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub fuse_wake_here: bool,
+    /// Serve through FUSE over io_uring (Linux 6.14+): one ring per CPU, a request and
+    /// its reply in one system call instead of a read and a write of /dev/fuse. Turns the
+    /// kernel's node-wide `fuse.enable_uring` on (it only offers the choice to FUSE
+    /// servers); falls back to /dev/fuse where the kernel lacks it. Not with --fdstore (a
+    /// request a ring of a dead server had taken is never given again).
+    #[arg(long, value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub io_uring: bool,
     /// Where to mount (an existing directory).
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: PathBuf,
@@ -385,6 +392,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     allow_other: a.allow_other,
                     threads: usize::from(a.threads),
                     split_data: a.split_data,
+                    io_uring: a.io_uring,
                     fdstore: a.fdstore.map(crate::fdstore::FdStore::new),
                     max_dirty: a.max_dirty,
                     ..ServeOptions::default()

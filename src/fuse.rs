@@ -758,6 +758,13 @@ mod tests {
             check_adopted_init(init(newer, newer)),
             Err(InitMismatch::Unknown(InitFlags::FUSE_POSIX_ACL))
         );
+        // A connection served through io_uring cannot be taken over: the requests its
+        // rings held are not given again.
+        let uring = all | InitFlags::FUSE_OVER_IO_URING;
+        assert_eq!(
+            check_adopted_init(init(uring, uring)),
+            Err(InitMismatch::Unknown(InitFlags::FUSE_OVER_IO_URING))
+        );
         // fuser's own requests are servable.
         let with_fuser = all | InitFlags::FUSE_ASYNC_READ | InitFlags::FUSE_BIG_WRITES;
         assert_eq!(check_adopted_init(init(with_fuser, with_fuser)), Ok(vec![]));

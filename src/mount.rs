@@ -154,6 +154,9 @@ pub struct ServeOptions {
     /// The threads take turns at reading: metadata requests stay on the reader, data
     /// requests pass the reading on (see fuser's `reading_role.rs`).
     pub split_data: bool,
+    /// Serve through FUSE over io_uring where the kernel offers it (never with a
+    /// holder: see fuser's `uring.rs`).
+    pub io_uring: bool,
     /// The FUSE connection holder: mounts outlive this process and the next server
     /// takes their connections over (see [`crate::fdstore`]).
     pub fdstore: Option<FdStore>,
@@ -169,6 +172,7 @@ impl Default for ServeOptions {
             allow_other: false,
             threads: 4,
             split_data: true,
+            io_uring: false,
             fdstore: None,
             no_resend: std::env::var_os("FUSEVOL_NO_RESEND").is_some(),
             max_dirty: crate::bdi::DEFAULT,
@@ -290,6 +294,7 @@ fn session_config(name: &str, opts: &ServeOptions) -> Config {
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
     config.split_data = opts.split_data;
+    config.io_uring = opts.io_uring && opts.fdstore.is_none();
     config
 }
 
@@ -952,6 +957,9 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         tracing::warn!(error = %e, "control socket unavailable: volume commands will not reach this process");
     }
     crate::wake::apply(req.fuse_wake_here);
+    if serve_opts.io_uring {
+        crate::wake::enable_uring(serve_opts.fdstore.is_some());
+    }
     let served = serve(&store, &req.volume, &req.mountpoint, &serve_opts, metrics)?;
     eprintln!(
         "fusevol: serving volume {:?} of {} at {} (Ctrl-C to unmount)",

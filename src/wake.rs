@@ -90,6 +90,41 @@ pub fn apply(wanted: bool) {
     }
 }
 
+/// Where the kernel (6.14+) lets FUSE servers choose io_uring.
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Turns `fuse.enable_uring` on for a server asked to serve over io_uring (`--io-uring`);
+/// logs what it did, never fails. The parameter only offers the choice to FUSE servers
+/// that ask for it in INIT: others are unaffected. With a connection holder
+/// (`held`) io_uring is not used and nothing is changed.
+pub fn enable_uring(held: bool) {
+    if held {
+        tracing::warn!("--io-uring is not used with --fdstore: a request a ring of a dead server had taken would never be answered; serving through /dev/fuse");
+        return;
+    }
+    if !Path::new(ENABLE_URING).exists() {
+        // Loads the module on kernels that build FUSE as one (see `apply`).
+        let _ = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse");
+    }
+    match enable(Path::new(ENABLE_URING)) {
+        Ok(Outcome::Enabled) => tracing::info!(
+            param = ENABLE_URING,
+            "turned on for the node: FUSE servers may ask for io_uring"
+        ),
+        Ok(Outcome::AlreadyOn) => tracing::debug!(param = ENABLE_URING, "already on"),
+        Ok(Outcome::Absent) => tracing::warn!(
+            param = ENABLE_URING,
+            "this kernel has no FUSE over io_uring (6.14+); serving through /dev/fuse"
+        ),
+        Err(error) => {
+            tracing::warn!(param = ENABLE_URING, %error, "cannot turn FUSE over io_uring on; serving through /dev/fuse")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

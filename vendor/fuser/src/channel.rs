@@ -50,6 +50,11 @@ impl Channel {
     /// Returns a sender object for this channel. The sender object can be
     /// used to send to the channel. Multiple sender objects can be used
     /// and they can safely be sent to other threads.
+    /// fusevol patch 6: the device this channel reads.
+    pub(crate) fn dev(&self) -> Arc<DevFuse> {
+        self.0.clone()
+    }
+
     pub(crate) fn sender(&self) -> ChannelSender {
         // Since write/writev syscalls are threadsafe, we can simply create
         // a sender by using the same file and use it in other threads.
@@ -81,6 +86,14 @@ impl Channel {
 
 #[derive(Clone, Debug)]
 pub(crate) struct ChannelSender(Arc<DevFuse>);
+
+impl ChannelSender {
+    /// fusevol patch 6: a sender on the device `dev` (the io_uring path's way to the
+    /// `/dev/fuse` ioctls).
+    pub(crate) fn from_dev(dev: Arc<DevFuse>) -> ChannelSender {
+        ChannelSender(dev)
+    }
+}
 
 impl ChannelSender {
     pub(crate) fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {

@@ -105,6 +105,8 @@ mod request_param;
 mod session;
 mod drain;
 mod time;
+mod uring;
+pub use crate::uring::URING_REQUESTS;
 
 /// We generally support async reads
 #[cfg(not(target_os = "macos"))]

@@ -175,6 +175,8 @@ pub struct Session<FS: Filesystem> {
     read_through_clones: bool,
     /// fusevol patch: stops the workers between requests (see [`Drain`]).
     drain: Drain,
+    /// fusevol patch 6: the io_uring rings made at INIT (see `uring.rs`).
+    uring: Option<crate::uring::Rings>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -226,6 +228,7 @@ impl<FS: Filesystem> Session<FS> {
             channels: Vec::new(),
             read_through_clones: false,
             drain: Drain::default(),
+            uring: None,
         };
 
         session.handshake()?;
@@ -258,6 +261,7 @@ impl<FS: Filesystem> Session<FS> {
             channels: Vec::new(),
             read_through_clones: false,
             drain: Drain::default(),
+            uring: None,
         };
 
         session.handshake()?;
@@ -303,6 +307,7 @@ impl<FS: Filesystem> Session<FS> {
             channels,
             read_through_clones: false,
             drain: Drain::default(),
+            uring: None,
         })
     }
 
@@ -425,11 +430,20 @@ impl<FS: Filesystem> Session<FS> {
             channels,
             read_through_clones: _,
             drain,
+            uring,
         } = self;
 
         let mut filesystem = Arc::new(filesystem);
 
         let mut threads = Vec::with_capacity(n_threads);
+        let first_channel = channels.first().cloned();
+        // fusevol patch 6: with rings, one /dev/fuse worker is enough (FORGETs and
+        // INTERRUPTs; everything if the kernel refused the rings and fell back).
+        let channels: Vec<Channel> = if uring.is_some() {
+            channels.into_iter().take(1).collect()
+        } else {
+            channels
+        };
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -447,6 +461,43 @@ impl<FS: Filesystem> Session<FS> {
                     .name(thread_name)
                     .spawn(move || event_loop.event_loop())?,
             );
+        }
+
+        // fusevol patch 6: one thread per io_uring ring, beside the /dev/fuse workers
+        // (which still carry FORGETs and INTERRUPTs).
+        for (i, ring) in uring
+            .map(crate::uring::Rings::into_inner)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            let Some(ch) = first_channel.clone() else {
+                break;
+            };
+            let thread_name = format!("fuser-uring-{i}");
+            let event_loop = SessionEventLoop {
+                thread_name: thread_name.clone(),
+                filesystem: filesystem.clone(),
+                ch,
+                allowed,
+                session_owner,
+                drain: drain.clone(),
+                role: None,
+            };
+            // A ring not started leaves its CPU's requests waiting for ever (the kernel
+            // waits for every queue): the process ends instead.
+            match thread::Builder::new()
+                .name(thread_name)
+                .spawn(move || crate::uring::serve(ring, event_loop))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    error!(
+                        "cannot start a FUSE io_uring thread: {e}; ending the process rather than leaving requests unanswered"
+                    );
+                    std::process::abort();
+                }
+            }
         }
 
         let mut reply: io::Result<()> = Ok(());
@@ -572,6 +623,27 @@ impl<FS: Filesystem> Session<FS> {
                 return Err(error);
             }
 
+            // fusevol patch 6: FUSE over io_uring, asked for only once its rings exist.
+            if self.config.io_uring && init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING) {
+                let per_queue = self.config.n_threads.unwrap_or(1).max(1).div_ceil(2);
+                let payload = crate::uring::max_payload(config.max_write, config.max_pages());
+                match crate::uring::Rings::new(&self.ch.dev(), per_queue, payload) {
+                    Ok(rings) => {
+                        if config
+                            .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                            .is_ok()
+                        {
+                            self.uring = Some(rings);
+                        }
+                    }
+                    Err(e) => warn!("FUSE over io_uring not used: cannot make its rings: {e}"),
+                }
+            } else if self.config.io_uring {
+                debug!(
+                    "the kernel offers no FUSE over io_uring (fuse.enable_uring off or kernel before 6.14)"
+                );
+            }
+
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
@@ -688,7 +760,10 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         let mut turn = None;
         loop {
             if turn.is_none() {
-                turn = self.role.as_deref().map(crate::reading_role::ReadingRole::take);
+                turn = self
+                    .role
+                    .as_deref()
+                    .map(crate::reading_role::ReadingRole::take);
             }
             // fusevol patch: a drained session reads no more requests; the ones not
             // read stay queued in the kernel for the next server.
@@ -705,12 +780,16 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                 // fusevol patch: retried here rather than in `receive_retrying`, so that
                 // the drain flag is checked again after an EINTR.
                 Err(
-                    nix::errno::Errno::ENOENT | nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN,
+                    nix::errno::Errno::ENOENT
+                    | nix::errno::Errno::EINTR
+                    | nix::errno::Errno::EAGAIN,
                 ) => continue,
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // fusevol patch: another worker reads while this one answers a data
                     // request.
-                    Some(req) if turn.is_some() && crate::reading_role::is_data_request(&buf[..size]) => {
+                    Some(req)
+                        if turn.is_some() && crate::reading_role::is_data_request(&buf[..size]) =>
+                    {
                         turn = None;
                         req.dispatch(self);
                     }

@@ -22,6 +22,10 @@ pub struct Config {
     /// reader answers metadata requests itself and passes the reading on while it
     /// answers a data request (see `reading_role.rs`).
     pub split_data: bool,
+    /// fusevol patch 6: serve through FUSE over io_uring where the kernel offers it
+    /// (Linux 6.14+ with `fuse.enable_uring`; see `uring.rs`). Not for connections
+    /// handed to another process.
+    pub io_uring: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type
