@@ -24,8 +24,10 @@
 //! `/dev/fuse`), so a server that keeps its connection in a holder must not use this.
 //!
 //! Fallback: if a ring cannot be made, the capability is not asked for and `/dev/fuse`
-//! serves as before; if the kernel refuses a registration, it stops waiting for the rings
-//! and sends requests through `/dev/fuse` again.
+//! serves as before; if the kernel refuses a registration for want of memory or a bad
+//! buffer, it stops waiting for the rings and sends requests through `/dev/fuse` again.
+//! Any other failure of a ring ends the process: the kernel would keep that CPU's
+//! requests waiting for ever, and an ended connection fails them instead.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -247,8 +249,13 @@ impl Rings {
                 let depth = u32::try_from(SLOTS_PER_RING * 2)
                     .unwrap_or(8)
                     .next_power_of_two();
+                // Made disabled here and enabled by its own thread: with one issuer and
+                // deferred task work, a request is copied into the slot by the ring's
+                // thread when it waits, without a signal to wake it.
                 let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-                    .setup_coop_taskrun()
+                    .setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_r_disabled()
                     .build(depth)?;
                 rings.push(Arc::new(Ring {
                     qid,
@@ -531,6 +538,28 @@ impl UringSlot {
     }
 }
 
+/// Runs the calling thread on CPU `cpu` only: the kernel queues a request on the queue of
+/// the CPU its caller runs on, so the ring's thread answers where the caller waits (no
+/// wake-up of another CPU per request).
+fn pin_to_cpu(cpu: u16) {
+    if usize::from(cpu) >= libc::CPU_SETSIZE as usize {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes within it for a `cpu`
+    // below CPU_SETSIZE (checked above), and sched_setaffinity only reads it.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(usize::from(cpu), &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        warn!(
+            "cannot pin the io_uring thread of queue {cpu}: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 /// Errors after which a slot is gone for good: the connection ended.
 fn slot_ended(errno: i32) -> bool {
     matches!(
@@ -560,6 +589,10 @@ fn give_up(qid: u16, what: &str, e: &dyn std::fmt::Display) -> ! {
 /// connections served through rings are never handed over (see the module doc).
 pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -> io::Result<()> {
     let _ = ring.owner.set(std::thread::current().id());
+    pin_to_cpu(ring.qid);
+    if let Err(e) = ring.ring.submitter().register_enable_rings() {
+        give_up(ring.qid, "cannot enable the ring", &e);
+    }
     if let Err(e) = ring.start() {
         give_up(ring.qid, "cannot register", &e);
     }
