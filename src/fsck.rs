@@ -75,7 +75,12 @@ fn recount_from_meta(view: VolumeView) -> Result<Usage, store::Error> {
             unreadable.get_or_insert(e.into());
         }
     })?;
-    view.each_dirent(|_, name, _| add(dirent_charge(name.len())))?;
+    // An entry whose sealed name does not open is not counted: fsck removes it.
+    view.each_dirent(|_, name, _| {
+        if let Ok(name) = name {
+            add(dirent_charge(name.len()))
+        }
+    })?;
     view.each_xattr(|_, name, value_len| add(xattr_charge(name.len(), value_len)))?;
     let mut chunks = 0i64;
     view.each_chunk_len(|_, _, len| match len {
@@ -279,14 +284,23 @@ impl<'a> Checker<'a> {
         let v = self.view.id();
         let mut entries: Vec<(Ino, Vec<u8>, DirentValue)> = Vec::new();
         let mut bad_entries = Vec::new();
-        self.view.each_dirent(|parent, name, d| match d {
-            Ok(d) => entries.push((parent, name, d)),
-            Err(_) => bad_entries.push((parent, name)),
+        let mut sealed_names = Vec::new();
+        self.view.each_dirent(|parent, name, d| match (name, d) {
+            (Ok(name), Ok(d)) => entries.push((parent, name, d)),
+            (Ok(name), Err(_)) => bad_entries.push((parent, name)),
+            (Err(stored), _) => sealed_names.push((parent, stored)),
         })?;
         for (parent, name) in bad_entries {
             let k = keys::dirent_key(v, parent, &name);
             self.problem(format!("unreadable directory entry {k:02x?}; removed"));
             self.txn.remove_dirent_name(parent, &name);
+        }
+        for (parent, stored) in sealed_names {
+            // Its inode, if nothing else names it, goes to lost+found (reachability pass).
+            self.problem(format!(
+                "directory entry in directory {parent} whose sealed name does not open (damaged); removed"
+            ));
+            self.txn.remove_dirent_stored_name(parent, &stored);
         }
         let mut cookies: HashMap<(Ino, u64), CookieValue> = HashMap::new();
         let mut bad_cookies = Vec::new();
@@ -835,6 +849,82 @@ mod tests {
             check_volume(&store, "v", false).unwrap().problems,
             Vec::<String>::new()
         );
+    }
+
+    /// An entry of an encrypted volume whose sealed name no longer opens (a damaged key
+    /// on disk) is reported and removed, the check goes on, and the file it named is not
+    /// lost: it is attached under /lost+found with its data.
+    #[test]
+    fn a_damaged_sealed_name_is_reported_and_its_file_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(&dir.path().join("s"), &StoreOptions::default()).unwrap();
+        let key = crate::store::MasterKey::generate().unwrap();
+        let new = crate::store::NewVolume {
+            encryption: Some(key),
+            ..Default::default()
+        };
+        store.create_volume_with("v", &new).unwrap();
+        let ino = {
+            let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+            let ino = fs
+                .create_node(ME, ROOT_INO, b"precious", libc::S_IFREG | 0o644, 0, None)
+                .unwrap()
+                .ino;
+            fs.write(ino, 0, b"keep me", false).unwrap();
+            ino
+        };
+        let id = store.open_volume("v").unwrap().id;
+        // Flip a bit of the sealed name inside the entry's key.
+        let mut found = Vec::new();
+        store
+            .scan_meta(&keys::dirent_prefix(id, ROOT_INO), |k, v| {
+                found.push((k.to_vec(), v.to_vec()));
+                Ok(true)
+            })
+            .unwrap();
+        assert_eq!(found.len(), 1, "one entry in the root");
+        let (k, v) = found.remove(0);
+        let mut damaged = k.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0x40;
+        let mut b = WriteBatch::default();
+        b.delete_cf(store.meta(), &k);
+        b.put_cf(store.meta(), &damaged, &v);
+        store.write(b).unwrap();
+
+        let r = check_volume(&store, "v", false).unwrap();
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.contains("sealed name does not open")),
+            "{:?}",
+            r.problems
+        );
+        assert_eq!(
+            store.get_meta(&damaged).unwrap(),
+            Some(v.clone()),
+            "nothing changed without --repair"
+        );
+        let r = check_volume(&store, "v", true).unwrap();
+        assert!(r.repaired);
+        assert_eq!(store.get_meta(&damaged).unwrap(), None);
+        assert_eq!(
+            check_volume(&store, "v", false).unwrap().problems,
+            Vec::<String>::new()
+        );
+        let fs = Fs::new(store.clone(), store.open_volume("v").unwrap()).unwrap();
+        let lf = fs.lookup(ROOT_INO, b"lost+found").unwrap();
+        let names: Vec<Vec<u8>> = fs
+            .readdir(lf.ino, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .filter(|n| n != b"." && n != b"..")
+            .collect();
+        assert_eq!(names.len(), 1, "the file is in lost+found: {names:?}");
+        let moved = fs.lookup(lf.ino, &names[0]).unwrap();
+        assert_eq!(moved.ino, ino);
+        assert_eq!(fs.read(ino, 0, 100).unwrap(), b"keep me");
     }
 
     #[test]

@@ -149,6 +149,13 @@ impl<'a> VolumeTxn<'a> {
         self.batch.delete_cf(self.store.meta(), key);
     }
 
+    /// Repair of an entry whose name cannot be read (a sealed name that does not open):
+    /// removes its by-name key as stored.
+    pub fn remove_dirent_stored_name(&mut self, parent: Ino, stored: &[u8]) {
+        let key = codec::dirent_key(self.vid(), parent, stored);
+        self.batch.delete_cf(self.store.meta(), key);
+    }
+
     /// Repair of a broken entry: removes only a readdir key (no name refers to it).
     pub fn remove_dirent_cookie(&mut self, parent: Ino, cookie: u64) {
         let key = codec::cookie_key(self.vid(), parent, cookie);

@@ -157,14 +157,20 @@ impl<'a> VolumeView<'a> {
     }
 
     /// Pass over every by-name entry of the volume: `f(parent, name, entry)`.
+    ///
+    /// The name is `Err(stored bytes)` when a sealed name does not open (damaged, or
+    /// sealed under another key): the pass goes on, and a repair can remove the entry by
+    /// its stored name ([`super::VolumeTxn::remove_dirent_stored_name`]).
     pub fn each_dirent(
         &self,
-        mut f: impl FnMut(Ino, Vec<u8>, Result<DirentValue, RecordError>),
+        mut f: impl FnMut(Ino, std::result::Result<Vec<u8>, Vec<u8>>, Result<DirentValue, RecordError>),
     ) -> Result<()> {
         let (v, seal) = (self.vid, self.seal);
         self.scan_tag(codec::TAG_DIRENT, |k, val| {
-            let (parent, name) = codec::parse_dirent_key(v, k)?;
-            let name = seal.open_name(&codec::dirent_name_context(parent), name)?;
+            let (parent, stored) = codec::parse_dirent_key(v, k)?;
+            let name = seal
+                .open_name(&codec::dirent_name_context(parent), stored.clone())
+                .map_err(|_| stored);
             f(parent, name, DirentValue::decode(val));
             Ok(true)
         })
