@@ -34,6 +34,7 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::OnceLock;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::thread::ThreadId;
@@ -158,9 +159,11 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `Mapping::new`, unmapped once. A ring is dropped
-        // only after its thread saw every slot end (or never started it), so the kernel no
-        // longer writes to it.
+        // SAFETY: the mapping made in `Mapping::new`, unmapped once. `Ring` declares `ring`
+        // before `map`, so the ring's fd is closed first (the kernel's references to the
+        // slots die with it, and task work of a dying ring copies nothing); a ring is
+        // dropped only after its thread saw every slot end, never started it, or answered
+        // DESTROY.
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }
@@ -186,6 +189,9 @@ pub(crate) struct Ring {
     wake: std::os::fd::OwnedFd,
     /// Where that read puts the eventfd's count (written by the kernel, never read).
     wake_buf: Box<std::cell::UnsafeCell<u64>>,
+    /// Per slot: a request is held that no reply has answered yet. A second reply to
+    /// the same request would write into a slot the first one's commit refilled.
+    held: Box<[AtomicBool]>,
     map: Mapping,
 }
 
@@ -246,7 +252,8 @@ impl Rings {
                         ]
                     })
                     .collect();
-                let depth = u32::try_from(SLOTS_PER_RING * 2)
+                // Each slot's one command, the wake-up read, and room to spare.
+                let depth = u32::try_from(SLOTS_PER_RING * 2 + 1)
                     .unwrap_or(8)
                     .next_power_of_two();
                 // Made disabled here and enabled by its own thread: with one issuer and
@@ -269,6 +276,9 @@ impl Rings {
                     owner: OnceLock::new(),
                     wake: eventfd()?,
                     wake_buf: Box::new(std::cell::UnsafeCell::new(0)),
+                    held: (0..SLOTS_PER_RING)
+                        .map(|_| AtomicBool::new(false))
+                        .collect(),
                     map,
                 }));
             }
@@ -383,6 +393,13 @@ impl Ring {
     /// the kernel ends a request whose `/dev/fuse` reply it refuses: the slot is never left
     /// holding a request.
     pub(crate) fn reply(&self, slot: usize, data: &[io::IoSlice<'_>]) -> io::Result<()> {
+        if !self
+            .held
+            .get(slot)
+            .is_some_and(|h| h.swap(false, Ordering::AcqRel))
+        {
+            return Err(io::Error::other("a second reply to one FUSE request"));
+        }
         let written = self.write_reply(slot, data);
         if written.is_err() {
             self.write_error(slot, libc::EIO);
@@ -391,7 +408,9 @@ impl Ring {
         // SAFETY: the kernel wrote `commit_id` with the request; this slot is held until
         // the commit below (see `Ring`'s `Send`).
         let commit_id = unsafe { (*self.header(slot)).ent.commit_id };
-        self.push(&self.entry(CMD_COMMIT_AND_FETCH, commit_id, slot))?;
+        if let Err(e) = self.push(&self.entry(CMD_COMMIT_AND_FETCH, commit_id, slot)) {
+            give_up(self.qid, "cannot commit a reply", &e);
+        }
         written
     }
 
@@ -494,6 +513,7 @@ impl Ring {
 
     /// Submits what is queued and waits for `want` completions, retrying interruptions.
     fn submit_and_wait(&self, want: usize) -> io::Result<()> {
+        let mut tries = 0;
         loop {
             match self.ring.submitter().submit_and_wait(want) {
                 Ok(_) => return Ok(()),
@@ -503,10 +523,15 @@ impl Ring {
                         Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                     ) =>
                 {
-                    if want == 0 {
-                        continue;
+                    // Waiting, the loop comes back anyway; submitting only, try a while.
+                    tries += 1;
+                    if want > 0 {
+                        return Ok(());
                     }
-                    return Ok(());
+                    if tries > 1000 {
+                        return Err(e);
+                    }
+                    std::thread::yield_now();
                 }
                 Err(e) => return Err(e),
             }
@@ -615,11 +640,17 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
         for (tag, res) in done.drain(..) {
             if tag == WAKE_TAG {
                 // A reply from another thread queued its commit: submitted with the next
-                // wait. The read is armed again unless the ring is ending.
-                if res >= 0 || !slot_ended(-res) {
-                    if let Err(e) = ring.arm_wake() {
-                        give_up(ring.qid, "cannot arm the wake-up read", &e);
-                    }
+                // wait. The read is armed again; without it such a commit would wait for
+                // another completion that may never come.
+                if res < 0 && !matches!(-res, libc::EINTR | libc::EAGAIN) {
+                    give_up(
+                        ring.qid,
+                        "the wake-up read failed",
+                        &io::Error::from_raw_os_error(-res),
+                    );
+                }
+                if let Err(e) = ring.arm_wake() {
+                    give_up(ring.qid, "cannot arm the wake-up read", &e);
                 }
                 continue;
             }
@@ -629,8 +660,10 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
             }
             if res >= 0 {
                 if !answer(&ring, slot, &se, buf) {
-                    // DESTROY answered: submit its reply, then stop.
-                    let _ = ring.submit_and_wait(0);
+                    // DESTROY answered: submit its reply (the kernel waits for it), then stop.
+                    if let Err(e) = ring.submit_and_wait(0) {
+                        give_up(ring.qid, "cannot send the reply to DESTROY", &e);
+                    }
                     return Ok(());
                 }
                 continue;
@@ -651,15 +684,14 @@ pub(crate) fn serve<FS: Filesystem>(ring: Arc<Ring>, se: SessionEventLoop<FS>) -
                     &io::Error::from_raw_os_error(errno),
                 );
             } else {
-                // A commit the kernel refused (its request gone): the slot is lost on the
-                // kernel's side; register it afresh.
-                warn!(
-                    "io_uring commit failed on queue {}: errno {errno}",
-                    ring.qid
+                // A commit refused while the connection lives (a commit id or state the
+                // kernel does not know) leaves the request in the slot unanswered, and the
+                // slot gone: this CPU's requests would wait for ever.
+                give_up(
+                    ring.qid,
+                    "commit refused",
+                    &io::Error::from_raw_os_error(errno),
                 );
-                if let Err(e) = ring.push(&ring.entry(CMD_REGISTER, 0, slot)) {
-                    give_up(ring.qid, "cannot register again", &e);
-                }
             }
         }
     }
@@ -690,6 +722,7 @@ fn answer<FS: Filesystem>(
         }
         return true;
     };
+    ring.held[slot].store(true, Ordering::Release);
     if let Ok(ll::Operation::Destroy(_)) = req.request.operation() {
         req.reply::<ReplyEmpty>().ok();
         return false;
