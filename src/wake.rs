@@ -1,4 +1,5 @@
-//! The kernel's `fuse.wake_here` module parameter, which fusevol turns on for the node.
+//! The FUSE module parameters fusevol sets for the node: `fuse.wake_here` (on by default)
+//! and `fuse.enable_uring` (with `--io-uring`, see [`enable_uring`]).
 //!
 //! Every FUSE request is a round trip between two tasks: the caller sleeps until a
 //! server thread writes the reply, and on a virtual machine waking a task on the other
@@ -58,13 +59,7 @@ pub fn apply(wanted: bool) {
         tracing::debug!("fuse.wake_here left as the kernel has it (fuse_wake_here = false)");
         return;
     }
-    if !Path::new(WAKE_HERE).exists() {
-        // Loads the module on kernels that build FUSE as one; harmless elsewhere.
-        let _ = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/fuse");
-    }
+    load_module(Path::new(WAKE_HERE));
     match enable(Path::new(WAKE_HERE)) {
         Ok(Outcome::Enabled) => tracing::info!(
             param = WAKE_HERE,
@@ -90,6 +85,18 @@ pub fn apply(wanted: bool) {
     }
 }
 
+/// Where FUSE is a module not loaded yet (no FUSE mount since boot), its parameters
+/// appear only once `/dev/fuse` is opened: opens (and closes) it if `param` is missing.
+/// Harmless elsewhere.
+fn load_module(param: &Path) {
+    if !param.exists() {
+        let _ = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse");
+    }
+}
+
 /// Where the kernel (6.14+) lets FUSE servers choose io_uring.
 pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
@@ -102,13 +109,7 @@ pub fn enable_uring(held: bool) {
         tracing::warn!("--io-uring is not used with --fdstore: a request a ring of a dead server had taken would never be answered; serving through /dev/fuse");
         return;
     }
-    if !Path::new(ENABLE_URING).exists() {
-        // Loads the module on kernels that build FUSE as one (see `apply`).
-        let _ = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/fuse");
-    }
+    load_module(Path::new(ENABLE_URING));
     match enable(Path::new(ENABLE_URING)) {
         Ok(Outcome::Enabled) => tracing::info!(
             param = ENABLE_URING,

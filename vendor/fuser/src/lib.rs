@@ -106,7 +106,6 @@ mod session;
 mod drain;
 mod time;
 mod uring;
-pub use crate::uring::URING_REQUESTS;
 
 /// We generally support async reads
 #[cfg(not(target_os = "macos"))]

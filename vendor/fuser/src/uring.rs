@@ -35,7 +35,6 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::thread::ThreadId;
 
@@ -103,9 +102,6 @@ const SLOTS_PER_RING: usize = 1;
 
 /// Tags the completion of the read that wakes the ring's thread (see `Ring::wake`).
 const WAKE_TAG: u64 = 1 << 33;
-
-/// Requests answered through rings since the process started (all sessions).
-pub static URING_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 /// The number of queues the kernel makes: one per possible CPU (`num_possible_cpus`),
 /// read from `/sys/devices/system/cpu/possible` ("0-3", "0,2-5").
@@ -404,7 +400,6 @@ impl Ring {
         if written.is_err() {
             self.write_error(slot, libc::EIO);
         }
-        URING_REQUESTS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the kernel wrote `commit_id` with the request; this slot is held until
         // the commit below (see `Ring`'s `Send`).
         let commit_id = unsafe { (*self.header(slot)).ent.commit_id };
