@@ -148,9 +148,16 @@ pub struct ControllerArgs {
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// Store directory (created if missing or empty).
-    #[arg(long, value_name = "DIR")]
-    pub data: PathBuf,
+    /// Store directory (created if missing or empty). Given again, once per disk, for a
+    /// replicated volume (--replicas): a copy in each, the first naming the set. A
+    /// directory without its copy (a replacement disk) is given one from the newest copy.
+    #[arg(long, value_name = "DIR", required = true)]
+    pub data: Vec<PathBuf>,
+    /// Copies a new volume keeps, one in each --data directory (each on its own disk):
+    /// every write and fsync is in all healthy copies before it is acknowledged; a value
+    /// one copy cannot read is read from another and repaired. Fixed at creation.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub replicas: Option<u32>,
     /// Volume to mount (created if missing).
     #[arg(long, default_value = "default", value_name = "NAME")]
     pub volume: String,
@@ -196,7 +203,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "SIZE")]
     pub free_space_floor: Option<ByteSize>,
     /// Memory for the store's caches and write buffers together (at least 16Mi): what the
-    /// process holds beyond a few MiB of its own.
+    /// process holds beyond a few MiB of its own. Shared by the stores of a replicated
+    /// volume (at least 16Mi each).
     #[arg(long, value_name = "SIZE", default_value = "64Mi")]
     pub memory_budget: ByteSize,
     /// The FUSE connection holder (`fusevol fdstore --socket`): the mount outlives this
@@ -375,8 +383,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     ),
                 ));
             }
+            let mut data = a.data.into_iter();
             let req = MountRequest {
-                data: a.data,
+                data: data.next().unwrap_or_default(),
+                mirrors: data.collect(),
+                replicas: a.replicas,
                 volume: a.volume,
                 quota: a.quota.map(|q| q.0),
                 inodes: a.inodes,
@@ -497,8 +508,27 @@ fn human(v: &VolumeInfo) -> String {
         store::Encryption::None => String::new(),
         algorithm => format!(" encryption={algorithm}"),
     };
+    let replicas = match &v.replicas {
+        None => String::new(),
+        Some(r) if r.copies.is_empty() => format!(" replicas={}", r.wanted),
+        Some(r) => {
+            let healthy = r
+                .copies
+                .iter()
+                .filter(|c| c.state == store::CopyState::Healthy)
+                .count();
+            format!(
+                " replicas={}/{}{} failovers={} repairs={}",
+                healthy,
+                r.wanted,
+                if r.degraded { " DEGRADED" } else { "" },
+                r.failovers,
+                r.repairs
+            )
+        }
+    };
     format!(
-        "{:<24} quota={:<8} used={:<12} inodes={}/{} chunks={}{}{}{}",
+        "{:<24} quota={:<8} used={:<12} inodes={}/{} chunks={}{}{}{}{}",
         v.name,
         quota,
         v.used_bytes,
@@ -507,6 +537,7 @@ fn human(v: &VolumeInfo) -> String {
         v.chunks,
         compression,
         encryption,
+        replicas,
         if v.mounted { " (mounted)" } else { "" }
     )
 }

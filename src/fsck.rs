@@ -103,7 +103,12 @@ fn recount_from_meta(view: VolumeView) -> Result<Usage, store::Error> {
 /// Checks (and with `repair`, fixes) volume `name`.
 pub fn check_volume(store: &Store, name: &str, repair: bool) -> Result<VolumeReport, store::Error> {
     let info = store.inspect_volume(name)?;
-    let vol = store.open_volume(name)?;
+    if repair && info.replicas.is_some() {
+        return Err(store::Error::Unsupported(format!(
+            "volume {name:?} is replicated: fsck checks one copy but does not repair it alone (its copies would differ); a damaged value is read from another copy and repaired while the volume is served"
+        )));
+    }
+    let vol = store.open_volume_copy(name)?;
     let result = Checker::new(store, &vol, name, repair).run();
     drop(vol);
     let mut report = result?;

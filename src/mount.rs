@@ -190,7 +190,8 @@ pub struct Served {
     /// The host mount point was unmounted (or detached) already.
     unmounted: bool,
     session: Option<fuser::BackgroundSession>,
-    store: Store,
+    /// The stores of the volume's copies (one unless it is replicated).
+    stores: Vec<Store>,
     metrics: Arc<Metrics>,
     /// The holder keeping this connection.
     held: Option<Hold>,
@@ -234,6 +235,42 @@ pub fn serve(
     prepare_mount_point(mountpoint)?;
     crate::fsck::recount_if_needed(store, name)?;
     let vol = store.open_volume(name)?;
+    serve_open(std::slice::from_ref(store), vol, mountpoint, opts, metrics)
+}
+
+/// [`serve`] for replicated volume `name` from its copies in `stores` (brought level
+/// first: see [`store::open_replicated`]). Never with a holder: a server that takes a held
+/// connection over opens one store.
+pub fn serve_replicated(
+    stores: &[Store],
+    name: &str,
+    mountpoint: &Path,
+    opts: &ServeOptions,
+    metrics: Arc<Metrics>,
+) -> Result<Served, MountError> {
+    let mut opts = opts.clone();
+    if opts.fdstore.take().is_some() {
+        tracing::warn!(
+            volume = name,
+            "a replicated volume is not handed to the fd holder: a restart of this server ends its mount"
+        );
+    }
+    prepare_mount_point(mountpoint)?;
+    let vol = store::open_replicated(stores, name)?;
+    serve_open(stores, vol, mountpoint, &opts, metrics)
+}
+
+/// Mounts open volume `vol` (copies in `stores`) at `mountpoint` and serves it.
+fn serve_open(
+    stores: &[Store],
+    vol: store::OpenVolume,
+    mountpoint: &Path,
+    opts: &ServeOptions,
+    metrics: Arc<Metrics>,
+) -> Result<Served, MountError> {
+    let name = vol.name.clone();
+    let name = name.as_str();
+    let store = vol.store().clone();
     let volume_id = vol.id;
     let ops = metrics.volume_ops(vol.volume());
     let fs = Arc::new(Fs::new(store.clone(), vol)?);
@@ -255,7 +292,7 @@ pub fn serve(
         hold(
             h,
             &mut session,
-            store,
+            &store,
             (name, volume_id, generation),
             mountpoint,
             connection,
@@ -270,7 +307,7 @@ pub fn serve(
         connection,
         unmounted: false,
         session: Some(session),
-        store: store.clone(),
+        stores: stores.to_vec(),
         metrics,
         held,
         adopted: false,
@@ -482,7 +519,7 @@ fn take_over(
         connection: conn,
         unmounted: false,
         session: Some(session),
-        store: store.clone(),
+        stores: vec![store.clone()],
         metrics: metrics.clone(),
         held: Some(Hold {
             holder: holder.clone(),
@@ -676,10 +713,10 @@ impl Served {
             }
             // fuser's session thread ends early when a worker panicked, while the other
             // workers go on serving: the volume is closed only when all of them are gone.
-            if self.store.is_open(&self.volume) {
+            if self.is_open() {
                 self.abort_workers();
             }
-            if self.store.is_open(&self.volume) {
+            if self.is_open() {
                 tracing::error!(volume = %self.volume, "FUSE workers still serve after abort; the volume stays open");
                 result = Err(MountError::SessionLive(self.volume.clone()));
             }
@@ -690,11 +727,27 @@ impl Served {
         }
         self.metrics.forget_volume(&self.volume);
         // A failed sync (a full or failing disk) must not skip the rest: report it.
-        if let Err(e) = self.store.sync() {
-            tracing::error!(volume = %self.volume, error = %e, "sync after unmount failed");
-            result = result.and(Err(e.into()));
+        // A replicated volume is synced when one copy is (a failed copy's disk may be gone).
+        let mut first_err = None;
+        let mut synced = 0;
+        for store in &self.stores {
+            match store.sync() {
+                Ok(()) => synced += 1,
+                Err(e) => {
+                    tracing::error!(volume = %self.volume, store = %store.dir().display(), error = %e, "sync after unmount failed");
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        result
+        match first_err {
+            Some(e) if synced == 0 || self.stores.len() == 1 => result.and(Err(e.into())),
+            _ => result,
+        }
+    }
+
+    /// Whether any store still has the volume open (a FUSE worker still owns it).
+    fn is_open(&self) -> bool {
+        self.stores.iter().any(|s| s.is_open(&self.volume))
     }
 
     /// Aborts the connection of a session that outlived its unmount, and waits for its
@@ -726,7 +779,7 @@ impl Served {
             return;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.store.is_open(&self.volume) && Instant::now() < deadline {
+        while self.is_open() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -840,6 +893,10 @@ const HOLD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct MountRequest {
     pub data: PathBuf,
+    /// The other stores of a replicated volume (`--data` given again).
+    pub mirrors: Vec<PathBuf>,
+    /// Copies of a new volume (`None`: one; see [`store::create_replicated`]).
+    pub replicas: Option<u32>,
     pub volume: String,
     pub quota: Option<u64>,
     pub inodes: Option<u64>,
@@ -869,27 +926,28 @@ fn prepare_volume(store: &Store, req: &MountRequest) -> Result<(), MountError> {
     let info = match store.inspect_volume(name) {
         Ok(info) => info,
         Err(store::Error::VolumeNotFound(_)) => {
-            let encryption = match (req.encryption.unwrap_or_default(), &req.key) {
-                (store::Encryption::None, None) => None,
-                (store::Encryption::Aes256Gcm, Some(key)) => Some(key.clone()),
-                (store::Encryption::Aes256Gcm, None) => return Err(store::Error::Unsupported(
-                    "--encryption aes-256-gcm needs --key-file (the volume's master key)".into(),
-                ).into()),
-                (store::Encryption::None, Some(_)) => return Err(store::Error::Unsupported(format!(
-                    "--key-file given for new volume {name:?} without --encryption: add --encryption aes-256-gcm to create it encrypted, or drop --key-file"
-                )).into()),
-            };
             let new = store::NewVolume {
                 quota: req.quota,
                 inode_limit: req.inodes,
                 compression: req.compression.unwrap_or_default(),
-                encryption,
+                encryption: new_volume_key(req)?,
             };
             store.create_volume_with(name, &new)?;
             return Ok(());
         }
         Err(e) => return Err(e.into()),
     };
+    check_existing(store, &info, req)
+}
+
+/// Brings existing volume `info` of `store` to the quota and inode limit asked, gives the
+/// store its key, and refuses another encryption than its own.
+fn check_existing(
+    store: &Store,
+    info: &store::VolumeInfo,
+    req: &MountRequest,
+) -> Result<(), MountError> {
+    let name = &req.volume;
     let has = info.encryption.algorithm;
     if req.encryption.is_some_and(|asked| asked != has) {
         return Err(store::Error::Unsupported(format!(
@@ -911,7 +969,81 @@ fn prepare_volume(store: &Store, req: &MountRequest) -> Result<(), MountError> {
         tracing::warn!(volume = %name, compression = %info.compression.algorithm, asked = %asked,
             "the volume exists with another compression, fixed at its creation: keeping it");
     }
+    let copies = info.replicas.as_ref().map_or(1, |r| r.wanted);
+    if req.replicas.is_some_and(|asked| asked != copies) {
+        tracing::warn!(volume = %name, copies, "the volume exists with another number of copies, fixed at its creation: keeping it");
+    }
     Ok(())
+}
+
+/// Removes the control sockets of `stores` (at exit).
+fn remove_sockets(stores: &[Store]) {
+    for s in stores {
+        let _ = std::fs::remove_file(crate::control::socket_path(s.dir()));
+    }
+}
+
+/// Opens the stores of a replicated volume's other copies (`--data` given again). One that
+/// cannot be opened (its disk gone or failing) is left out: the volume is served from the
+/// others, degraded.
+fn open_mirrors(req: &MountRequest, sopts: &store::StoreOptions) -> Vec<Store> {
+    let mut stores = Vec::new();
+    for dir in &req.mirrors {
+        match Store::open_or_create(dir, sopts) {
+            Ok(s) => stores.push(s),
+            Err(e) => tracing::error!(store = %dir.display(), error = %e,
+                "cannot open the store of a copy: serving the volume without it (degraded)"),
+        }
+    }
+    stores
+}
+
+/// Creates replicated volume `req.volume` in `stores` if none holds it (copies: `--replicas`,
+/// else one per store), or brings the copies that exist to the quota and inode limit
+/// asked; gives every store the volume's key.
+fn prepare_replicated(stores: &[Store], req: &MountRequest) -> Result<(), MountError> {
+    let name = &req.volume;
+    let mut holders = Vec::new();
+    for s in stores {
+        match s.inspect_volume(name) {
+            Ok(info) => holders.push((s, info)),
+            Err(store::Error::VolumeNotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if holders.is_empty() {
+        let new = store::NewVolume {
+            quota: req.quota,
+            inode_limit: req.inodes,
+            compression: req.compression.unwrap_or_default(),
+            encryption: new_volume_key(req)?,
+        };
+        let copies = req.replicas.unwrap_or(stores.len() as u32);
+        store::create_replicated(stores, name, &new, copies)?;
+        return Ok(());
+    }
+    for (s, info) in holders {
+        check_existing(s, &info, req)?;
+    }
+    Ok(())
+}
+
+/// The master key of a new volume (`None`: not encrypted), from the request's
+/// `--encryption` and `--key-file`.
+fn new_volume_key(req: &MountRequest) -> Result<Option<store::MasterKey>, MountError> {
+    let name = &req.volume;
+    match (req.encryption.unwrap_or_default(), &req.key) {
+        (store::Encryption::None, None) => Ok(None),
+        (store::Encryption::Aes256Gcm, Some(key)) => Ok(Some(key.clone())),
+        (store::Encryption::Aes256Gcm, None) => Err(store::Error::Unsupported(
+            "--encryption aes-256-gcm needs --key-file (the volume's master key)".into(),
+        )
+        .into()),
+        (store::Encryption::None, Some(_)) => Err(store::Error::Unsupported(format!(
+            "--key-file given for new volume {name:?} without --encryption: add --encryption aes-256-gcm to create it encrypted, or drop --key-file"
+        ))
+        .into()),
+    }
 }
 
 /// `fusevol mount`: opens (or creates) the store and volume, serves it, and returns after
@@ -928,9 +1060,11 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     if !held_here {
         prepare_mount_point(&req.mountpoint)?;
     }
+    // The stores of a replicated volume's copies share the budget.
+    let per_store = req.memory_budget / (1 + req.mirrors.len() as u64);
     let mut sopts = store::StoreOptions {
         free_space_floor: req.free_space_floor,
-        memory_budget: req.memory_budget,
+        memory_budget: per_store.max(store::MIN_MEMORY_BUDGET),
         ..Default::default()
     };
     if let Some(cs) = req.chunk_size {
@@ -944,7 +1078,18 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         |e| matches!(e, store::Error::Locked(_)),
         || Store::open_or_create(&req.data, &sopts),
     )?;
-    prepare_volume(&store, req)?;
+    let mut stores = vec![store.clone()];
+    stores.extend(open_mirrors(req, &sopts));
+    let replicated = !req.mirrors.is_empty()
+        || req.replicas.is_some_and(|n| n > 1)
+        || store
+            .inspect_volume(&req.volume)
+            .is_ok_and(|i| i.replicas.is_some());
+    if replicated {
+        prepare_replicated(&stores, req)?;
+    } else {
+        prepare_volume(&store, req)?;
+    }
     let metrics = Arc::new(Metrics::new());
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -953,14 +1098,22 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
             source,
         })?;
     }
-    if let Err(e) = crate::control::serve(store.clone(), metrics.clone()) {
-        tracing::warn!(error = %e, "control socket unavailable: volume commands will not reach this process");
+    // One socket per store: a replicated volume's state can be inspected through any of
+    // its disks (the first may be the one that failed).
+    for s in &stores {
+        if let Err(e) = crate::control::serve(s.clone(), metrics.clone()) {
+            tracing::warn!(store = %s.dir().display(), error = %e, "control socket unavailable: volume commands will not reach this process");
+        }
     }
     crate::wake::apply(req.fuse_wake_here);
     if serve_opts.io_uring {
         crate::wake::enable_uring(serve_opts.fdstore.is_some());
     }
-    let served = serve(&store, &req.volume, &req.mountpoint, &serve_opts, metrics)?;
+    let served = if replicated {
+        serve_replicated(&stores, &req.volume, &req.mountpoint, &serve_opts, metrics)?
+    } else {
+        serve(&store, &req.volume, &req.mountpoint, &serve_opts, metrics)?
+    };
     eprintln!(
         "fusevol: serving volume {:?} of {} at {} (Ctrl-C to unmount)",
         req.volume,
@@ -980,11 +1133,13 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     )?;
     while !term.load(Ordering::Acquire) && !served.finished() && !handover.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
-        store.reclaim_if_wanted();
+        stores.iter().for_each(Store::reclaim_if_wanted);
         if last_idle_check.elapsed() >= IDLE_FLUSH_INTERVAL {
             last_idle_check = Instant::now();
-            if let Err(e) = store.flush_if_idle(1 << 20) {
-                tracing::warn!(error = %e, "idle flush failed");
+            for s in &stores {
+                if let Err(e) = s.flush_if_idle(1 << 20) {
+                    tracing::warn!(store = %s.dir().display(), error = %e, "idle flush failed");
+                }
             }
         }
         if last_hold_check.elapsed() >= HOLD_CHECK_INTERVAL {
@@ -1000,7 +1155,15 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         drain([&served], DRAIN_LIMIT);
         // A failed sync (a full or failing disk) still leaves the mount to the next server
         // (ending it would fail every caller for good); the exit status says so.
-        let synced = store.sync();
+        let results: Vec<_> = stores.iter().map(Store::sync).collect();
+        // A replicated volume's copies: durable when one of them is.
+        let synced = match results.iter().position(Result::is_ok) {
+            Some(_) => Ok(()),
+            None => results
+                .into_iter()
+                .find_map(Result::err)
+                .map_or(Ok(()), Err),
+        };
         if let Err(e) = &synced {
             tracing::error!(error = %e, "sync before leaving the mount failed: what was written since the last fsync may be lost");
         }
@@ -1010,7 +1173,7 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
                     "fusevol: left {} to the next server",
                     req.mountpoint.display()
                 );
-                let _ = std::fs::remove_file(crate::control::socket_path(&req.data));
+                remove_sockets(&stores);
                 // Exit now: no destructor may unmount or close what the next server takes.
                 std::process::exit(if synced.is_ok() { 0 } else { 1 });
             }
@@ -1024,7 +1187,7 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     };
     let external = served.finished() && !term.load(Ordering::Acquire);
     served.stop(Duration::from_secs(10))?;
-    let _ = std::fs::remove_file(crate::control::socket_path(&req.data));
+    remove_sockets(&stores);
     if external {
         tracing::info!("unmounted externally");
     }

@@ -195,7 +195,7 @@ impl Fs {
     /// from one snapshot, so a read never sees half of a concurrent write.
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>> {
         let view = self.view();
-        let snap = view.snapshot();
+        let snap = view.snapshot_for(ino, offset / self.chunk_size);
         let r = snap.inode(ino)?.ok_or(FsError::NotFound)?;
         match r.kind {
             Kind::File => {}

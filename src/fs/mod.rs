@@ -1046,7 +1046,7 @@ impl Fs {
 
     /// Makes every change so far durable.
     pub fn fsync(&self) -> Result<()> {
-        Ok(self.store.sync()?)
+        Ok(self.vol.sync()?)
     }
 
     // ----- directories -----
@@ -1092,15 +1092,34 @@ impl Fs {
         let used = self.vol.used_bytes();
         let quota = self.vol.quota();
         let (total, free) = if quota == UNLIMITED {
-            let disk = nix::sys::statvfs::statvfs(self.store.dir()).map_err(|e| {
-                FsError::Store(crate::store::Error::Io {
-                    path: self.store.dir().to_path_buf(),
-                    source: e.into(),
-                })
-            })?;
-            let frsize = disk.fragment_size() as u64;
-            let avail = disk.blocks_available() as u64 * frsize;
-            (disk.blocks() as u64 * frsize, avail)
+            // The disk of each healthy copy: the volume grows as far as the fullest lets it.
+            let mut best: Option<(u64, u64)> = None;
+            let mut err = None;
+            for dir in self.vol.healthy_dirs() {
+                match nix::sys::statvfs::statvfs(dir) {
+                    Ok(disk) => {
+                        let frsize = disk.fragment_size();
+                        let avail = disk.blocks_available() * frsize;
+                        let size = disk.blocks() * frsize;
+                        if best.is_none_or(|(_, a)| avail < a) {
+                            best = Some((size, avail));
+                        }
+                    }
+                    Err(e) => {
+                        err.get_or_insert((dir.to_path_buf(), e));
+                    }
+                }
+            }
+            match (best, err) {
+                (Some(b), _) => b,
+                (None, Some((path, e))) => {
+                    return Err(FsError::Store(crate::store::Error::Io {
+                        path,
+                        source: e.into(),
+                    }))
+                }
+                (None, None) => (0, 0),
+            }
         } else {
             (quota, quota.saturating_sub(used))
         };

@@ -13,6 +13,7 @@
 //!   <vol u32> 'U'                              -> Usage (3 x i64 BE, merge)    bytes, inodes, chunks
 //!   <vol u32> 'H'                              -> next inode number (u64 BE)  numbers are never reused
 //!   <vol u32> 'G'                              -> mount generation (u64 BE)   one more per fresh mount
+//!   <vol u32> 'W'                              -> write generation (u64 BE)   replicated volumes: one more per commit
 //!   <vol u32> 'R' <slot u16>                   -> ReplayRecord                answers of recent requests
 //!   <vol u32> 'I' <ino u64>                    -> InodeRecord                  attributes
 //!   <vol u32> 'D' <parent u64> <name bytes>    -> DirentValue                  lookup by name
@@ -71,6 +72,7 @@ pub const TAG_XATTR: u8 = b'X';
 pub const TAG_NEXT_INO: u8 = b'H';
 pub const TAG_MOUNT_GEN: u8 = b'G';
 pub const TAG_REPLAY: u8 = b'R';
+pub const TAG_WRITE_GEN: u8 = b'W';
 
 /// A key that failed to parse: wrong length or wrong prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,6 +245,20 @@ pub struct VolumeConfig {
     /// see [`super::crypt`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<String>,
+    /// A replicated volume: the copies it keeps and the set they belong to (the same in
+    /// every copy; see `super::replica`). Absent: one copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<ReplicaConfig>,
+}
+
+/// What every copy of a replicated volume records of the set it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaConfig {
+    /// How many copies the volume keeps (on as many disks).
+    pub copies: u32,
+    /// The set's id, random at creation: a volume of the same name on another disk that
+    /// is not a copy of this one is never taken for one.
+    pub set: String,
 }
 
 /// Encryption at rest of a volume (see [`super::crypt`]): chunk data, file names, symlink
@@ -465,7 +481,15 @@ pub fn mount_gen_key(vol: VolumeId) -> Vec<u8> {
     with_tag(vol, TAG_MOUNT_GEN, 0)
 }
 
-/// A counter stored as one u64 BE (the next inode number, the mount generation).
+/// A replicated volume's write generation: every commit writes one more into all its
+/// copies in the same batch, so the copy with the highest is the newest (see
+/// `super::replica`).
+pub fn write_gen_key(vol: VolumeId) -> Vec<u8> {
+    with_tag(vol, TAG_WRITE_GEN, 0)
+}
+
+/// A counter stored as one u64 BE (the next inode number, the mount generation, the
+/// write generation).
 pub fn encode_counter(n: u64) -> [u8; 8] {
     n.to_be_bytes()
 }
@@ -1335,7 +1359,7 @@ mod tests {
                               encryption in proptest::sample::select(Encryption::ALL.to_vec()),
                               sealed_key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80))) {
             let sealed_key = sealed_key.map(|k| to_hex(&k));
-            let cfg = VolumeConfig { name: "v".into(), quota_bytes: quota, inode_limit: limit, created, owner, accounting, compression, encryption, sealed_key };
+            let cfg = VolumeConfig { name: "v".into(), quota_bytes: quota, inode_limit: limit, created, owner, accounting, compression, encryption, sealed_key, replicas: None };
             prop_assert_eq!(decode_config(vol, &encode_config(&cfg).unwrap()).ok(), Some(cfg));
         }
 

@@ -23,12 +23,17 @@ pub mod codec;
 mod crypt;
 mod health;
 mod memory;
+mod replica;
 mod txn;
 mod view;
 
 pub use health::{StoreHealth, WeakStore};
 use memory::MemoryPlan;
 pub use memory::{DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET};
+use replica::Copy;
+pub use replica::{
+    create_replicated, open_replicated, CopyInfo, CopyState, ReplicaSet, ReplicasInfo,
+};
 pub use txn::VolumeTxn;
 pub use view::{VolumeSnapshot, VolumeView};
 
@@ -79,12 +84,16 @@ pub const DB_DIR: &str = "db";
 /// The newest store format this build reads. Format 1 is every store's at creation;
 /// format 2 ([`FORMAT_ENCRYPTION`]) is set when the store's first encrypted volume is
 /// created, so that a fusevol without encryption refuses the store instead of serving
-/// sealed bytes as if they were plain.
-pub const FORMAT_VERSION: u32 = 2;
+/// sealed bytes as if they were plain; format 3 ([`FORMAT_REPLICAS`]) when it first takes a
+/// copy of a replicated volume, so that a fusevol that does not keep copies level (see
+/// [`replica`]) never writes one alone.
+pub const FORMAT_VERSION: u32 = 3;
 /// The format of a new store.
 const FORMAT_BASE: u32 = 1;
 /// The format from which a store may hold encrypted volumes.
 const FORMAT_ENCRYPTION: u32 = 2;
+/// The format from which a store may hold copies of replicated volumes.
+const FORMAT_REPLICAS: u32 = 3;
 /// Default chunk size: see the README's "Chunk size" section for the measurements.
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Root directory inode of every volume.
@@ -221,6 +230,9 @@ pub struct VolumeInfo {
     /// Encryption at rest of the volume (older servers did not report it: none).
     #[serde(default)]
     pub encryption: EncryptionInfo,
+    /// A replicated volume's copies (older servers did not report it: one copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<ReplicasInfo>,
 }
 
 /// What `volume inspect` reports of a volume's encryption.
@@ -272,6 +284,8 @@ pub struct Volume {
     /// Encrypted volumes: the cipher every value passes through (see [`crypt`]).
     cipher: Option<Arc<VolumeCipher>>,
     disk: Arc<DiskSpace>,
+    /// A replicated volume being served: the set of its copies (see [`replica`]).
+    replica: std::sync::OnceLock<Arc<ReplicaSet>>,
     quota: AtomicU64,
     inode_limit: AtomicU64,
     used_bytes: AtomicU64,
@@ -353,6 +367,16 @@ impl Volume {
     /// that free usage (deletes, truncates) and small metadata updates always pass.
     pub fn reserve_write(&self, delta: Usage, physical: u64) -> Result<Reservation, Exhausted> {
         let r = self.reserve_usage(delta)?;
+        if !self.admit_write(delta, physical) {
+            self.release(r);
+            return Err(Exhausted::Disk);
+        }
+        Ok(r)
+    }
+
+    /// The disk's part of [`Volume::reserve_write`]: whether this volume's disk takes a
+    /// batch of `physical` bytes changing usage by `delta`.
+    fn admit_write(&self, delta: Usage, physical: u64) -> bool {
         let frees = delta.bytes < 0;
         let small = delta.bytes <= 0 && physical < Self::SMALL_WRITE;
         let cost = if delta.bytes > 0 {
@@ -360,11 +384,20 @@ impl Volume {
         } else {
             physical
         };
-        if !frees && !small && !self.disk.admit(cost) {
-            self.release(r);
-            return Err(Exhausted::Disk);
-        }
-        Ok(r)
+        frees || small || self.disk.admit(cost)
+    }
+
+    /// Applies a usage change this volume's counters did not admit (another copy of a
+    /// replicated volume did), so that every copy's counters stay the same.
+    fn apply(&self, delta: Usage) {
+        let add = |c: &AtomicU64, n: i64| {
+            if n > 0 {
+                c.fetch_add(n as u64, Ordering::AcqRel);
+            }
+        };
+        add(&self.used_bytes, delta.bytes);
+        add(&self.inodes, delta.inodes);
+        self.settle(Reservation { delta });
     }
 
     /// Admits a usage change (quota and inode limit, and the disk's floor for the bytes it
@@ -586,52 +619,88 @@ fn fs_space(dir: &Path) -> Option<(u64, u64)> {
     ))
 }
 
-/// A volume opened with [`Store::open_volume`]; dropping it closes the volume. Whoever
-/// serves the volume owns it (the filesystem core of its FUSE session), so "closed"
-/// means that nothing can reach the volume's keys any more.
+/// A volume opened with [`Store::open_volume`] (or, replicated, [`open_replicated`]);
+/// dropping it closes the volume. Whoever serves the volume owns it (the filesystem core
+/// of its FUSE session), so "closed" means that nothing can reach the volume's keys any
+/// more.
 #[derive(Debug)]
 pub struct OpenVolume {
-    vol: Arc<Volume>,
-    store: Store,
+    /// Its copies: one, or those of a replicated volume being served (the first's
+    /// counters admit changes: see [`VolumeTxn::commit`]).
+    copies: Vec<Copy>,
+    set: Option<Arc<ReplicaSet>>,
 }
 
 impl OpenVolume {
     /// The live volume (its counters are shared with the store's view of it).
     pub fn volume(&self) -> &Arc<Volume> {
-        &self.vol
+        &self.copies[0].vol
     }
 
-    /// A new transaction on the volume: stages changes, commits them as one batch.
+    /// The store of the volume's first copy.
+    pub fn store(&self) -> &Store {
+        &self.copies[0].store
+    }
+
+    /// A new transaction on the volume: stages changes, commits them as one batch (in
+    /// every copy).
     pub fn txn(&self) -> VolumeTxn<'_> {
-        VolumeTxn::new(&self.store, &self.vol)
+        VolumeTxn::new(&self.copies, self.set.as_deref())
     }
 
-    /// Reads of the volume.
+    /// Reads of the volume (from one copy, others when it fails).
     pub fn view(&self) -> VolumeView<'_> {
-        VolumeView::new(
-            &self.store,
-            self.vol.id,
-            self.vol.compression,
-            self.vol.cipher.as_deref(),
-        )
+        let at = self.set.as_ref().map_or(0, |s| s.first_healthy());
+        VolumeView::new(&self.copies, self.set.as_deref(), at)
+    }
+
+    /// Makes every change committed so far durable (in every healthy copy).
+    pub fn sync(&self) -> Result<()> {
+        match &self.set {
+            Some(set) => set.sync(&self.copies),
+            None => self.store().sync(),
+        }
+    }
+
+    /// The store directories of the volume's healthy copies (the one copy's if it is not
+    /// replicated).
+    pub fn healthy_dirs(&self) -> Vec<&Path> {
+        self.copies
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.set.as_ref().is_none_or(|s| s.healthy(*i)))
+            .map(|(_, c)| c.store.dir())
+            .collect()
+    }
+
+    /// A replicated volume's copies and their state.
+    pub fn replicas(&self) -> Option<ReplicasInfo> {
+        self.set.as_ref().map(|s| s.info())
+    }
+
+    /// Takes over the copies of `other` (assembling a replicated volume).
+    fn take_copies(&mut self, mut other: OpenVolume) {
+        self.copies.append(&mut other.copies);
     }
 }
 
 impl std::ops::Deref for OpenVolume {
     type Target = Volume;
     fn deref(&self) -> &Volume {
-        &self.vol
+        &self.copies[0].vol
     }
 }
 
 impl Drop for OpenVolume {
     fn drop(&mut self) {
-        let mut open = self.store.inner.open_volumes.lock();
-        if open
-            .get(&self.vol.name)
-            .is_some_and(|v| Arc::ptr_eq(v, &self.vol))
-        {
-            open.remove(&self.vol.name);
+        for c in &self.copies {
+            let mut open = c.store.inner.open_volumes.lock();
+            if open
+                .get(&c.vol.name)
+                .is_some_and(|v| Arc::ptr_eq(v, &c.vol))
+            {
+                open.remove(&c.vol.name);
+            }
         }
     }
 }
@@ -1246,6 +1315,22 @@ impl Store {
         }
     }
 
+    raw_access! {
+        /// The value under `key` in `cf`, as stored.
+        fn get_raw(&self, cf: &ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            Ok(self.inner.db.get_cf(cf, key)?)
+        }
+    }
+
+    /// The write generation of replicated volume `vid`'s copy here (0: none; see
+    /// [`replica`]).
+    fn write_gen(&self, vid: VolumeId) -> Result<u64> {
+        match self.get_meta(&codec::write_gen_key(vid))? {
+            None => Ok(0),
+            Some(raw) => Ok(codec::decode_counter("write generation", &raw)?),
+        }
+    }
+
     /// The persisted inode-number counter of volume `vid` ([`codec::next_ino_key`]):
     /// `None` for a volume made before the counter existed.
     pub fn next_ino(&self, vid: VolumeId) -> Result<Option<Ino>> {
@@ -1355,6 +1440,23 @@ impl Store {
     /// Creates a volume with an empty root directory and settings `new`. Fails if it
     /// exists.
     pub fn create_volume_with(&self, name: &str, new: &NewVolume) -> Result<VolumeInfo> {
+        let id = {
+            let _g = self.inner.registry.lock();
+            self.next_volume_id()?
+        };
+        self.create_volume_as(name, new, id, None)
+    }
+
+    /// [`Store::create_volume_with`] under id `id` (free, checked again under the
+    /// registry lock), and for a replicated volume its first copy (see
+    /// [`create_replicated`]).
+    fn create_volume_as(
+        &self,
+        name: &str,
+        new: &NewVolume,
+        id: VolumeId,
+        replicas: Option<codec::ReplicaConfig>,
+    ) -> Result<VolumeInfo> {
         let NewVolume {
             quota,
             inode_limit,
@@ -1378,7 +1480,15 @@ impl Store {
                 limit: 0,
             });
         }
-        let id = self.next_volume_id()?;
+        if id < self.next_volume_id()? {
+            return Err(Error::Corrupt(format!(
+                "volume id {id} was given out in {} already",
+                self.inner.dir.display()
+            )));
+        }
+        if replicas.is_some() {
+            self.require_format(FORMAT_REPLICAS)?;
+        }
         let sealed_key = match encryption {
             Some(master) => {
                 self.require_format(FORMAT_ENCRYPTION)?;
@@ -1400,6 +1510,7 @@ impl Store {
                 Encryption::None
             },
             sealed_key,
+            replicas: replicas.clone(),
         };
         let now = Timestamp::now();
         let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0, now);
@@ -1438,6 +1549,9 @@ impl Store {
             codec::next_ino_key(id),
             codec::encode_counter(ROOT_INO + 1),
         );
+        if replicas.is_some() {
+            b.put_cf(meta, codec::write_gen_key(id), codec::encode_counter(1));
+        }
         self.write(b)?;
         self.sync()?;
         if let Some(master) = encryption {
@@ -1521,7 +1635,20 @@ impl Store {
     /// it one process), so one volume never has two serving instances. The volume counts
     /// as open until the returned guard is dropped, which the FUSE session does only
     /// when its last worker thread has ended; while it is open it cannot be deleted.
+    ///
+    /// A replicated volume is refused: written through one copy alone, its copies would
+    /// differ (see [`open_replicated`]).
     pub fn open_volume(&self, name: &str) -> Result<OpenVolume> {
+        self.open_copy(name, false)
+    }
+
+    /// [`Store::open_volume`], taking one copy of a replicated volume alone too: for reads
+    /// only (`fsck`'s check), or for [`open_replicated`].
+    pub fn open_volume_copy(&self, name: &str) -> Result<OpenVolume> {
+        self.open_copy(name, true)
+    }
+
+    fn open_copy(&self, name: &str, copy_alone: bool) -> Result<OpenVolume> {
         let _g = self.inner.registry.lock();
         let mut open = self.inner.open_volumes.lock();
         if open.contains_key(name) {
@@ -1529,6 +1656,13 @@ impl Store {
         }
         let id = self.existing_id(name)?;
         let cfg = self.config(id)?;
+        if let (Some(rc), false) = (&cfg.replicas, copy_alone) {
+            return Err(Error::Unsupported(format!(
+                "volume {name:?} keeps {} copies: serve it from its stores together (fusevol mount --data DIR1 --data DIR2 ...), not from {} alone",
+                rc.copies,
+                self.inner.dir.display()
+            )));
+        }
         let usage = self.usage(id)?;
         if usage.bytes < 0 || usage.inodes < 0 || usage.chunks < 0 {
             return Err(Error::Corrupt(format!(
@@ -1549,6 +1683,7 @@ impl Store {
             compression: cfg.compression,
             cipher,
             disk: self.inner.disk.clone(),
+            replica: std::sync::OnceLock::new(),
             quota: AtomicU64::new(cfg.quota_bytes.unwrap_or(UNLIMITED)),
             inode_limit: AtomicU64::new(cfg.inode_limit.unwrap_or(UNLIMITED)),
             used_bytes: AtomicU64::new(usage.bytes as u64),
@@ -1557,8 +1692,11 @@ impl Store {
         });
         open.insert(name.to_string(), v.clone());
         Ok(OpenVolume {
-            vol: v,
-            store: self.clone(),
+            copies: vec![Copy {
+                store: self.clone(),
+                vol: v,
+            }],
+            set: None,
         })
     }
 
@@ -1596,6 +1734,17 @@ impl Store {
             encryption: EncryptionInfo {
                 algorithm: cfg.encryption,
             },
+            replicas: match (&cfg.replicas, open.as_ref().and_then(|v| v.replica.get())) {
+                (_, Some(set)) => Some(set.info()),
+                (Some(rc), None) => Some(ReplicasInfo {
+                    wanted: rc.copies,
+                    copies: Vec::new(),
+                    degraded: false,
+                    failovers: 0,
+                    repairs: 0,
+                }),
+                (None, None) => None,
+            },
         })
     }
 
@@ -1611,7 +1760,7 @@ impl Store {
         let algorithm = info.compression.algorithm;
         let mut logical = 0u64;
         let mut bad = None;
-        VolumeView::new(self, id, algorithm, None).each_chunk_len(|ino, idx, len| match len {
+        VolumeView::plain(self, id, algorithm).each_chunk_len(|ino, idx, len| match len {
             Ok(len) => logical = logical.saturating_add(len),
             Err(e) => bad = Some(format!("chunk {idx} of inode {ino}: {e}; run fsck")),
         })?;
@@ -1660,6 +1809,12 @@ impl Store {
         let id = self.existing_id(name)?;
         let mut cfg = self.config(id)?;
         let open = self.inner.open_volumes.lock().get(name).cloned();
+        if let (Some(rc), Some(_)) = (&cfg.replicas, &open) {
+            return Err(Error::Unsupported(format!(
+                "volume {name:?} keeps {} copies and is mounted: changing its limits while it is served is not supported yet (stop the mount and start it again with --quota / --inodes)",
+                rc.copies
+            )));
+        }
         let current = self.inspect_volume(name)?;
         if let Some(q) = quota {
             if let Some(q) = q {
@@ -1712,6 +1867,16 @@ impl Store {
         }
         let mut b = WriteBatch::default();
         b.put_cf(self.meta(), codec::config_key(id), encode_config(&cfg)?);
+        if cfg.replicas.is_some() {
+            // The copies given the new limits are ahead of one that was not (its disk
+            // away): that one is rewritten at the next assembly.
+            let gen = self.write_gen(id)?.saturating_add(1);
+            b.put_cf(
+                self.meta(),
+                codec::write_gen_key(id),
+                codec::encode_counter(gen),
+            );
+        }
         self.write(b)?;
         self.sync()?;
         drop(_g);

@@ -15,15 +15,19 @@ use rocksdb::WriteBatch;
 
 use super::codec::{self, CookieValue, DirentValue, Ino, InodeRecord, ReplayRecord, Usage};
 use super::crypt::{CryptError, Sealer};
-use super::{Error, Result, Store, Volume};
+use super::replica::{Cf, Copy, ReplicaSet};
+use super::{Error, Exhausted, Result, Volume};
 
 /// The staged changes of one operation on one volume (see the module doc). Dropping it
 /// without [`VolumeTxn::commit`] writes nothing.
 #[must_use = "a transaction writes nothing until it is committed"]
 pub struct VolumeTxn<'a> {
-    store: &'a Store,
+    /// The volume's copies (one unless it is replicated); the first one's counters admit.
+    copies: &'a [Copy],
+    set: Option<&'a ReplicaSet>,
     vol: &'a Volume,
-    batch: WriteBatch,
+    /// One batch per copy, the same changes in each.
+    batches: Vec<WriteBatch>,
     /// A change that could not be staged (sealing failed): the commit fails with it.
     failed: Option<Error>,
     /// The volume's usage change this transaction accounts for: merged into the usage key
@@ -32,13 +36,44 @@ pub struct VolumeTxn<'a> {
 }
 
 impl<'a> VolumeTxn<'a> {
-    pub(super) fn new(store: &'a Store, vol: &'a Volume) -> Self {
+    pub(super) fn new(copies: &'a [Copy], set: Option<&'a ReplicaSet>) -> Self {
         VolumeTxn {
-            store,
-            vol,
-            batch: WriteBatch::default(),
+            copies,
+            set,
+            vol: &copies[0].vol,
+            batches: copies.iter().map(|_| WriteBatch::default()).collect(),
             failed: None,
             usage: Usage::default(),
+        }
+    }
+
+    // ----- staging into every copy's batch -----
+
+    fn put(&mut self, cf: Cf, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let (key, value, c) = (key.as_ref(), value.as_ref(), self.vol.compression);
+        for (copy, b) in self.copies.iter().zip(&mut self.batches) {
+            b.put_cf(cf.of(&copy.store, c), key, value);
+        }
+    }
+
+    fn delete(&mut self, cf: Cf, key: impl AsRef<[u8]>) {
+        let (key, c) = (key.as_ref(), self.vol.compression);
+        for (copy, b) in self.copies.iter().zip(&mut self.batches) {
+            b.delete_cf(cf.of(&copy.store, c), key);
+        }
+    }
+
+    fn delete_range(&mut self, cf: Cf, from: impl AsRef<[u8]>, to: impl AsRef<[u8]>) {
+        let (from, to, c) = (from.as_ref(), to.as_ref(), self.vol.compression);
+        for (copy, b) in self.copies.iter().zip(&mut self.batches) {
+            b.delete_range_cf(cf.of(&copy.store, c), from, to);
+        }
+    }
+
+    fn merge(&mut self, cf: Cf, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let (key, value, c) = (key.as_ref(), value.as_ref(), self.vol.compression);
+        for (copy, b) in self.copies.iter().zip(&mut self.batches) {
+            b.merge_cf(cf.of(&copy.store, c), key, value);
         }
     }
 
@@ -62,11 +97,6 @@ impl<'a> VolumeTxn<'a> {
         }
     }
 
-    /// The column family of the volume's chunks (by its compression).
-    fn chunk_cf(&self) -> &'a rocksdb::ColumnFamily {
-        self.store.chunks_for(self.vol.compression)
-    }
-
     // ----- inodes -----
 
     /// Stages inode `ino`'s record.
@@ -79,33 +109,32 @@ impl<'a> VolumeTxn<'a> {
         } else {
             r.encode()
         };
-        self.batch.put_cf(self.store.meta(), key, value);
+        self.put(Cf::Meta, &key, value);
     }
 
     /// Stages the removal of inode `ino`'s record (its chunks, lengths and xattrs have
     /// their own removals).
     pub fn delete_inode(&mut self, ino: Ino) {
         let key = codec::inode_key(self.vid(), ino);
-        self.batch.delete_cf(self.store.meta(), key);
+        self.delete(Cf::Meta, &key);
     }
 
     /// Marks `ino` as unlinked while open (reclaimed at the next mount).
     pub fn put_orphan(&mut self, ino: Ino) {
         let key = codec::orphan_key(self.vid(), ino);
-        self.batch.put_cf(self.store.meta(), key, []);
+        self.put(Cf::Meta, &key, []);
     }
 
     pub fn delete_orphan(&mut self, ino: Ino) {
         let key = codec::orphan_key(self.vid(), ino);
-        self.batch.delete_cf(self.store.meta(), key);
+        self.delete(Cf::Meta, &key);
     }
 
     /// Stages the volume's inode-number counter: `next` is the first number never given
     /// out.
     pub fn set_next_ino(&mut self, next: Ino) {
         let key = codec::next_ino_key(self.vid());
-        self.batch
-            .put_cf(self.store.meta(), key, codec::encode_counter(next));
+        self.put(Cf::Meta, &key, codec::encode_counter(next));
     }
 
     // ----- directory entries -----
@@ -114,31 +143,32 @@ impl<'a> VolumeTxn<'a> {
     /// its readdir key at `entry.cookie`, always together. The one place that writes a
     /// directory entry; an existing entry of that name and cookie is replaced (both keys).
     pub fn put_dirent(&mut self, parent: Ino, name: &[u8], entry: DirentValue) {
-        let (meta, v) = (self.store.meta(), self.vid());
+        let v = self.vid();
         let name = self.seal().name(&codec::dirent_name_context(parent), name);
-        self.batch
-            .put_cf(meta, codec::dirent_key(v, parent, &name), entry.encode());
-        self.batch.put_cf(
-            meta,
+        self.put(
+            Cf::Meta,
+            codec::dirent_key(v, parent, &name),
+            entry.encode(),
+        );
+        let cookie = CookieValue {
+            ino: entry.ino,
+            kind: entry.kind,
+            name: name.to_vec(),
+        };
+        self.put(
+            Cf::Meta,
             codec::cookie_key(v, parent, entry.cookie),
-            CookieValue {
-                ino: entry.ino,
-                kind: entry.kind,
-                name: name.to_vec(),
-            }
-            .encode(),
+            cookie.encode(),
         );
     }
 
     /// Stages the removal of directory entry `name` of `parent` whose readdir position
     /// is `cookie`: both its keys. The one place that removes a directory entry.
     pub fn remove_dirent(&mut self, parent: Ino, name: &[u8], cookie: u64) {
-        let (meta, v) = (self.store.meta(), self.vid());
+        let v = self.vid();
         let name = self.seal().name(&codec::dirent_name_context(parent), name);
-        self.batch
-            .delete_cf(meta, codec::dirent_key(v, parent, &name));
-        self.batch
-            .delete_cf(meta, codec::cookie_key(v, parent, cookie));
+        self.delete(Cf::Meta, codec::dirent_key(v, parent, &name));
+        self.delete(Cf::Meta, codec::cookie_key(v, parent, cookie));
     }
 
     /// Repair of a broken entry: removes only its by-name key (its readdir position
@@ -146,20 +176,20 @@ impl<'a> VolumeTxn<'a> {
     pub fn remove_dirent_name(&mut self, parent: Ino, name: &[u8]) {
         let name = self.seal().name(&codec::dirent_name_context(parent), name);
         let key = codec::dirent_key(self.vid(), parent, &name);
-        self.batch.delete_cf(self.store.meta(), key);
+        self.delete(Cf::Meta, &key);
     }
 
     /// Repair of an entry whose name cannot be read (a sealed name that does not open):
     /// removes its by-name key as stored.
     pub fn remove_dirent_stored_name(&mut self, parent: Ino, stored: &[u8]) {
         let key = codec::dirent_key(self.vid(), parent, stored);
-        self.batch.delete_cf(self.store.meta(), key);
+        self.delete(Cf::Meta, &key);
     }
 
     /// Repair of a broken entry: removes only a readdir key (no name refers to it).
     pub fn remove_dirent_cookie(&mut self, parent: Ino, cookie: u64) {
         let key = codec::cookie_key(self.vid(), parent, cookie);
-        self.batch.delete_cf(self.store.meta(), key);
+        self.delete(Cf::Meta, &key);
     }
 
     // ----- chunks -----
@@ -171,7 +201,7 @@ impl<'a> VolumeTxn<'a> {
             Ok(v) => v,
             Err(e) => return self.fail(Error::Crypt(e)),
         };
-        self.batch.put_cf(self.chunk_cf(), &key, value);
+        self.put(Cf::Chunks, &key, value);
     }
 
     /// Stages `bytes` at `offset` inside chunk `idx` without reading it (a merge operand,
@@ -193,8 +223,7 @@ impl<'a> VolumeTxn<'a> {
             Err(e) => return self.fail(Error::Crypt(e)),
         };
         let at = seal.stored_offset(offset as usize) as u32;
-        self.batch
-            .merge_cf(self.chunk_cf(), key, codec::encode_chunk_patch(at, &value));
+        self.merge(Cf::Chunks, &key, codec::encode_chunk_patch(at, &value));
     }
 
     /// Keeps the first failure of staging for the commit.
@@ -205,19 +234,18 @@ impl<'a> VolumeTxn<'a> {
     /// Stages the removal of chunk `idx`'s bytes (not its length).
     pub fn delete_chunk(&mut self, ino: Ino, idx: u64) {
         let key = codec::chunk_key(self.vid(), ino, idx);
-        self.batch.delete_cf(self.chunk_cf(), key);
+        self.delete(Cf::Chunks, &key);
     }
 
     /// Stages the stored length of chunk `idx`.
     pub fn put_chunk_len(&mut self, ino: Ino, idx: u64, len: u64) {
         let key = codec::chunk_len_key(self.vid(), ino, idx);
-        self.batch
-            .put_cf(self.store.meta(), key, codec::encode_chunk_len(len));
+        self.put(Cf::Meta, &key, codec::encode_chunk_len(len));
     }
 
     pub fn delete_chunk_len(&mut self, ino: Ino, idx: u64) {
         let key = codec::chunk_len_key(self.vid(), ino, idx);
-        self.batch.delete_cf(self.store.meta(), key);
+        self.delete(Cf::Meta, &key);
     }
 
     /// Stages the removal of every chunk of `ino` and its length, with one range
@@ -225,11 +253,9 @@ impl<'a> VolumeTxn<'a> {
     pub fn delete_all_chunks(&mut self, ino: Ino) {
         let v = self.vid();
         let lp = codec::chunk_len_prefix(v, ino);
-        self.batch
-            .delete_range_cf(self.store.meta(), &lp, &codec::prefix_end(&lp));
+        self.delete_range(Cf::Meta, &lp, codec::prefix_end(&lp));
         let cp = codec::chunk_prefix(v, ino);
-        self.batch
-            .delete_range_cf(self.chunk_cf(), &cp, &codec::prefix_end(&cp));
+        self.delete_range(Cf::Chunks, &cp, codec::prefix_end(&cp));
     }
 
     // ----- extended attributes -----
@@ -238,20 +264,19 @@ impl<'a> VolumeTxn<'a> {
         let name = self.seal().name(&codec::xattr_name_context(ino), name);
         let key = codec::xattr_key(self.vid(), ino, &name);
         let value = self.sealed(&key, value);
-        self.batch.put_cf(self.store.meta(), &key, value);
+        self.put(Cf::Meta, &key, value);
     }
 
     pub fn delete_xattr(&mut self, ino: Ino, name: &[u8]) {
         let name = self.seal().name(&codec::xattr_name_context(ino), name);
         let key = codec::xattr_key(self.vid(), ino, &name);
-        self.batch.delete_cf(self.store.meta(), key);
+        self.delete(Cf::Meta, &key);
     }
 
     /// Stages the removal of every xattr of `ino` (one range tombstone).
     pub fn delete_all_xattrs(&mut self, ino: Ino) {
         let p = codec::xattr_prefix(self.vid(), ino);
-        self.batch
-            .delete_range_cf(self.store.meta(), &p, &codec::prefix_end(&p));
+        self.delete_range(Cf::Meta, &p, codec::prefix_end(&p));
     }
 
     // ----- the ring of recent answers, the mount generation -----
@@ -259,37 +284,35 @@ impl<'a> VolumeTxn<'a> {
     /// Stages `record` into slot `slot` of the volume's ring of recent answers.
     pub fn put_replay(&mut self, slot: u16, record: &ReplayRecord) {
         let key = codec::replay_key(self.vid(), slot);
-        self.batch.put_cf(self.store.meta(), key, record.encode());
+        self.put(Cf::Meta, &key, record.encode());
     }
 
     pub fn delete_replay(&mut self, slot: u16) {
         let key = codec::replay_key(self.vid(), slot);
-        self.batch.delete_cf(self.store.meta(), key);
+        self.delete(Cf::Meta, &key);
     }
 
     /// Stages the removal of the whole ring of recent answers.
     pub fn delete_replay_ring(&mut self) {
         let ring = codec::tag_prefix(self.vid(), codec::TAG_REPLAY);
-        self.batch
-            .delete_range_cf(self.store.meta(), &ring, &codec::prefix_end(&ring));
+        self.delete_range(Cf::Meta, &ring, codec::prefix_end(&ring));
     }
 
     pub fn set_mount_generation(&mut self, generation: u64) {
         let key = codec::mount_gen_key(self.vid());
-        self.batch
-            .put_cf(self.store.meta(), key, codec::encode_counter(generation));
+        self.put(Cf::Meta, &key, codec::encode_counter(generation));
     }
 
     pub fn delete_mount_generation(&mut self) {
         let key = codec::mount_gen_key(self.vid());
-        self.batch.delete_cf(self.store.meta(), key);
+        self.delete(Cf::Meta, &key);
     }
 
     /// Repair: sets the volume's usage counters outright (see
     /// [`VolumeTxn::commit_unaccounted`]).
     pub fn set_usage(&mut self, usage: Usage) {
         let key = codec::usage_key(self.vid());
-        self.batch.put_cf(self.store.meta(), key, usage.encode());
+        self.put(Cf::Meta, &key, usage.encode());
     }
 
     // ----- commit -----
@@ -304,15 +327,18 @@ impl<'a> VolumeTxn<'a> {
         }
         if !self.usage.is_zero() {
             let key = codec::usage_key(self.vid());
-            self.batch
-                .merge_cf(self.store.meta(), key, self.usage.encode());
+            self.merge(Cf::Meta, &key, self.usage.encode());
         }
-        let physical = self.batch.size_in_bytes() as u64;
+        let physical = self.batches[0].size_in_bytes() as u64;
+        if let Some(set) = self.set {
+            return self.commit_replicated(set, physical);
+        }
         let reservation = self
             .vol
             .reserve_write(self.usage, physical)
             .map_err(Error::Exhausted)?;
-        match self.store.write(self.batch) {
+        let batch = self.batches.pop().unwrap_or_default();
+        match self.copies[0].store.write(batch) {
             Ok(()) => {
                 self.vol.settle(reservation);
                 Ok(())
@@ -324,13 +350,53 @@ impl<'a> VolumeTxn<'a> {
         }
     }
 
+    /// [`VolumeTxn::commit`] of a replicated volume: the quota admits once (the first
+    /// copy's counters), each healthy copy's disk admits what it will write, and the
+    /// batches go into every healthy copy under the set's commit lock (see
+    /// [`super::replica`]); every copy's counters then take the change.
+    fn commit_replicated(self, set: &ReplicaSet, physical: u64) -> Result<()> {
+        let reservation = self
+            .vol
+            .reserve_usage(self.usage)
+            .map_err(Error::Exhausted)?;
+        let disks_admit = self
+            .copies
+            .iter()
+            .enumerate()
+            .all(|(i, c)| !set.healthy(i) || c.vol.admit_write(self.usage, physical));
+        if !disks_admit {
+            self.vol.release(reservation);
+            return Err(Error::Exhausted(Exhausted::Disk));
+        }
+        match set.write(self.copies, self.vol.id, self.batches) {
+            Ok(()) => {
+                for c in &self.copies[1..] {
+                    c.vol.apply(self.usage);
+                }
+                self.vol.settle(reservation);
+                Ok(())
+            }
+            Err(e) => {
+                self.vol.release(reservation);
+                Err(e)
+            }
+        }
+    }
+
     /// Writes the batch as it is: no usage merged, nothing admitted or settled. For
-    /// repairs (`fsck`), which set the counters outright on a volume nobody serves.
+    /// repairs (`fsck`), which set the counters outright on a volume nobody serves (one
+    /// copy: `fsck` does not repair a replicated volume's copies).
     pub fn commit_unaccounted(mut self) -> Result<()> {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        self.store.write(self.batch)
+        match self.set {
+            Some(set) => set.write(self.copies, self.vol.id, self.batches),
+            None => {
+                let batch = self.batches.pop().unwrap_or_default();
+                self.copies[0].store.write(batch)
+            }
+        }
     }
 }
 

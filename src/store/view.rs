@@ -3,45 +3,143 @@
 //! Owns: every read of a volume's keys, decoded with [`super::codec`], for the filesystem
 //! core (point lookups, readdir, chunk reads from one snapshot) and for `fsck` (a pass
 //! over each kind of key). Callers never see a key or a column family. It must not
-//! write (writes go through [`super::VolumeTxn`]).
+//! write (writes go through [`super::VolumeTxn`]), except that a replicated volume's read
+//! that one copy fails is served from another and repaired there ([`super::replica`]).
 
-use rocksdb::{DBPinnableSlice, ReadOptions, Snapshot};
+use rocksdb::{ReadOptions, Snapshot};
 
 use super::codec::{
     self, decode_chunk_len, CookieValue, DirentValue, Ino, InodeRecord, RecordError, ReplayRecord,
     Usage, VolumeId,
 };
-use super::crypt::{Sealer, VolumeCipher};
-use super::{Compression, Result, Store, ROOT_INO};
+use super::crypt::Sealer;
+use super::replica::{is_media_error, Cf, Copy, ReplicaSet};
+use super::{Compression, Error, Result, Store, ROOT_INO};
 
 /// Reads of one volume (see the module doc). Cheap: a store, a volume id, where the
-/// volume's chunks live and how its values are sealed.
+/// volume's chunks live and how its values are sealed; for a replicated volume, its
+/// copies and which one this view reads.
 #[derive(Clone, Copy)]
 pub struct VolumeView<'a> {
     store: &'a Store,
     vid: VolumeId,
     compression: Compression,
     seal: Sealer<'a>,
+    rep: Option<Replicated<'a>>,
+}
+
+/// The copies of a replicated volume, and the one a view reads.
+#[derive(Clone, Copy)]
+struct Replicated<'a> {
+    copies: &'a [Copy],
+    set: &'a ReplicaSet,
+    at: usize,
 }
 
 impl<'a> VolumeView<'a> {
-    pub(super) fn new(
-        store: &'a Store,
-        vid: VolumeId,
-        compression: Compression,
-        cipher: Option<&'a VolumeCipher>,
-    ) -> Self {
+    /// Reads of copy `at` of `copies` (which must exist).
+    pub(super) fn new(copies: &'a [Copy], set: Option<&'a ReplicaSet>, at: usize) -> Self {
+        let c = &copies[at];
+        VolumeView {
+            store: &c.store,
+            vid: c.vol.id,
+            compression: c.vol.compression,
+            seal: Sealer(c.vol.cipher.as_deref()),
+            rep: set.map(|set| Replicated { copies, set, at }),
+        }
+    }
+
+    /// Reads of volume `vid` of `store` that open nothing sealed (no key) and fail over to
+    /// no other copy.
+    pub(super) fn plain(store: &'a Store, vid: VolumeId, compression: Compression) -> Self {
         VolumeView {
             store,
             vid,
             compression,
-            seal: Sealer(cipher),
+            seal: Sealer(None),
+            rep: None,
         }
     }
 
-    /// The column family of the volume's chunks.
-    fn chunk_cf(&self) -> &'a rocksdb::ColumnFamily {
-        self.store.chunks_for(self.compression)
+    /// The value under `key` in `cf`: from this view's copy, or when it cannot read it,
+    /// from another copy of a replicated volume.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match (
+            self.store.get_raw(cf.of(self.store, self.compression), key),
+            self.rep,
+        ) {
+            (Err(e), Some(r)) => r
+                .set
+                .failover_get(r.copies, r.at, (cf, self.compression), key, e),
+            (result, _) => result,
+        }
+    }
+
+    fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get(Cf::Meta, key)
+    }
+
+    /// Calls `f(key, value)` for keys in `[from, to)` of `cf`, until it returns false. A
+    /// replicated volume's scan that one copy fails goes on from the next key in another.
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let Some(r) = self.rep else {
+            return self
+                .store
+                .scan(cf.of(self.store, self.compression), from, to, f);
+        };
+        let (mut start, mut at, mut last) = (from.to_vec(), r.at, Vec::new());
+        for _ in 0..r.copies.len() {
+            let store = &r.copies[at].store;
+            let (mut seen, mut failed) = (false, None);
+            let scanned = store.scan(cf.of(store, self.compression), &start, to, |k, v| {
+                match f(k, v) {
+                    Ok(go) => {
+                        last.clear();
+                        last.extend_from_slice(k);
+                        seen = true;
+                        Ok(go)
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        Ok(false)
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            match scanned {
+                Err(e) if is_media_error(&e) => {
+                    let Some(next) = (1..r.copies.len())
+                        .map(|d| (at + d) % r.copies.len())
+                        .find(|i| r.set.healthy(*i))
+                    else {
+                        return Err(e);
+                    };
+                    r.set.scan_failover(at, &e);
+                    if seen {
+                        // The next key after the last one given: that key and a 0 byte.
+                        start.clone_from(&last);
+                        start.push(0);
+                    }
+                    at = next;
+                }
+                result => return result,
+            }
+        }
+        Err(Error::Corrupt(
+            "no copy of the volume could read a scan".into(),
+        ))
+    }
+
+    fn scan_meta(&self, prefix: &[u8], f: impl FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
+        self.scan(Cf::Meta, prefix, &codec::prefix_end(prefix), f)
     }
 
     /// The volume's id (its keys' prefix).
@@ -52,14 +150,14 @@ impl<'a> VolumeView<'a> {
     /// Calls `f(key, value)` for every meta key of the volume with tag `tag`, in order,
     /// until it returns false.
     fn scan_tag(&self, tag: u8, f: impl FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
-        self.store.scan_meta(&codec::tag_prefix(self.vid, tag), f)
+        self.scan_meta(&codec::tag_prefix(self.vid, tag), f)
     }
 
     // ----- inodes -----
 
     /// Inode `ino`'s record, if it exists.
     pub fn inode(&self, ino: Ino) -> Result<Option<InodeRecord>> {
-        match self.store.get_meta(&codec::inode_key(self.vid, ino))? {
+        match self.get_meta(&codec::inode_key(self.vid, ino))? {
             Some(raw) => Ok(Some(open_inode(self.seal, self.vid, ino, &raw)?)),
             None => Ok(None),
         }
@@ -83,7 +181,10 @@ impl<'a> VolumeView<'a> {
 
     /// The volume's inode-number counter: `None` for a volume made before it existed.
     pub fn next_ino(&self) -> Result<Option<Ino>> {
-        self.store.next_ino(self.vid)
+        match self.get_meta(&codec::next_ino_key(self.vid))? {
+            None => Ok(None),
+            Some(raw) => Ok(Some(codec::decode_counter("next inode number", &raw)?)),
+        }
     }
 
     /// The inodes marked as unlinked while open, in order.
@@ -115,10 +216,7 @@ impl<'a> VolumeView<'a> {
     /// Entry `name` of directory `parent`, if any.
     pub fn dirent(&self, parent: Ino, name: &[u8]) -> Result<Option<DirentValue>> {
         let name = self.seal.name(&codec::dirent_name_context(parent), name);
-        match self
-            .store
-            .get_meta(&codec::dirent_key(self.vid, parent, &name))?
-        {
+        match self.get_meta(&codec::dirent_key(self.vid, parent, &name))? {
             Some(raw) => Ok(Some(DirentValue::decode(&raw)?)),
             None => Ok(None),
         }
@@ -127,11 +225,10 @@ impl<'a> VolumeView<'a> {
     /// Whether directory `dir` has no entries.
     pub fn dir_is_empty(&self, dir: Ino) -> Result<bool> {
         let mut empty = true;
-        self.store
-            .scan_meta(&codec::dirent_prefix(self.vid, dir), |_, _| {
-                empty = false;
-                Ok(false)
-            })?;
+        self.scan_meta(&codec::dirent_prefix(self.vid, dir), |_, _| {
+            empty = false;
+            Ok(false)
+        })?;
         Ok(empty)
     }
 
@@ -143,7 +240,7 @@ impl<'a> VolumeView<'a> {
         let start = codec::cookie_key(v, dir, from);
         let end = codec::prefix_end(&codec::cookie_prefix(v, dir));
         let mut out = Vec::new();
-        self.store.scan(self.store.meta(), &start, &end, |k, val| {
+        self.scan(Cf::Meta, &start, &end, |k, val| {
             if out.len() >= limit {
                 return Ok(false);
             }
@@ -205,12 +302,10 @@ impl<'a> VolumeView<'a> {
         if first == last {
             // One chunk (every write of at most a chunk that does not straddle two):
             // a point lookup is several times cheaper than an iterator.
-            return Ok(
-                match self.store.get_meta(&codec::chunk_len_key(v, ino, first))? {
-                    Some(val) => vec![(first, decode_chunk_len(&val)?)],
-                    None => Vec::new(),
-                },
-            );
+            return Ok(match self.get_meta(&codec::chunk_len_key(v, ino, first))? {
+                Some(val) => vec![(first, decode_chunk_len(&val)?)],
+                None => Vec::new(),
+            });
         }
         let from = codec::chunk_len_key(v, ino, first);
         let to = match last.checked_add(1) {
@@ -218,7 +313,7 @@ impl<'a> VolumeView<'a> {
             None => codec::prefix_end(&codec::chunk_len_prefix(v, ino)),
         };
         let mut out = Vec::new();
-        self.store.scan(self.store.meta(), &from, &to, |k, val| {
+        self.scan(Cf::Meta, &from, &to, |k, val| {
             let (_, idx) = codec::parse_chunk_len_key(v, k)?;
             out.push((idx, decode_chunk_len(val)?));
             Ok(true)
@@ -231,7 +326,7 @@ impl<'a> VolumeView<'a> {
     /// are zeros, as they read for any chunk.)
     pub fn chunk(&self, ino: Ino, idx: u64) -> Result<Vec<u8>> {
         let key = codec::chunk_key(self.vid, ino, idx);
-        match self.store.db().get_cf(self.chunk_cf(), &key)? {
+        match self.get(Cf::Chunks, &key)? {
             Some(stored) if self.seal.is_sealing() => {
                 Ok(self.seal.open_chunk(&key, &stored, None)?.into_owned())
             }
@@ -253,7 +348,7 @@ impl<'a> VolumeView<'a> {
         let key = codec::chunk_key(self.vid, ino, idx);
         let (lo, hi) = (lo as usize, hi as usize);
         let mut out = vec![0u8; hi - lo];
-        if let Some(stored) = self.store.db().get_pinned_cf(self.chunk_cf(), &key)? {
+        if let Some(stored) = self.get(Cf::Chunks, &key)? {
             let plain = self.seal.open_chunk(&key, &stored, Some((lo, hi)))?;
             let end = hi.min(plain.len());
             if end > lo {
@@ -277,8 +372,8 @@ impl<'a> VolumeView<'a> {
     /// data: for an encrypted chunk its whole blocks, salts and tags not counted).
     pub fn each_chunk_size(&self, mut f: impl FnMut(Ino, u64, u64)) -> Result<()> {
         let (v, seal) = (self.vid, self.seal);
-        self.store.scan(
-            self.chunk_cf(),
+        self.scan(
+            Cf::Chunks,
             &codec::volume_start(v),
             &codec::volume_end(v),
             |k, val| {
@@ -294,9 +389,25 @@ impl<'a> VolumeView<'a> {
         VolumeSnapshot {
             store: self.store,
             vid: self.vid,
-            chunk_cf: self.chunk_cf(),
+            chunk_cf: self.store.chunks_for(self.compression),
             seal: self.seal,
             snap: self.store.db().snapshot(),
+            view: *self,
+        }
+    }
+
+    /// [`VolumeView::snapshot`] for a read of `ino` from chunk `chunk` on: of a replicated
+    /// volume, from the copy whose turn that stretch of the file is (reads of a file take
+    /// turns over the copies, a stretch of [`READ_STRIPE_CHUNKS`] chunks each).
+    pub fn snapshot_for(&self, ino: Ino, chunk: u64) -> VolumeSnapshot<'a> {
+        match self.rep {
+            Some(r) => {
+                let at = r
+                    .set
+                    .read_copy(ino.wrapping_add(chunk / READ_STRIPE_CHUNKS));
+                VolumeView::new(r.copies, Some(r.set), at).snapshot()
+            }
+            None => self.snapshot(),
         }
     }
 
@@ -306,7 +417,7 @@ impl<'a> VolumeView<'a> {
     pub fn xattr(&self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
         let name = self.seal.name(&codec::xattr_name_context(ino), name);
         let key = codec::xattr_key(self.vid, ino, &name);
-        match self.store.get_meta(&key)? {
+        match self.get_meta(&key)? {
             Some(stored) if self.seal.is_sealing() => {
                 Ok(Some(self.seal.open(&key, &stored)?.into_owned()))
             }
@@ -319,7 +430,7 @@ impl<'a> VolumeView<'a> {
     pub fn xattrs(&self, ino: Ino, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
         let prefix = codec::xattr_prefix(self.vid, ino);
         let (seal, ctx) = (self.seal, codec::xattr_name_context(ino));
-        self.store.scan_meta(&prefix, |k, val| {
+        self.scan_meta(&prefix, |k, val| {
             let name = seal.open_name(&ctx, k[prefix.len()..].to_vec())?;
             f(&name, &seal.open(k, val)?);
             Ok(true)
@@ -330,7 +441,7 @@ impl<'a> VolumeView<'a> {
     pub fn xattr_sizes(&self, ino: Ino, mut f: impl FnMut(&[u8], usize)) -> Result<()> {
         let prefix = codec::xattr_prefix(self.vid, ino);
         let (seal, ctx) = (self.seal, codec::xattr_name_context(ino));
-        self.store.scan_meta(&prefix, |k, val| {
+        self.scan_meta(&prefix, |k, val| {
             let name = seal.open_name(&ctx, k[prefix.len()..].to_vec())?;
             f(&name, seal.plain_len(val.len()));
             Ok(true)
@@ -353,7 +464,6 @@ impl<'a> VolumeView<'a> {
     /// The volume's usage counters as stored (`None`: no key).
     pub fn usage(&self) -> Result<Option<Result<Usage, RecordError>>> {
         Ok(self
-            .store
             .get_meta(&codec::usage_key(self.vid))?
             .map(|raw| Usage::decode(&raw)))
     }
@@ -361,7 +471,6 @@ impl<'a> VolumeView<'a> {
     /// The volume's mount generation as stored (`None`: never mounted since it existed).
     pub fn mount_generation(&self) -> Result<Option<Result<u64, RecordError>>> {
         Ok(self
-            .store
             .get_meta(&codec::mount_gen_key(self.vid))?
             .map(|raw| codec::decode_counter("mount generation", &raw)))
     }
@@ -369,7 +478,6 @@ impl<'a> VolumeView<'a> {
     /// The record in slot `slot` of the ring of recent answers, if any.
     pub fn replay(&self, slot: u16) -> Result<Option<Result<ReplayRecord, RecordError>>> {
         Ok(self
-            .store
             .get_meta(&codec::replay_key(self.vid, slot))?
             .map(|raw| ReplayRecord::decode(&raw)))
     }
@@ -387,23 +495,42 @@ impl<'a> VolumeView<'a> {
     }
 }
 
+/// How many chunks of a file one copy of a replicated volume serves before reads of the
+/// next ones go to the next copy (1 MiB at the default chunk size): long enough for
+/// read-ahead in each copy's files, short enough to spread a file over the disks.
+const READ_STRIPE_CHUNKS: u64 = 16;
+
 /// Reads of one volume as of one moment (a RocksDB snapshot): a file read never sees half
-/// of a concurrent write.
+/// of a concurrent write. For a replicated volume, a value this snapshot's copy cannot
+/// read is read from another copy as it is now (see [`super::replica`]).
 pub struct VolumeSnapshot<'a> {
     store: &'a Store,
     vid: VolumeId,
     chunk_cf: &'a rocksdb::ColumnFamily,
     seal: Sealer<'a>,
     snap: Snapshot<'a>,
+    /// The view it was taken of (its copy), for reads that fail over.
+    view: VolumeView<'a>,
 }
 
 impl VolumeSnapshot<'_> {
+    /// The value under `key` in `cf` as of the snapshot, or, when its copy cannot read it,
+    /// as another copy of a replicated volume holds it now.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let handle = cf.of(self.store, self.view.compression);
+        match (self.snap.get_cf(handle, key), self.view.rep) {
+            (Ok(v), _) => Ok(v),
+            (Err(e), Some(r)) => {
+                r.set
+                    .failover_get(r.copies, r.at, (cf, self.view.compression), key, e.into())
+            }
+            (Err(e), None) => Err(e.into()),
+        }
+    }
+
     /// Inode `ino`'s record, if it exists.
     pub fn inode(&self, ino: Ino) -> Result<Option<InodeRecord>> {
-        match self
-            .snap
-            .get_cf(self.store.meta(), codec::inode_key(self.vid, ino))?
-        {
+        match self.get(Cf::Meta, &codec::inode_key(self.vid, ino))? {
             Some(raw) => Ok(Some(open_inode(self.seal, self.vid, ino, &raw)?)),
             None => Ok(None),
         }
@@ -438,9 +565,14 @@ impl VolumeSnapshot<'_> {
         if first == last {
             // One chunk: a point lookup, without copying the value.
             let key = codec::chunk_key(v, ino, first);
-            let bytes: Option<DBPinnableSlice> = self.snap.get_pinned_cf(chunks, &key)?;
-            if let Some(bytes) = bytes {
-                f(first, &seal.open_chunk(&key, &bytes, range(first))?);
+            match self.snap.get_pinned_cf(chunks, &key) {
+                Ok(Some(bytes)) => f(first, &seal.open_chunk(&key, &bytes, range(first))?),
+                Ok(None) => {}
+                Err(e) if self.view.rep.is_some() => {
+                    drop(e);
+                    return self.chunks_one_by_one(ino, first, last, range, f);
+                }
+                Err(e) => return Err(e.into()),
             }
             return Ok(());
         }
@@ -449,12 +581,39 @@ impl VolumeSnapshot<'_> {
         ro.set_iterate_upper_bound(codec::chunk_key(v, ino, last + 1));
         let mut it = self.store.db().raw_iterator_cf_opt(chunks, ro);
         it.seek(codec::chunk_key(v, ino, first));
+        let mut next = first;
         while let (Some(k), Some(val)) = (it.key(), it.value()) {
             let (_, _, idx) = codec::parse_chunk_key(k)?;
             f(idx, &seal.open_chunk(k, val, range(idx))?);
+            next = idx + 1;
             it.next();
         }
-        it.status()?;
+        match it.status() {
+            Ok(()) => Ok(()),
+            // The rest chunk by chunk, each read failing over on its own.
+            Err(_) if self.view.rep.is_some() && next <= last => {
+                self.chunks_one_by_one(ino, next, last, range, f)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// [`VolumeSnapshot::chunks_in`] by point reads that fail over to another copy (after
+    /// this copy failed a read of a replicated volume).
+    fn chunks_one_by_one(
+        &self,
+        ino: Ino,
+        first: u64,
+        last: u64,
+        range: impl Fn(u64) -> Option<(usize, usize)>,
+        mut f: impl FnMut(u64, &[u8]),
+    ) -> Result<()> {
+        for idx in first..=last {
+            let key = codec::chunk_key(self.vid, ino, idx);
+            if let Some(bytes) = self.get(Cf::Chunks, &key)? {
+                f(idx, &self.seal.open_chunk(&key, &bytes, range(idx))?);
+            }
+        }
         Ok(())
     }
 }
