@@ -20,7 +20,8 @@ pub const EXIT_PROBLEMS: i32 = 1;
 /// Exit status: the command could not run (bad arguments, or an error).
 pub const EXIT_FAILED: i32 = 2;
 
-const EXIT_HELP: &str = "Exit status: 0 done; 1 fsck found problems; 2 could not run (bad \
+const EXIT_HELP: &str =
+    "Exit status: 0 done; 1 fsck found problems, or scrub repaired a copy or misses one; 2 could not run (bad \
 arguments or an error). Errors are one `error: ...` line on stderr; with --json, a JSON \
 object {\"error\": KIND, \"message\": TEXT} instead, KIND a stable name such as \
 volume_not_found, volume_exists, volume_busy, store_busy, store_not_found, \
@@ -80,6 +81,12 @@ pub enum Command {
     /// Check a store offline; exit 0 when clean, 1 when problems were found (and, with
     /// --repair, fixed).
     Fsck(FsckArgs),
+    /// Compare the copies of a replicated volume key by key and rewrite in each copy what
+    /// differs from, or cannot be read where, another copy reads it; exit 0 when the copies
+    /// were equal, 1 when something was repaired or a copy is missing. Through the mount's control socket while
+    /// the volume is served (writes go on), else offline (copies behind the newest are
+    /// rewritten first, as at mount).
+    Scrub(ScrubArgs),
     /// Run the node agent (Kubernetes DaemonSet): serve the node's PersistentVolumes and
     /// publish its capacity. Talks to the API server of KUBECONFIG or the in-cluster config.
     Agent(AgentArgs),
@@ -354,11 +361,27 @@ pub struct FsckArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct ScrubArgs {
+    /// The store directory of each copy (`--data` as given to `fusevol mount`).
+    #[arg(long, value_name = "DIR", required = true)]
+    pub data: Vec<PathBuf>,
+    /// The replicated volume.
+    #[arg(long, value_name = "NAME")]
+    pub volume: String,
+    /// The master key of an encrypted volume (offline only: a mount has it already).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
 impl Cli {
     /// Did the command ask for JSON output (then errors are JSON too)?
     pub fn json(&self) -> bool {
         match &self.command {
             Command::Fsck(a) => a.json,
+            Command::Scrub(a) => a.json,
             Command::Volume(
                 VolumeCommand::Create { json, .. }
                 | VolumeCommand::List { json, .. }
@@ -425,6 +448,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Fsck(a) => fsck_cmd(a),
+        Command::Scrub(a) => scrub_cmd(a),
         Command::Agent(a) => {
             let (config, text) = crate::agent::config::AgentConfig::load_text(
                 &a.config,
@@ -701,6 +725,88 @@ fn read_key(path: Option<&Path>) -> anyhow::Result<Option<store::MasterKey>> {
             .map(Some)
             .map_err(|e| failure("bad_key", format!("--key-file {}: {e}", p.display()))),
     }
+}
+
+fn scrub_cmd(a: ScrubArgs) -> anyhow::Result<i32> {
+    let first = &a.data[0];
+    if !first.exists() {
+        return Err(failure(
+            "store_not_found",
+            format!("store {} does not exist", first.display()),
+        ));
+    }
+    let report = match Store::open_existing(first, &StoreOptions::default()) {
+        Err(store::Error::Locked(_)) => {
+            let req = Request::Scrub {
+                name: a.volume.clone(),
+            };
+            match control::call(first, &req)? {
+                Response::Scrub(r) => r,
+                Response::Failed { kind, message } => return Err(failure(&kind, message)),
+                other => return Err(failure("error", format!("unexpected answer {other:?}"))),
+            }
+        }
+        Err(e) => return Err(e.into()),
+        Ok(store) => scrub_offline(store, &a)?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{}: compared {} keys ({} bytes) in {} copies: {} values repaired, {} stretches unreadable in a copy{}",
+            report.volume,
+            report.keys,
+            report.bytes,
+            report.copies,
+            report.repaired,
+            report.unreadable,
+            if report.degraded {
+                "; DEGRADED: a copy is missing or failed and was not compared"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(
+        if report.repaired > 0 || report.unreadable > 0 || report.degraded {
+            1
+        } else {
+            0
+        },
+    )
+}
+
+/// `fusevol scrub` of a volume no process serves: its stores opened here (one that cannot
+/// be is left out, as at mount), the copies assembled, then compared.
+fn scrub_offline(first: Store, a: &ScrubArgs) -> anyhow::Result<store::ScrubReport> {
+    let mut stores = vec![first];
+    for dir in &a.data[1..] {
+        match Store::open_existing(dir, &StoreOptions::default()) {
+            Ok(s) => stores.push(s),
+            Err(e) => eprintln!("fusevol: leaving out {}: {e}", dir.display()),
+        }
+    }
+    if let Some(key) = read_key(a.key_file.as_deref())? {
+        for s in &stores {
+            if s.inspect_volume(&a.volume).is_ok() {
+                s.unlock(&a.volume, &key)?;
+            }
+        }
+    }
+    let vol = store::open_replicated(&stores, &a.volume)?;
+    let mut last = std::time::Instant::now();
+    let mut progress = |r: &store::ScrubReport| {
+        if last.elapsed() >= std::time::Duration::from_secs(1) {
+            last = std::time::Instant::now();
+            eprintln!(
+                "fusevol: scrub: {} keys ({}) compared, {} repaired",
+                r.keys,
+                format_bytes(r.bytes),
+                r.repaired
+            );
+        }
+    };
+    Ok(vol.scrub(&mut progress)?)
 }
 
 fn fsck_cmd(a: FsckArgs) -> anyhow::Result<i32> {

@@ -47,6 +47,10 @@ pub enum Request {
     Delete {
         name: String,
     },
+    /// Compare and repair the copies of a replicated volume the owner serves.
+    Scrub {
+        name: String,
+    },
     Metrics,
 }
 
@@ -56,6 +60,7 @@ pub enum Request {
 pub enum Response {
     Volumes(Vec<VolumeInfo>),
     Volume(VolumeInfo),
+    Scrub(store::ScrubReport),
     Done,
     Text(String),
     /// An error, as servers before the error kinds sent it (still understood).
@@ -143,6 +148,7 @@ pub fn dispatch(store: &Store, metrics: Option<&Metrics>, req: Request) -> Respo
             .resize_volume(&name, quota, inodes)
             .map(Response::Volume),
         Request::Delete { name } => store.delete_volume(&name).map(|_| Response::Done),
+        Request::Scrub { name } => scrub(store, &name),
         Request::Metrics => Ok(Response::Text(
             metrics.map(|m| m.render()).unwrap_or_default(),
         )),
@@ -151,6 +157,21 @@ pub fn dispatch(store: &Store, metrics: Option<&Metrics>, req: Request) -> Respo
         kind: e.kind().into(),
         message: e.to_string(),
     })
+}
+
+/// A scrub asked through the socket: progress in the owner's log every 10 seconds.
+fn scrub(store: &Store, name: &str) -> Result<Response, store::Error> {
+    let mut last = std::time::Instant::now();
+    let mut progress = |r: &store::ScrubReport| {
+        if last.elapsed() >= Duration::from_secs(10) {
+            last = std::time::Instant::now();
+            tracing::info!(volume = %r.volume, keys = r.keys, bytes = r.bytes, repaired = r.repaired, "scrub under way");
+        }
+    };
+    let report = store::scrub_open(store, name, &mut progress)?;
+    tracing::info!(volume = %report.volume, keys = report.keys, bytes = report.bytes,
+        repaired = report.repaired, unreadable = report.unreadable, "scrub done");
+    Ok(Response::Scrub(report))
 }
 
 pub fn socket_path(dir: &Path) -> PathBuf {
@@ -200,11 +221,15 @@ fn handle(store: &Store, metrics: &Metrics, conn: UnixStream) -> std::io::Result
 
 /// Sends a request to the process that owns the store in `dir`.
 pub fn call(dir: &Path, req: &Request) -> Result<Response, ControlError> {
+    // A scrub reads the whole volume: as long as that takes.
+    let timeout = match req {
+        Request::Scrub { .. } => None,
+        _ => Some(Duration::from_secs(120)),
+    };
     let path = socket_path(dir);
     let unreachable = |e| ControlError::Unreachable(dir.to_path_buf(), e);
     let conn = UnixStream::connect(&path).map_err(unreachable)?;
-    conn.set_read_timeout(Some(Duration::from_secs(120)))
-        .map_err(unreachable)?;
+    conn.set_read_timeout(timeout).map_err(unreachable)?;
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     line.push(b'\n');
     (&conn).write_all(&line).map_err(unreachable)?;

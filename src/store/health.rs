@@ -41,6 +41,13 @@ impl StoreHealth {
 #[derive(Clone)]
 pub struct WeakStore(Weak<StoreInner>);
 
+impl std::fmt::Debug for WeakStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dir = self.0.upgrade().map(|i| i.dir.clone());
+        f.debug_tuple("WeakStore").field(&dir).finish()
+    }
+}
+
 impl WeakStore {
     /// The store, while something else keeps it open.
     pub fn upgrade(&self) -> Option<Store> {

@@ -32,7 +32,8 @@ use memory::MemoryPlan;
 pub use memory::{DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET};
 use replica::Copy;
 pub use replica::{
-    create_replicated, open_replicated, CopyInfo, CopyState, ReplicaSet, ReplicasInfo,
+    create_replicated, open_replicated, scrub_open, CopyInfo, CopyState, ReplicaSet, ReplicasInfo,
+    ScrubReport,
 };
 pub use txn::VolumeTxn;
 pub use view::{VolumeSnapshot, VolumeView};
@@ -678,6 +679,20 @@ impl OpenVolume {
         self.set.as_ref().map(|s| s.info())
     }
 
+    /// Compares the copies of a replicated volume key by key and rewrites in each what
+    /// differs from the first healthy copy that reads it (see [`replica`]); `progress` sees
+    /// the report as it goes. Writes go on meanwhile (each stretch of keys is compared
+    /// under the commit lock).
+    pub fn scrub(&self, progress: &mut dyn FnMut(&ScrubReport)) -> Result<ScrubReport> {
+        match &self.set {
+            Some(set) => set.scrub(&self.copies, progress),
+            None => Err(Error::Unsupported(format!(
+                "volume {:?} keeps one copy: there is nothing to compare (fsck checks it)",
+                self.copies[0].vol.name
+            ))),
+        }
+    }
+
     /// Takes over the copies of `other` (assembling a replicated volume).
     fn take_copies(&mut self, mut other: OpenVolume) {
         self.copies.append(&mut other.copies);
@@ -788,6 +803,9 @@ impl Default for StoreOptions {
         }
     }
 }
+
+/// Keys and values, in key order.
+type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// An open store. Cheap to clone; all clones share the database.
 #[derive(Clone)]
@@ -1319,6 +1337,36 @@ impl Store {
         /// The value under `key` in `cf`, as stored.
         fn get_raw(&self, cf: &ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>> {
             Ok(self.inner.db.get_cf(cf, key)?)
+        }
+    }
+
+    raw_access! {
+        /// Up to `max` (keys, bytes) of `cf` in `[from, to)`, in order, read without
+        /// filling the block cache, and the key the next window starts at (`None`: `to`
+        /// was reached).
+        fn read_window(
+            &self,
+            cf: &ColumnFamily,
+            from: &[u8],
+            to: &[u8],
+            (max_keys, max_bytes): (usize, usize),
+        ) -> Result<(Entries, Option<Vec<u8>>)> {
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_iterate_upper_bound(to.to_vec());
+            ro.fill_cache(false);
+            let mut it = self.inner.db.raw_iterator_cf_opt(cf, ro);
+            it.seek(from);
+            let (mut out, mut bytes) = (Vec::new(), 0usize);
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if out.len() >= max_keys || bytes >= max_bytes {
+                    return Ok((out, Some(k.to_vec())));
+                }
+                bytes += k.len() + v.len();
+                out.push((k.to_vec(), v.to_vec()));
+                it.next();
+            }
+            it.status()?;
+            Ok((out, None))
         }
     }
 

@@ -30,14 +30,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use rocksdb::{ColumnFamily, WriteBatch};
 use serde::Serialize;
 
 use super::codec::{self, ReplicaConfig, VolumeId};
-use super::{Compression, Error, NewVolume, OpenVolume, Result, Store, Volume, VolumeInfo};
+use super::{
+    Compression, Error, NewVolume, OpenVolume, Result, Store, Volume, VolumeInfo, WeakStore,
+};
 
 /// Where a key lives: the metadata, or the volume's chunks (column family by compression).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +110,34 @@ pub struct ReplicaSet {
     gen: Mutex<u64>,
     failovers: AtomicU64,
     repairs: AtomicU64,
+    /// The copies, for a scrub asked through a store's control socket (weak: the open
+    /// volume owns them).
+    members: Vec<(WeakStore, Weak<Volume>)>,
 }
+
+/// What [`OpenVolume::scrub`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ScrubReport {
+    pub volume: String,
+    /// Healthy copies compared.
+    pub copies: usize,
+    /// Fewer healthy copies than the volume keeps (a copy missing or failed): those are
+    /// not compared.
+    #[serde(default)]
+    pub degraded: bool,
+    /// Keys compared (metadata and chunks), and their bytes, in the reference copy.
+    pub keys: u64,
+    pub bytes: u64,
+    /// Values rewritten in a copy that held another value, none, or one it could not read.
+    pub repaired: u64,
+    /// Stretches of keys a copy could not read (each then compared key by key).
+    pub unreadable: u64,
+}
+
+/// Most keys and bytes a scrub compares under the commit lock at once (writers wait that
+/// long: a few milliseconds).
+const SCRUB_WINDOW_KEYS: usize = 512;
+const SCRUB_WINDOW_BYTES: usize = 1 << 20;
 
 impl ReplicaSet {
     pub(super) fn healthy(&self, i: usize) -> bool {
@@ -309,6 +338,203 @@ impl ReplicaSet {
             Err(e) => self.fail(bad, "repair", &e),
         }
     }
+}
+
+impl ReplicaSet {
+    /// The copies of the open volume, while it is open.
+    fn copies(&self) -> Option<Vec<Copy>> {
+        self.members
+            .iter()
+            .map(|(s, v)| {
+                Some(Copy {
+                    store: s.upgrade()?,
+                    vol: v.upgrade()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Compares every key of the volume in every healthy copy with the first healthy copy
+    /// that reads it, window by window under the commit lock, and rewrites what differs or
+    /// cannot be read; `progress` sees the report after each window.
+    pub(super) fn scrub(
+        &self,
+        copies: &[Copy],
+        progress: &mut dyn FnMut(&ScrubReport),
+    ) -> Result<ScrubReport> {
+        let vol = &copies[0].vol;
+        let mut report = ScrubReport {
+            volume: vol.name.clone(),
+            copies: self.healthy_count(),
+            degraded: self.healthy_count() < self.wanted as usize,
+            ..ScrubReport::default()
+        };
+        let (lo, hi) = (codec::volume_start(vol.id), codec::volume_end(vol.id));
+        for cf in [Cf::Meta, Cf::Chunks] {
+            let mut start = lo.clone();
+            loop {
+                let next =
+                    self.scrub_window(copies, (cf, vol.compression), &start, &hi, &mut report)?;
+                progress(&report);
+                match next {
+                    Some(n) => start = n,
+                    None => break,
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// One window of [`ReplicaSet::scrub`], from `start`: the start of the next one, `None`
+    /// at the end of `[start, hi)`.
+    fn scrub_window(
+        &self,
+        copies: &[Copy],
+        (cf, c): (Cf, Compression),
+        start: &[u8],
+        hi: &[u8],
+        report: &mut ScrubReport,
+    ) -> Result<Option<Vec<u8>>> {
+        let _gen = self.gen.lock();
+        let healthy: Vec<usize> = (0..copies.len()).filter(|i| self.healthy(*i)).collect();
+        let mut reference = None;
+        for &i in &healthy {
+            let s = &copies[i].store;
+            match s.read_window(
+                cf.of(s, c),
+                start,
+                hi,
+                (SCRUB_WINDOW_KEYS, SCRUB_WINDOW_BYTES),
+            ) {
+                Ok(w) => {
+                    reference = Some((i, w));
+                    break;
+                }
+                Err(e) if is_media_error(&e) => {
+                    report.unreadable += 1;
+                    tracing::warn!(disk = %self.disk(i).display(), error = %e, "scrub: a copy cannot read a stretch of keys");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((r, (window, next))) = reference else {
+            return Err(Error::Corrupt(format!(
+                "scrub: no copy of volume {:?} reads the keys from {}",
+                copies[0].vol.name,
+                codec::to_hex(start)
+            )));
+        };
+        // The other copies' keys of the same stretch: up to the reference's last one.
+        let end = next.clone().unwrap_or_else(|| hi.to_vec());
+        for &j in healthy.iter().filter(|j| **j != r) {
+            let s = &copies[j].store;
+            let fixes = match s.read_window(cf.of(s, c), start, &end, (usize::MAX, usize::MAX)) {
+                Ok((theirs, _)) => differences(&window, &theirs),
+                Err(e) if is_media_error(&e) => {
+                    report.unreadable += 1;
+                    // Key by key: what reads differently (or not at all) is rewritten.
+                    window
+                        .iter()
+                        .filter(
+                            |(k, v)| !matches!(s.get_raw(cf.of(s, c), k), Ok(Some(x)) if x == *v),
+                        )
+                        .map(|(k, v)| (k.clone(), Some(v.clone())))
+                        .collect()
+                }
+                Err(e) => return Err(e),
+            };
+            if fixes.is_empty() {
+                continue;
+            }
+            let mut b = WriteBatch::default();
+            for (k, v) in &fixes {
+                match v {
+                    Some(v) => b.put_cf(cf.of(s, c), k, v),
+                    None => b.delete_cf(cf.of(s, c), k),
+                }
+            }
+            match s.write(b) {
+                Ok(()) => {
+                    report.repaired += fixes.len() as u64;
+                    self.repairs
+                        .fetch_add(fixes.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(disk = %self.disk(j).display(), values = fixes.len(), "scrub: rewrote values that differed from another copy");
+                }
+                Err(e) => self.fail(j, "scrub repair", &e),
+            }
+        }
+        report.keys += window.len() as u64;
+        report.bytes += window
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum::<u64>();
+        Ok(next)
+    }
+}
+
+/// The changes that make sorted key-value list `theirs` equal to `ours`: `Some(value)` to
+/// put, `None` to delete.
+fn differences(
+    ours: &[(Vec<u8>, Vec<u8>)],
+    theirs: &[(Vec<u8>, Vec<u8>)],
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let (mut a, mut b) = (ours.iter().peekable(), theirs.iter().peekable());
+    let mut out = Vec::new();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return out,
+            (Some((k, v)), None) => {
+                out.push((k.clone(), Some(v.clone())));
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                out.push((k.clone(), None));
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.push((ka.clone(), Some(va.clone())));
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((kb.clone(), None));
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if va != vb {
+                        out.push((ka.clone(), Some(va.clone())));
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
+/// Scrubs replicated volume `name`, open in this process through `store` (see
+/// [`OpenVolume::scrub`]): for a scrub asked through a control socket.
+pub fn scrub_open(
+    store: &Store,
+    name: &str,
+    progress: &mut dyn FnMut(&ScrubReport),
+) -> Result<ScrubReport> {
+    let vol = store.inner.open_volumes.lock().get(name).cloned();
+    let Some(vol) = vol else {
+        return Err(Error::Unsupported(format!(
+            "volume {name:?} is not mounted by the process that owns {}: scrub it with every --data of its copies",
+            store.dir().display()
+        )));
+    };
+    let Some(set) = vol.replica.get().cloned() else {
+        return Err(Error::Unsupported(format!(
+            "volume {name:?} keeps one copy: there is nothing to compare (fsck checks it)"
+        )));
+    };
+    let copies = set
+        .copies()
+        .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+    set.scrub(&copies, progress)
 }
 
 /// Errors of a copy's disk or files (worth reading another copy for), as opposed to
@@ -594,6 +820,10 @@ fn open_copies(
     }
     let copies = &ov.copies;
     let set = Arc::new(ReplicaSet {
+        members: copies
+            .iter()
+            .map(|c| (c.store.downgrade(), Arc::downgrade(&c.vol)))
+            .collect(),
         wanted,
         disks: copies.iter().map(|c| c.store.dir().to_path_buf()).collect(),
         failed: copies.iter().map(|_| AtomicBool::new(false)).collect(),
@@ -954,5 +1184,53 @@ mod tests {
         drop(vol);
         assert_eq!(contents(&s[0], "v"), contents(&s[1], "v"));
         assert_eq!(s[1].inspect_volume("v").unwrap().quota_bytes, Some(1 << 20));
+    }
+
+    #[test]
+    fn scrub_makes_a_copy_that_differs_equal_again_and_then_finds_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = stores(d.path(), &["a", "b"]);
+        create_replicated(&s, "v", &NewVolume::default(), 2).unwrap();
+        let vol = open_replicated(&s, "v").unwrap();
+        write_file(&vol, 40);
+        // Copy b made to differ behind the set's back: a changed chunk, a missing inode,
+        // a stray key.
+        let vid = vol.id;
+        let mut b = WriteBatch::default();
+        let chunks = s[1].chunks_for(Compression::None);
+        b.put_cf(chunks, codec::chunk_key(vid, INO, 3), b"not this");
+        b.delete_cf(s[1].meta(), codec::inode_key(vid, INO));
+        b.put_cf(s[1].meta(), codec::inode_key(vid, 99), b"stray");
+        s[1].write(b).unwrap();
+        assert_ne!(contents(&s[0], "v"), contents(&s[1], "v"));
+        let mut windows = 0;
+        let report = vol.scrub(&mut |_| windows += 1).unwrap();
+        assert_eq!(
+            (report.repaired, report.unreadable, report.copies),
+            (3, 0, 2)
+        );
+        assert!(windows > 2, "{windows} windows");
+        assert!(report.bytes > 40 * 64 * 1024, "{report:?}");
+        assert_eq!(contents(&s[0], "v"), contents(&s[1], "v"));
+        assert_eq!(vol.scrub(&mut |_| ()).unwrap().repaired, 0);
+        // Through the store, as the control socket asks for it.
+        let through = scrub_open(&s[1], "v", &mut |_| ()).unwrap();
+        assert_eq!((through.repaired, through.keys), (0, report.keys));
+    }
+
+    #[test]
+    fn differences_put_what_is_missing_or_changed_and_delete_what_is_extra() {
+        let kv = |k: &str, v: &str| (k.as_bytes().to_vec(), v.as_bytes().to_vec());
+        let ours = [kv("a", "1"), kv("b", "2"), kv("d", "4")];
+        let theirs = [kv("b", "x"), kv("c", "3"), kv("d", "4"), kv("e", "5")];
+        let got = differences(&ours, &theirs);
+        let want: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![
+            (b"a".to_vec(), Some(b"1".to_vec())),
+            (b"b".to_vec(), Some(b"2".to_vec())),
+            (b"c".to_vec(), None),
+            (b"e".to_vec(), None),
+        ];
+        assert_eq!(got, want);
+        assert!(differences(&ours, &ours).is_empty());
     }
 }
