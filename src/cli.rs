@@ -210,8 +210,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "SIZE")]
     pub free_space_floor: Option<ByteSize>,
     /// Memory for the store's caches and write buffers together (at least 16Mi): what the
-    /// process holds beyond a few MiB of its own. Shared by the stores of a replicated
-    /// volume (at least 16Mi each).
+    /// process holds beyond a few MiB of its own. For a replicated volume, each of its
+    /// stores has this much.
     #[arg(long, value_name = "SIZE", default_value = "64Mi")]
     pub memory_budget: ByteSize,
     /// The FUSE connection holder (`fusevol fdstore --socket`): the mount outlives this

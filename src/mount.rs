@@ -947,6 +947,21 @@ fn check_existing(
     info: &store::VolumeInfo,
     req: &MountRequest,
 ) -> Result<(), MountError> {
+    let (quota, inodes) = limits_asked(info, req, store)?;
+    if quota.is_some() || inodes.is_some() {
+        store.resize_volume(&req.volume, quota.map(Some), inodes.map(Some))?;
+    }
+    Ok(())
+}
+
+/// Checks what `req` asks of existing volume `info` of `store` (another encryption is
+/// refused; another compression or copy count is kept, with a warning), gives the store
+/// the volume's key, and returns the quota and inode limit to change (`None`: as they are).
+fn limits_asked(
+    info: &store::VolumeInfo,
+    req: &MountRequest,
+    store: &Store,
+) -> Result<(Option<u64>, Option<u64>), MountError> {
     let name = &req.volume;
     let has = info.encryption.algorithm;
     if req.encryption.is_some_and(|asked| asked != has) {
@@ -960,11 +975,6 @@ fn check_existing(
         None if !has.is_none() => return Err(store::Error::KeyRequired(name.clone()).into()),
         None => {}
     }
-    let quota = req.quota.filter(|q| info.quota_bytes != Some(*q));
-    let inodes = req.inodes.filter(|n| info.inode_limit != Some(*n));
-    if quota.is_some() || inodes.is_some() {
-        store.resize_volume(name, quota.map(Some), inodes.map(Some))?;
-    }
     if let Some(asked) = req.compression.filter(|c| *c != info.compression.algorithm) {
         tracing::warn!(volume = %name, compression = %info.compression.algorithm, asked = %asked,
             "the volume exists with another compression, fixed at its creation: keeping it");
@@ -973,7 +983,10 @@ fn check_existing(
     if req.replicas.is_some_and(|asked| asked != copies) {
         tracing::warn!(volume = %name, copies, "the volume exists with another number of copies, fixed at its creation: keeping it");
     }
-    Ok(())
+    Ok((
+        req.quota.filter(|q| info.quota_bytes != Some(*q)),
+        req.inodes.filter(|n| info.inode_limit != Some(*n)),
+    ))
 }
 
 /// Removes the control sockets of `stores` (at exit).
@@ -983,12 +996,21 @@ fn remove_sockets(stores: &[Store]) {
     }
 }
 
-/// Opens the stores of a replicated volume's other copies (`--data` given again). One that
-/// cannot be opened (its disk gone or failing) is left out: the volume is served from the
-/// others, degraded.
-fn open_mirrors(req: &MountRequest, sopts: &store::StoreOptions) -> Vec<Store> {
+/// Opens the stores of a replicated volume's other copies (`--data` given again), creating
+/// missing directories only for a volume being created (`create`). One that cannot be
+/// opened (its disk gone or failing) is left out: the volume is served from the others,
+/// degraded.
+fn open_mirrors(req: &MountRequest, sopts: &store::StoreOptions, create: bool) -> Vec<Store> {
     let mut stores = Vec::new();
     for dir in &req.mirrors {
+        // For a volume that exists, a missing directory is a disk that is not there (not
+        // mounted): never a new store on the filesystem below. A replacement disk is given
+        // as an empty one.
+        if !create && !dir.is_dir() {
+            tracing::error!(store = %dir.display(),
+                "the store directory of a copy does not exist: serving the volume without it (degraded; for a replacement disk, create the directory empty)");
+            continue;
+        }
         match Store::open_or_create(dir, sopts) {
             Ok(s) => stores.push(s),
             Err(e) => tracing::error!(store = %dir.display(), error = %e,
@@ -1008,7 +1030,9 @@ fn prepare_replicated(stores: &[Store], req: &MountRequest) -> Result<(), MountE
         match s.inspect_volume(name) {
             Ok(info) => holders.push((s, info)),
             Err(store::Error::VolumeNotFound(_)) => {}
-            Err(e) => return Err(e.into()),
+            // A copy being rewritten, or one that cannot be read: the assembly decides.
+            Err(e) => tracing::warn!(volume = %name, store = %s.dir().display(), error = %e,
+                "cannot inspect the copy in this store"),
         }
     }
     if holders.is_empty() {
@@ -1022,8 +1046,15 @@ fn prepare_replicated(stores: &[Store], req: &MountRequest) -> Result<(), MountE
         store::create_replicated(stores, name, &new, copies)?;
         return Ok(());
     }
-    for (s, info) in holders {
-        check_existing(s, &info, req)?;
+    let (mut quota, mut inodes) = (None, None);
+    for (s, info) in &holders {
+        let (q, i) = limits_asked(info, req, s)?;
+        quota = quota.or(q);
+        inodes = inodes.or(i);
+    }
+    if quota.is_some() || inodes.is_some() {
+        // In every copy at once, through the assembled volume.
+        store::open_replicated(stores, name)?.set_limits(quota.map(Some), inodes.map(Some))?;
     }
     Ok(())
 }
@@ -1060,11 +1091,12 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
     if !held_here {
         prepare_mount_point(&req.mountpoint)?;
     }
-    // The stores of a replicated volume's copies share the budget.
-    let per_store = req.memory_budget / (1 + req.mirrors.len() as u64);
+    // Each store of a replicated volume's copies has the whole budget: halving it halved
+    // the memtables, doubled the flushes and table files, and halved cold sequential
+    // reads right after a large write (compactions under way).
     let mut sopts = store::StoreOptions {
         free_space_floor: req.free_space_floor,
-        memory_budget: per_store.max(store::MIN_MEMORY_BUDGET),
+        memory_budget: req.memory_budget,
         ..Default::default()
     };
     if let Some(cs) = req.chunk_size {
@@ -1079,7 +1111,11 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         || Store::open_or_create(&req.data, &sopts),
     )?;
     let mut stores = vec![store.clone()];
-    stores.extend(open_mirrors(req, &sopts));
+    let exists = !matches!(
+        store.inspect_volume(&req.volume),
+        Err(store::Error::VolumeNotFound(_))
+    );
+    stores.extend(open_mirrors(req, &sopts, !exists));
     let replicated = !req.mirrors.is_empty()
         || req.replicas.is_some_and(|n| n > 1)
         || store

@@ -14,6 +14,7 @@
 //!   <vol u32> 'H'                              -> next inode number (u64 BE)  numbers are never reused
 //!   <vol u32> 'G'                              -> mount generation (u64 BE)   one more per fresh mount
 //!   <vol u32> 'W'                              -> write generation (u64 BE)   replicated volumes: one more per commit
+//!   <vol u32> 'E'                              -> history ((u64, u64 BE)...)  replicated volumes: epochs and where each began
 //!   <vol u32> 'R' <slot u16>                   -> ReplayRecord                answers of recent requests
 //!   <vol u32> 'I' <ino u64>                    -> InodeRecord                  attributes
 //!   <vol u32> 'D' <parent u64> <name bytes>    -> DirentValue                  lookup by name
@@ -73,6 +74,7 @@ pub const TAG_NEXT_INO: u8 = b'H';
 pub const TAG_MOUNT_GEN: u8 = b'G';
 pub const TAG_REPLAY: u8 = b'R';
 pub const TAG_WRITE_GEN: u8 = b'W';
+pub const TAG_HISTORY: u8 = b'E';
 
 /// A key that failed to parse: wrong length or wrong prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -486,6 +488,35 @@ pub fn mount_gen_key(vol: VolumeId) -> Vec<u8> {
 /// `super::replica`).
 pub fn write_gen_key(vol: VolumeId) -> Vec<u8> {
     with_tag(vol, TAG_WRITE_GEN, 0)
+}
+
+/// A replicated volume's history: the epochs its copy went through, each with the write
+/// generation it began at (see `super::replica`).
+pub fn history_key(vol: VolumeId) -> Vec<u8> {
+    with_tag(vol, TAG_HISTORY, 0)
+}
+
+/// A history as 16 bytes per epoch: epoch, first generation (u64 BE each).
+pub fn encode_history(h: &[(u64, u64)]) -> Vec<u8> {
+    h.iter()
+        .flat_map(|(e, g)| e.to_be_bytes().into_iter().chain(g.to_be_bytes()))
+        .collect()
+}
+
+pub fn decode_history(b: &[u8]) -> Result<Vec<(u64, u64)>, RecordError> {
+    if !b.len().is_multiple_of(16) {
+        return Err(RecordError {
+            what: "replica history",
+            len: b.len(),
+        });
+    }
+    Ok(b.chunks_exact(16)
+        .map(|c| {
+            let (e, g) = c.split_at(8);
+            let n = |x: &[u8]| u64::from_be_bytes(<[u8; 8]>::try_from(x).unwrap_or_default());
+            (n(e), n(g))
+        })
+        .collect())
 }
 
 /// A counter stored as one u64 BE (the next inode number, the mount generation, the
@@ -1384,6 +1415,14 @@ mod tests {
         };
         let text = String::from_utf8(encode_config(&lz4).unwrap()).unwrap();
         assert!(text.contains(r#""compression":"lz4""#), "{text}");
+    }
+
+    #[test]
+    fn a_history_round_trips_and_a_torn_one_is_an_error() {
+        let h = vec![(1, 1), (u64::MAX, 77), (0x0102_0304_0506_0708, 1 << 40)];
+        assert_eq!(decode_history(&encode_history(&h)).unwrap(), h);
+        assert_eq!(decode_history(&[]).unwrap(), vec![]);
+        assert!(decode_history(&encode_history(&h)[..20]).is_err());
     }
 
     #[test]

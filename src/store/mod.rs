@@ -679,6 +679,51 @@ impl OpenVolume {
         self.set.as_ref().map(|s| s.info())
     }
 
+    /// Changes the quota and/or inode limit of the volume in every copy at once (one
+    /// commit: a copy that misses it is behind). `Some(None)` removes a limit; lowering
+    /// below current usage is refused. For a replicated volume (others change through
+    /// [`Store::resize_volume`]), before it is served.
+    pub fn set_limits(
+        &self,
+        quota: Option<Option<u64>>,
+        inodes: Option<Option<u64>>,
+    ) -> Result<()> {
+        let first = &self.copies[0];
+        let (vol, name) = (&first.vol, first.vol.name.clone());
+        let mut cfg = first.store.config(vol.id)?;
+        if let Some(q) = quota {
+            if let Some(q) = q.filter(|q| *q < vol.used_bytes()) {
+                return Err(Error::QuotaBelowUsage {
+                    name,
+                    used: vol.used_bytes(),
+                    quota: q,
+                });
+            }
+            cfg.quota_bytes = q;
+        }
+        if let Some(l) = inodes {
+            if let Some(l) = l.filter(|l| *l < vol.inodes()) {
+                return Err(Error::InodeLimitBelowUsage {
+                    name,
+                    used: vol.inodes(),
+                    limit: l,
+                });
+            }
+            cfg.inode_limit = l;
+        }
+        let mut t = self.txn();
+        t.put_config(&cfg)?;
+        t.commit_unaccounted()?;
+        for c in &self.copies {
+            let (q, l) = (cfg.quota_bytes, cfg.inode_limit);
+            c.vol.quota.store(q.unwrap_or(UNLIMITED), Ordering::Release);
+            c.vol
+                .inode_limit
+                .store(l.unwrap_or(UNLIMITED), Ordering::Release);
+        }
+        self.sync()
+    }
+
     /// Compares the copies of a replicated volume key by key and rewrites in each what
     /// differs from the first healthy copy that reads it (see [`replica`]); `progress` sees
     /// the report as it goes. Writes go on meanwhile (each stretch of keys is compared
@@ -1373,9 +1418,22 @@ impl Store {
     /// The write generation of replicated volume `vid`'s copy here (0: none; see
     /// [`replica`]).
     fn write_gen(&self, vid: VolumeId) -> Result<u64> {
+        Ok(self.write_gen_opt(vid)?.unwrap_or(0))
+    }
+
+    /// The write generation of volume `vid` here, `None` when it has none (one copy).
+    fn write_gen_opt(&self, vid: VolumeId) -> Result<Option<u64>> {
         match self.get_meta(&codec::write_gen_key(vid))? {
-            None => Ok(0),
-            Some(raw) => Ok(codec::decode_counter("write generation", &raw)?),
+            None => Ok(None),
+            Some(raw) => Ok(Some(codec::decode_counter("write generation", &raw)?)),
+        }
+    }
+
+    /// The history of replicated volume `vid`'s copy here (see [`replica`]).
+    fn replica_history(&self, vid: VolumeId) -> Result<Vec<(u64, u64)>> {
+        match self.get_meta(&codec::history_key(vid))? {
+            None => Ok(Vec::new()),
+            Some(raw) => Ok(codec::decode_history(&raw)?),
         }
     }
 
@@ -1598,7 +1656,16 @@ impl Store {
             codec::encode_counter(ROOT_INO + 1),
         );
         if replicas.is_some() {
+            let mut epoch = [0u8; 8];
+            getrandom::getrandom(&mut epoch)
+                .map_err(|e| Error::Crypt(CryptError::Random(e.to_string())))?;
+            let history = [(u64::from_be_bytes(epoch), 1)];
             b.put_cf(meta, codec::write_gen_key(id), codec::encode_counter(1));
+            b.put_cf(
+                meta,
+                codec::history_key(id),
+                codec::encode_history(&history),
+            );
         }
         self.write(b)?;
         self.sync()?;
@@ -1857,10 +1924,11 @@ impl Store {
         let id = self.existing_id(name)?;
         let mut cfg = self.config(id)?;
         let open = self.inner.open_volumes.lock().get(name).cloned();
-        if let (Some(rc), Some(_)) = (&cfg.replicas, &open) {
+        if let Some(rc) = &cfg.replicas {
             return Err(Error::Unsupported(format!(
-                "volume {name:?} keeps {} copies and is mounted: changing its limits while it is served is not supported yet (stop the mount and start it again with --quota / --inodes)",
-                rc.copies
+                "volume {name:?} keeps {} copies: its limits change in every copy at once, with fusevol mount --quota / --inodes and all its --data directories{}",
+                rc.copies,
+                if open.is_some() { " (stop the mount first)" } else { "" }
             )));
         }
         let current = self.inspect_volume(name)?;
@@ -1915,16 +1983,6 @@ impl Store {
         }
         let mut b = WriteBatch::default();
         b.put_cf(self.meta(), codec::config_key(id), encode_config(&cfg)?);
-        if cfg.replicas.is_some() {
-            // The copies given the new limits are ahead of one that was not (its disk
-            // away): that one is rewritten at the next assembly.
-            let gen = self.write_gen(id)?.saturating_add(1);
-            b.put_cf(
-                self.meta(),
-                codec::write_gen_key(id),
-                codec::encode_counter(gen),
-            );
-        }
         self.write(b)?;
         self.sync()?;
         drop(_g);

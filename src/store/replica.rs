@@ -24,9 +24,14 @@
 //!   served from another; a point read also writes the good value back into the copy that
 //!   failed (under the commit lock, so no commit can come between). Counted and logged.
 //!
-//! Like md's RAID 1, two copies assembled apart (each disk mounted alone, both written)
-//! cannot be merged: the higher generation wins and the other's changes are lost. A
-//! volume is served from a subset of its disks only when the others cannot be opened.
+//! - Each copy keeps a history: the epochs it went through, each with the generation it
+//!   began at. A new epoch begins whenever the volume is served by fewer copies than it
+//!   keeps, so copies served apart (each disk mounted alone, both written) end in
+//!   epochs of their own and are refused at assembly instead of one silently losing its
+//!   writes (see [`how_far`]).
+//! - Limits change through one commit in every copy ([`OpenVolume::set_limits`]).
+//! - `scrub` compares every key of every healthy copy, a window at a time under the
+//!   commit lock, and rewrites what differs from the first copy that reads it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -69,7 +74,8 @@ pub(super) struct Copy {
 #[serde(rename_all = "snake_case")]
 pub enum CopyState {
     Healthy,
-    /// A write, sync or read failed: not used again until the next assembly.
+    /// A write or sync failed: not used again until the next assembly. (A value it
+    /// cannot read is read from another copy and repaired; the copy stays in use.)
     Failed,
 }
 
@@ -252,15 +258,31 @@ impl ReplicaSet {
         ))
     }
 
-    /// Makes every healthy copy's committed batches durable; a copy whose sync fails is
-    /// marked failed. Fails only when no copy synced.
+    /// Makes every healthy copy's committed batches durable, the copies' WAL syncs at once
+    /// (each disk's own wait, not the sum); a copy whose sync fails is marked failed.
+    /// Fails only when no copy synced.
     pub(super) fn sync(&self, copies: &[Copy]) -> Result<()> {
-        let (mut synced, mut first_err) = (0usize, None);
-        for (i, c) in copies.iter().enumerate() {
-            if !self.healthy(i) {
-                continue;
+        let healthy: Vec<usize> = (0..copies.len()).filter(|i| self.healthy(*i)).collect();
+        let Some((&first, rest)) = healthy.split_first() else {
+            return Err(self.none_healthy());
+        };
+        let results: Vec<(usize, Result<()>)> = std::thread::scope(|scope| {
+            let others: Vec<_> = rest
+                .iter()
+                .map(|&i| (i, scope.spawn(move || copies[i].store.sync())))
+                .collect();
+            let mut results = vec![(first, copies[first].store.sync())];
+            for (i, h) in others {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(Error::Corrupt("a copy's sync thread panicked".into()))
+                });
+                results.push((i, r));
             }
-            match c.store.sync() {
+            results
+        });
+        let (mut synced, mut first_err) = (0usize, None);
+        for (i, r) in results {
+            match r {
                 Ok(()) => synced += 1,
                 Err(e) => {
                     self.fail(i, "sync", &e);
@@ -321,6 +343,9 @@ impl ReplicaSet {
         key: &[u8],
     ) {
         let _gen = self.gen.lock();
+        if !self.healthy(bad) {
+            return;
+        }
         let (from, to) = (&copies[good].store, &copies[bad].store);
         let Ok(value) = from.get_raw(cf.of(from, c), key) else {
             return;
@@ -687,29 +712,35 @@ fn copy_volume(from: &Store, to: &Store, name: &str, vid: VolumeId) -> Result<()
     to.sync()
 }
 
-/// What store `store` (number `i`) holds of volume `name` (id `vid`) at assembly. A copy
-/// whose rewrite stopped half-way (generation 0, no configuration yet) is incomplete: it
-/// is rewritten. One whose configuration cannot be read otherwise is an error: it may not
-/// be a copy of this volume at all.
+/// What store `store` (number `i`) holds of volume `name` (id `vid`) at assembly:
+/// - a replicated copy (its configuration, a generation above 0 and its history);
+/// - a volume of one copy (no generation);
+/// - an incomplete copy, whose rewrite stopped half-way (generation 0): rewritten;
+/// - an error otherwise (a configuration that cannot be read may not be a copy of this
+///   volume at all: the store is left out, never rewritten).
 fn inspect_copy(store: &Store, i: usize, vid: VolumeId, name: &str) -> Result<Found> {
-    let gen = store.write_gen(vid)?;
-    match store.config(vid) {
-        Ok(cfg) => Ok(Found {
-            store: i,
-            vid,
-            replicas: cfg.replicas,
-            gen,
-            complete: true,
-        }),
-        Err(_) if gen == 0 => Ok(Found {
-            store: i,
-            vid,
-            replicas: None,
-            gen,
-            complete: false,
-        }),
-        Err(e) => Err(Error::Corrupt(format!(
-            "{}: the configuration of volume {name:?} cannot be read ({e}); to serve the volume from its other copies, leave this directory out",
+    let gen = store.write_gen_opt(vid)?;
+    let found = |replicas, gen, history, complete| Found {
+        store: i,
+        vid,
+        replicas,
+        gen,
+        history,
+        complete,
+    };
+    match (store.config(vid), gen) {
+        (_, Some(0)) => Ok(found(None, 0, Vec::new(), false)),
+        (Ok(cfg), Some(gen)) if cfg.replicas.is_some() => {
+            let history = store.replica_history(vid)?;
+            Ok(found(cfg.replicas, gen, history, true))
+        }
+        (Ok(cfg), None) if cfg.replicas.is_none() => Ok(found(None, 0, Vec::new(), true)),
+        (Ok(_), _) => Err(Error::Corrupt(format!(
+            "{}: volume {name:?} has a write generation and no copies, or copies and no write generation",
+            store.dir().display()
+        ))),
+        (Err(e), _) => Err(Error::Corrupt(format!(
+            "{}: the configuration of volume {name:?} cannot be read ({e})",
             store.dir().display()
         ))),
     }
@@ -721,27 +752,49 @@ struct Found {
     vid: VolumeId,
     replicas: Option<ReplicaConfig>,
     gen: u64,
+    /// The copy's history: (epoch, first generation) of every stretch of commits made by
+    /// one set of copies (see [`how_far`]).
+    history: Vec<(u64, u64)>,
     /// Its configuration is there (not a rewrite stopped half-way).
     complete: bool,
 }
 
+/// How copy `x` stands to copy `newest`: `Some(true)` level (the same commits),
+/// `Some(false)` behind (a prefix of its commits), `None` apart (commits the other does
+/// not have: written while the other was away).
+///
+/// A copy's history lists the epochs it went through, each with the generation it began
+/// at; a new epoch begins whenever the volume is served by fewer copies than it keeps, so
+/// two copies each served alone after they parted end in different epochs. `x` is a
+/// prefix of `newest` when its last epoch is in `newest`'s history and `x` stopped before
+/// `newest` left that epoch.
+fn how_far(x: &Found, newest: &Found) -> Option<bool> {
+    let Some(&(epoch, _)) = x.history.last() else {
+        return (x.gen <= newest.gen && newest.history.is_empty()).then_some(x.gen == newest.gen);
+    };
+    let at = newest.history.iter().position(|(e, _)| *e == epoch)?;
+    let left_at = newest
+        .history
+        .get(at + 1)
+        .map_or(u64::MAX, |(_, start)| *start);
+    (x.gen < left_at && x.gen <= newest.gen).then_some(x.gen == newest.gen)
+}
+
+/// At most this many epochs are kept in a copy's history (the oldest go): a copy last
+/// served more than that many degraded mounts ago counts as apart.
+const HISTORY_LEN: usize = 64;
+
 /// Opens volume `name` from its copies in `stores` (see the module doc): every store given
 /// that lacks a copy, or holds one behind the newest, is rewritten from the newest first,
-/// up to the copies the volume keeps. A store whose copy cannot be rewritten is left out
-/// (served degraded). One store and a volume of one copy: the plain [`Store::open_volume`].
+/// up to the copies the volume keeps. A store whose copy cannot be read or rewritten is
+/// left out (served degraded); copies written apart are refused. Served by fewer copies
+/// than it keeps, the volume begins a new epoch. One store and a volume of one copy: the
+/// plain [`Store::open_volume`].
 pub fn open_replicated(stores: &[Store], name: &str) -> Result<OpenVolume> {
-    let mut found = Vec::new();
-    for (i, s) in stores.iter().enumerate() {
-        if let Some(vid) = s.volume_id(name)? {
-            found.push(inspect_copy(s, i, vid, name)?);
-        }
-    }
-    if found.is_empty() {
-        return Err(Error::VolumeNotFound(name.to_string()));
-    }
+    let (found, unusable) = survey(stores, name)?;
     let Some(newest) = found.iter().filter(|f| f.complete).max_by_key(|f| f.gen) else {
         return Err(Error::Corrupt(format!(
-            "no copy of volume {name:?} is complete (each was being rewritten, or its configuration cannot be read)"
+            "no copy of volume {name:?} is complete (each was being rewritten)"
         )));
     };
     let Some(rc) = newest.replicas.clone() else {
@@ -753,20 +806,17 @@ pub fn open_replicated(stores: &[Store], name: &str) -> Result<OpenVolume> {
             stores[newest.store].dir().display()
         )));
     };
-    for f in found.iter().filter(|f| f.complete) {
-        if f.vid != newest.vid || f.replicas.as_ref().map(|r| &r.set) != Some(&rc.set) {
-            return Err(Error::Unsupported(format!(
-                "{} holds a volume named {name:?} that is not a copy of the one in {}",
-                stores[f.store].dir().display(),
-                stores[newest.store].dir().display()
-            )));
-        }
+    if rc.copies == 0 {
+        return Err(Error::Corrupt(format!("volume {name:?} keeps 0 copies")));
     }
+    check_copies(stores, name, &found, newest, &rc)?;
     let (vid, gen, from) = (newest.vid, newest.gen, newest.store);
     // The copies to serve: those present first (newest first), then stores without one.
     let mut order: Vec<usize> = found.iter().map(|f| f.store).collect();
     order.sort_by_key(|i| std::cmp::Reverse(found.iter().find(|f| f.store == *i).map(|f| f.gen)));
-    order.extend((0..stores.len()).filter(|i| !found.iter().any(|f| f.store == *i)));
+    order.extend(
+        (0..stores.len()).filter(|i| !found.iter().any(|f| f.store == *i) && !unusable.contains(i)),
+    );
     order.truncate(rc.copies as usize);
     if stores.len() > rc.copies as usize {
         tracing::warn!(
@@ -778,29 +828,118 @@ pub fn open_replicated(stores: &[Store], name: &str) -> Result<OpenVolume> {
     }
     let mut serve = Vec::new();
     for i in order {
-        let behind = found
+        let level = found
             .iter()
             .find(|f| f.store == i)
-            .is_none_or(|f| f.gen < gen);
-        if behind {
-            tracing::warn!(volume = name, disk = %stores[i].dir().display(),
-                from = %stores[from].dir().display(), "copy missing or behind: rewriting it from the newest");
-            let copied = same_chunk_size(&[stores[from].clone(), stores[i].clone()])
-                .and_then(|()| copy_volume(&stores[from], &stores[i], name, vid));
-            if let Err(e) = copied {
-                tracing::error!(volume = name, disk = %stores[i].dir().display(), error = %e,
-                    "cannot rewrite the copy: serving without it (degraded)");
-                continue;
-            }
-            // An encrypted volume's key, for opening the new copy.
-            let key = stores[from].inner.keys.lock().get(name).cloned();
-            if let Some(key) = key {
-                stores[i].inner.keys.lock().insert(name.to_string(), key);
-            }
+            .is_some_and(|f| f.gen == gen && f.complete);
+        if level || rewrite(stores, (from, i), name, vid) {
+            serve.push(i);
         }
-        serve.push(i);
+    }
+    if serve.len() < rc.copies as usize {
+        begin_epoch(stores, &serve, &newest.history, (vid, gen))?;
     }
     open_copies(stores, &serve, name, rc.copies, gen)
+}
+
+/// What each store holds of `name`, and the stores that cannot be read (left out).
+fn survey(stores: &[Store], name: &str) -> Result<(Vec<Found>, Vec<usize>)> {
+    let (mut found, mut unusable) = (Vec::new(), Vec::new());
+    for (i, s) in stores.iter().enumerate() {
+        let copy = s
+            .volume_id(name)
+            .and_then(|vid| vid.map(|vid| inspect_copy(s, i, vid, name)).transpose());
+        match copy {
+            Ok(Some(f)) => found.push(f),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(volume = name, disk = %s.dir().display(), error = %e,
+                    "cannot read the copy in this store: leaving the store out");
+                unusable.push(i);
+            }
+        }
+    }
+    if found.is_empty() {
+        return Err(match unusable.is_empty() {
+            true => Error::VolumeNotFound(name.to_string()),
+            false => Error::Corrupt(format!("no store given can read volume {name:?}")),
+        });
+    }
+    Ok((found, unusable))
+}
+
+/// Refuses copies that are not of this volume's set, and copies written apart from the
+/// newest (each served without the other: merging them would lose one side's writes).
+fn check_copies(
+    stores: &[Store],
+    name: &str,
+    found: &[Found],
+    newest: &Found,
+    rc: &ReplicaConfig,
+) -> Result<()> {
+    let dir = |f: &Found| stores[f.store].dir().display().to_string();
+    for f in found.iter().filter(|f| f.complete) {
+        if f.vid != newest.vid || f.replicas.as_ref().map(|r| &r.set) != Some(&rc.set) {
+            return Err(Error::Unsupported(format!(
+                "{} holds a volume named {name:?} that is not a copy of the one in {}",
+                dir(f),
+                dir(newest)
+            )));
+        }
+        if how_far(f, newest).is_none() {
+            return Err(Error::Unsupported(format!(
+                "the copies of volume {name:?} in {} and {} were written apart (each served while the other was away): one's changes would be lost. Choose the copy to keep: delete the other (fusevol volume delete --data DIR {name}) and mount with both directories to copy it again",
+                dir(f),
+                dir(newest)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites the copy in `stores[to]` from `stores[from]` (logged); false when it cannot be
+/// (the volume is then served without it).
+fn rewrite(stores: &[Store], (from, to): (usize, usize), name: &str, vid: VolumeId) -> bool {
+    tracing::warn!(volume = name, disk = %stores[to].dir().display(),
+        from = %stores[from].dir().display(), "copy missing or behind: rewriting it from the newest");
+    let copied = same_chunk_size(&[stores[from].clone(), stores[to].clone()])
+        .and_then(|()| copy_volume(&stores[from], &stores[to], name, vid));
+    if let Err(e) = copied {
+        tracing::error!(volume = name, disk = %stores[to].dir().display(), error = %e,
+            "cannot rewrite the copy: serving without it (degraded)");
+        return false;
+    }
+    // An encrypted volume's key, for opening the new copy.
+    let key = stores[from].inner.keys.lock().get(name).cloned();
+    if let Some(key) = key {
+        stores[to].inner.keys.lock().insert(name.to_string(), key);
+    }
+    true
+}
+
+/// Begins a new epoch in the copies `serve` (served by fewer than the volume keeps):
+/// commits from generation `gen + 1` on belong to it (see [`how_far`]).
+fn begin_epoch(
+    stores: &[Store],
+    serve: &[usize],
+    history: &[(u64, u64)],
+    (vid, gen): (VolumeId, u64),
+) -> Result<()> {
+    let mut epoch = [0u8; 8];
+    getrandom::getrandom(&mut epoch)
+        .map_err(|e| Error::Crypt(super::CryptError::Random(e.to_string())))?;
+    let mut history = history.to_vec();
+    history.push((u64::from_be_bytes(epoch), gen + 1));
+    let skip = history.len().saturating_sub(HISTORY_LEN);
+    let value = codec::encode_history(&history[skip..]);
+    for &i in serve {
+        let s = &stores[i];
+        let mut b = WriteBatch::default();
+        b.put_cf(s.meta(), codec::history_key(vid), &value);
+        s.write(b)?;
+        s.sync()?;
+    }
+    Ok(())
 }
 
 /// Opens the level copies `serve` of `name` in `stores` as one volume.
@@ -1169,21 +1308,80 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = stores(d.path(), &["a", "b"]);
         create_replicated(&s, "v", &NewVolume::default(), 2).unwrap();
-        {
-            let vol = open_replicated(&s, "v").unwrap();
+        // One store alone cannot change the limits (its copy would differ), mounted or not.
+        for mounted in [true, false] {
+            let vol = mounted.then(|| open_replicated(&s, "v").unwrap());
             let err = s[1]
                 .resize_volume("v", Some(Some(1 << 20)), None)
                 .unwrap_err();
-            assert!(err.to_string().contains("while it is served"), "{err}");
-            assert_eq!(vol.quota(), crate::store::UNLIMITED);
+            assert!(err.to_string().contains("every copy at once"), "{err}");
+            drop(vol);
         }
         // Copy b's disk is away while the quota changes: a is ahead, b is rewritten.
-        s[0].resize_volume("v", Some(Some(1 << 20)), None).unwrap();
+        let alone = open_replicated(&s[..1], "v").unwrap();
+        write_file(&alone, 1);
+        let err = alone.set_limits(Some(Some(1000)), None).unwrap_err();
+        assert!(matches!(err, Error::QuotaBelowUsage { .. }), "{err}");
+        alone.set_limits(Some(Some(1 << 20)), None).unwrap();
+        assert_eq!(alone.quota(), 1 << 20);
+        drop(alone);
         let vol = open_replicated(&s, "v").unwrap();
-        assert_eq!(vol.quota(), 1 << 20);
+        assert_eq!((vol.quota(), vol.copies[1].vol.quota()), (1 << 20, 1 << 20));
         drop(vol);
         assert_eq!(contents(&s[0], "v"), contents(&s[1], "v"));
         assert_eq!(s[1].inspect_volume("v").unwrap().quota_bytes, Some(1 << 20));
+    }
+
+    #[test]
+    fn copies_written_apart_are_refused_not_merged() {
+        let d = tempfile::tempdir().unwrap();
+        let s = stores(d.path(), &["a", "b"]);
+        create_replicated(&s, "v", &NewVolume::default(), 2).unwrap();
+        write_file(&open_replicated(&s, "v").unwrap(), 1);
+        // Each disk served alone, the same number of commits in each: equal generations.
+        for (one, value) in [(0, &b"a's"[..]), (1, &b"b's"[..])] {
+            let alone = open_replicated(&s[one..=one], "v").unwrap();
+            let mut t = alone.txn();
+            t.put_xattr(ROOT_INO, b"user.who", value);
+            t.commit().unwrap();
+        }
+        let gens: Vec<u64> = s
+            .iter()
+            .map(|st| st.write_gen(st.existing_id("v").unwrap()).unwrap())
+            .collect();
+        assert_eq!(gens[0], gens[1]);
+        let err = open_replicated(&s, "v").err().unwrap();
+        assert!(err.to_string().contains("written apart"), "{err}");
+        // Both untouched; after deleting b's copy, b is given a's.
+        assert_ne!(contents(&s[0], "v"), contents(&s[1], "v"));
+        s[1].delete_volume("v").unwrap();
+        let vol = open_replicated(&s, "v").unwrap();
+        assert_eq!(
+            vol.view().xattr(ROOT_INO, b"user.who").unwrap().as_deref(),
+            Some(&b"a's"[..])
+        );
+        drop(vol);
+        assert_eq!(contents(&s[0], "v"), contents(&s[1], "v"));
+    }
+
+    #[test]
+    fn a_copy_is_behind_when_it_stopped_in_an_epoch_the_newest_went_on_from() {
+        let f = |gen, history: &[(u64, u64)]| Found {
+            store: 0,
+            vid: 1,
+            replicas: None,
+            gen,
+            history: history.to_vec(),
+            complete: true,
+        };
+        let newest = f(30, &[(7, 1), (8, 21)]);
+        assert_eq!(how_far(&f(30, &[(7, 1), (8, 21)]), &newest), Some(true));
+        assert_eq!(how_far(&f(20, &[(7, 1)]), &newest), Some(false));
+        assert_eq!(how_far(&f(25, &[(7, 1), (8, 21)]), &newest), Some(false));
+        // Went on in epoch 7 past where the newest left it, or in an epoch of its own.
+        assert_eq!(how_far(&f(21, &[(7, 1)]), &newest), None);
+        assert_eq!(how_far(&f(22, &[(7, 1), (9, 21)]), &newest), None);
+        assert_eq!(how_far(&f(22, &[(9, 1)]), &newest), None);
     }
 
     #[test]

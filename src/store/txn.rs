@@ -308,6 +308,13 @@ impl<'a> VolumeTxn<'a> {
         self.delete(Cf::Meta, &key);
     }
 
+    /// Stages the volume's configuration (its limits; see [`super::OpenVolume::set_limits`]).
+    pub(super) fn put_config(&mut self, cfg: &codec::VolumeConfig) -> Result<()> {
+        let value = codec::encode_config(cfg)?;
+        self.put(Cf::Meta, codec::config_key(self.vid()), value);
+        Ok(())
+    }
+
     /// Repair: sets the volume's usage counters outright (see
     /// [`VolumeTxn::commit_unaccounted`]).
     pub fn set_usage(&mut self, usage: Usage) {
