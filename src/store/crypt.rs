@@ -182,6 +182,13 @@ fn random(buf: &mut [u8]) -> Result<(), CryptError> {
     getrandom::getrandom(buf).map_err(|e| CryptError::Random(e.to_string()))
 }
 
+/// A random u64 from the OS (ids of replica sets and epochs: see `super::replica`).
+pub(super) fn random_u64() -> Result<u64, CryptError> {
+    let mut b = [0u8; 8];
+    random(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
 /// The ciphers of one volume, derived from its data key (see the module doc).
 pub struct VolumeCipher {
     /// Contents: each sealed under a key derived from this one and a random salt.

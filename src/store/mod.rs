@@ -1659,10 +1659,7 @@ impl Store {
             codec::encode_counter(ROOT_INO + 1),
         );
         if replicas.is_some() {
-            let mut epoch = [0u8; 8];
-            getrandom::getrandom(&mut epoch)
-                .map_err(|e| Error::Crypt(CryptError::Random(e.to_string())))?;
-            let history = [(u64::from_be_bytes(epoch), 1)];
+            let history = [(crypt::random_u64()?, 1)];
             b.put_cf(meta, codec::write_gen_key(id), codec::encode_counter(1));
             b.put_cf(
                 meta,

@@ -227,7 +227,7 @@ impl ReplicaSet {
         let next = gen
             .checked_add(1)
             .ok_or_else(|| Error::Corrupt("write generation exhausted".into()))?;
-        let (mut written, mut first_err) = (0usize, None);
+        let mut results: Vec<(usize, Result<()>)> = Vec::new();
         for (i, (c, mut b)) in copies.iter().zip(batches).enumerate() {
             if !self.healthy(i) {
                 continue;
@@ -238,17 +238,14 @@ impl ReplicaSet {
                 codec::encode_counter(next),
             );
             match c.store.write(b) {
-                Ok(()) => written += 1,
-                Err(e) if written == 0 && e.is_out_of_space() => return Err(e),
-                Err(e) => {
-                    self.fail(i, "write", &e);
-                    first_err.get_or_insert(e);
+                // No copy has it yet: nothing differs, the caller gets ENOSPC.
+                Err(e) if !results.iter().any(|(_, r)| r.is_ok()) && e.is_out_of_space() => {
+                    return Err(e)
                 }
+                r => results.push((i, r)),
             }
         }
-        if written == 0 {
-            return Err(first_err.unwrap_or_else(|| self.none_healthy()));
-        }
+        self.settle(results, "write")?;
         *gen = next;
         Ok(())
     }
@@ -299,17 +296,23 @@ impl ReplicaSet {
             }
             results
         });
-        let (mut synced, mut first_err) = (0usize, None);
+        self.settle(results, "sync")
+    }
+
+    /// The outcome of doing `what` in each healthy copy (`results`, by copy): copies that
+    /// failed are marked failed; an error only when no copy succeeded.
+    fn settle(&self, results: Vec<(usize, Result<()>)>, what: &str) -> Result<()> {
+        let (mut done, mut first_err) = (0usize, None);
         for (i, r) in results {
             match r {
-                Ok(()) => synced += 1,
+                Ok(()) => done += 1,
                 Err(e) => {
-                    self.fail(i, "sync", &e);
+                    self.fail(i, what, &e);
                     first_err.get_or_insert(e);
                 }
             }
         }
-        if synced == 0 {
+        if done == 0 {
             return Err(first_err.unwrap_or_else(|| self.none_healthy()));
         }
         Ok(())
@@ -645,10 +648,7 @@ fn same_chunk_size(stores: &[Store]) -> Result<()> {
 }
 
 fn new_set_id() -> Result<String> {
-    let mut b = [0u8; 8];
-    getrandom::getrandom(&mut b)
-        .map_err(|e| Error::Crypt(super::CryptError::Random(e.to_string())))?;
-    Ok(codec::to_hex(&b))
+    Ok(codec::to_hex(&super::crypt::random_u64()?.to_be_bytes()))
 }
 
 /// Copies that share a filesystem do not survive the loss of its disk: said in the log
@@ -964,10 +964,7 @@ fn settle_history(
 ) -> Result<()> {
     let mut history = newest.to_vec();
     if new_epoch {
-        let mut epoch = [0u8; 8];
-        getrandom::getrandom(&mut epoch)
-            .map_err(|e| Error::Crypt(super::CryptError::Random(e.to_string())))?;
-        history.push((u64::from_be_bytes(epoch), gen.saturating_add(1)));
+        history.push((super::crypt::random_u64()?, gen.saturating_add(1)));
     }
     let history = &history[history.len().saturating_sub(HISTORY_LEN)..];
     let value = codec::encode_history(history);
